@@ -1,0 +1,1158 @@
+"""PostgreSQL operations for Python services: a pool, retries, migrations, schema checks and health.
+
+pgops is one module on top of psycopg2.  Copy the file into a project, install it with pip, run it as
+``python -m pgops`` or mount its WSGI health app.  Sections, in data-flow order:
+
+    Errors -> Config -> Retry -> Pool -> Migrations -> Schema checks -> Health -> CLI
+
+Everything logs to ``logging.getLogger("pgops")``; nothing here configures logging or prints, except
+the CLI at the bottom.  Passwords are redacted from every repr, log line and error message.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+import logging
+import math
+import os
+import random
+import re
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
+
+import psycopg2
+import psycopg2.extensions
+import psycopg2.pool
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BadMigration",
+    "CannotConnect",
+    "ChecksumMismatch",
+    "ConfigError",
+    "DirtyDatabase",
+    "LockTimeout",
+    "MigrationError",
+    "MigrationFailed",
+    "PgOpsError",
+    "Pool",
+    "PoolClosed",
+    "PoolConfig",
+    "PoolHealth",
+    "PoolTimeout",
+    "RetryPolicy",
+    "is_retryable",
+    "redact_dsn",
+    "retry",
+    "retry_call",
+    "set_testing",
+]
+
+logger = logging.getLogger("pgops")
+
+T = TypeVar("T")
+
+
+# ================================================================================================
+# Errors
+# ================================================================================================
+
+
+class PgOpsError(Exception):
+    """Root of every error pgops raises on its own account."""
+
+
+class ConfigError(PgOpsError, ValueError):
+    """A configuration value (argument, environment variable, DSN) is invalid."""
+
+
+class PoolTimeout(PgOpsError, psycopg2.pool.PoolError):
+    """No connection could be handed out within the acquire timeout."""
+
+
+class PoolClosed(PgOpsError, psycopg2.pool.PoolError):
+    """The pool has been closed."""
+
+
+class CannotConnect(PgOpsError, psycopg2.OperationalError):
+    """The server refused us for a reason that waiting will not fix (authentication, missing database)."""
+
+
+class MigrationError(PgOpsError):
+    """Root of the migration errors."""
+
+
+class BadMigration(MigrationError):
+    """A migration file is unusable: its name, a duplicate version, its encoding or its content."""
+
+
+class ChecksumMismatch(MigrationError):
+    """An applied migration's file changed, or disappeared, since it was applied."""
+
+
+class LockTimeout(MigrationError):
+    """Another runner held the migration lock for longer than the lock timeout."""
+
+
+class DirtyDatabase(MigrationError):
+    """A migration failed half-way (no-transaction file); run repair before migrating again."""
+
+
+class MigrationFailed(MigrationError):
+    """A migration's SQL failed; the message says where (path:line:col) and why."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        version: int | None = None,
+        path: str | None = None,
+        line: int | None = None,
+        column: int | None = None,
+        sqlstate: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.version = version
+        self.path = path
+        self.line = line
+        self.column = column
+        self.sqlstate = sqlstate
+
+
+# ================================================================================================
+# Config
+# ================================================================================================
+
+_URL_PASSWORD = re.compile(r"(?P<head>^[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@]*:)(?P<pw>[^@/?#]*)(?=@)")
+_KV_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'|[^\s&]*)", re.IGNORECASE)
+
+
+def redact_dsn(dsn: str) -> str:
+    """Return *dsn* with its password replaced by ``***`` (URL and key=value forms)."""
+    redacted = _URL_PASSWORD.sub(r"\g<head>***", dsn)
+    return _KV_PASSWORD.sub(r"\g<head>***", redacted)
+
+
+def _dsn_secrets(dsn: str) -> list[str]:
+    """Return the password strings found in *dsn*, for scrubbing them out of driver messages."""
+    found = [m.group("pw") for m in _URL_PASSWORD.finditer(dsn)]
+    found += [m.group("pw").strip("'") for m in _KV_PASSWORD.finditer(dsn)]
+    return [s for s in found if len(s) >= 2]
+
+
+def _scrub(text: str, dsn: str) -> str:
+    """Remove the DSN's password from *text* (a driver message may echo parts of the DSN)."""
+    for secret in _dsn_secrets(dsn):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _one_line(exc: BaseException, dsn: str = "") -> str:
+    """Return an exception as one scrubbed line, for log lines and error messages."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return _scrub(text, dsn) if dsn else text
+
+
+def _check_dsn(dsn: str) -> None:
+    """Raise ConfigError unless libpq can parse *dsn*."""
+    if not isinstance(dsn, str) or not dsn.strip():
+        raise ConfigError("dsn is empty; pass a libpq URL such as postgresql://user@host/dbname")
+    try:
+        psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError as exc:
+        raise ConfigError(
+            f"dsn {redact_dsn(dsn)!r} is not a valid libpq URL or key=value string: {_one_line(exc, dsn)}"
+        ) from None
+
+
+# Preset numbers come from the original Doc Server: min, max, acquire timeout, max lifetime,
+# idle timeout, test before acquire.
+_PRESETS: dict[str, tuple[int, int, float, float, float, bool]] = {
+    "development": (2, 10, 10.0, 1800.0, 300.0, True),
+    "production": (5, 100, 30.0, 3600.0, 600.0, True),
+    "high_traffic": (10, 200, 30.0, 3600.0, 300.0, True),
+    "testing": (1, 5, 5.0, 300.0, 60.0, False),
+}
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class PoolConfig:
+    """Settings of a Pool; times in float seconds, 0 turns a limit off."""
+
+    dsn: str
+    min_size: int = 5
+    max_size: int = 100
+    acquire_timeout: float = 30.0
+    max_lifetime: float = 3600.0
+    idle_timeout: float = 600.0
+    test_before_acquire: bool = True
+    application_name: str = "pgops"
+    max_waiting: int = 0
+    leak_threshold: float = 0.0
+    monitor_interval: float = 60.0
+    register_vector: bool = True
+    connect_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        _check_dsn(self.dsn)
+        _check_int("min_size", self.min_size, minimum=0)
+        _check_int("max_size", self.max_size, minimum=1)
+        _check_int("max_waiting", self.max_waiting, minimum=0)
+        if self.min_size > self.max_size:
+            raise ConfigError(
+                f"min_size={self.min_size!r} is greater than max_size={self.max_size!r}; "
+                "raise max_size or lower min_size"
+            )
+        _check_seconds("acquire_timeout", self.acquire_timeout, positive=True)
+        _check_seconds("connect_timeout", self.connect_timeout, positive=True)
+        for name in ("max_lifetime", "idle_timeout", "leak_threshold", "monitor_interval"):
+            _check_seconds(name, getattr(self, name), positive=False)
+        if not isinstance(self.application_name, str):
+            raise ConfigError(f"application_name={self.application_name!r} is not a string")
+
+    def __repr__(self) -> str:
+        rest = (f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.name != "dsn")
+        return f"PoolConfig(dsn={redact_dsn(self.dsn)!r}, {', '.join(rest)})"
+
+    __str__ = __repr__
+
+    @classmethod
+    def preset(cls, name: str, *, dsn: str, **overrides: Any) -> PoolConfig:
+        """Return the named preset (development, production, high_traffic, testing) for *dsn*."""
+        try:
+            mn, mx, acquire, lifetime, idle, test = _PRESETS[name]
+        except KeyError:
+            raise ConfigError(f"unknown pool preset {name!r}; use one of {', '.join(_PRESETS)}") from None
+        values: dict[str, Any] = {
+            "min_size": mn,
+            "max_size": mx,
+            "acquire_timeout": acquire,
+            "max_lifetime": lifetime,
+            "idle_timeout": idle,
+            "test_before_acquire": test,
+        }
+        values.update(overrides)
+        return cls(dsn=dsn, **values)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: Any) -> PoolConfig:
+        """Build a config from DATABASE_URL, POOL_* and APP_NAME; a bad value raises ConfigError."""
+        dsn = overrides.pop("dsn", None) or environ.get("DATABASE_URL", "").strip()
+        if not dsn:
+            raise ConfigError("DATABASE_URL is not set; set it to a libpq URL such as postgresql://user@host/db")
+        preset = environ.get("POOL_PRESET", "production").strip() or "production"
+        if preset not in _PRESETS:
+            raise ConfigError(f"POOL_PRESET={preset!r} is not a preset; use one of {', '.join(_PRESETS)}")
+        values: dict[str, Any] = {}
+        for var, field, parse in (
+            ("POOL_MIN_CONNECTIONS", "min_size", _env_int),
+            ("POOL_MAX_CONNECTIONS", "max_size", _env_int),
+            ("POOL_ACQUIRE_TIMEOUT", "acquire_timeout", _env_float),
+            ("POOL_MAX_LIFETIME", "max_lifetime", _env_float),
+            ("POOL_IDLE_TIMEOUT", "idle_timeout", _env_float),
+        ):
+            raw = environ.get(var)
+            if raw is not None and raw.strip():
+                values[field] = parse(var, raw)
+        app = environ.get("APP_NAME", "").strip()
+        if app:
+            values["application_name"] = app
+        values.update(overrides)
+        try:
+            return cls.preset(preset, dsn=dsn, **values)
+        except ConfigError as exc:
+            raise ConfigError(_env_names(str(exc))) from None
+
+
+_ENV_OF_FIELD = {
+    "min_size": "POOL_MIN_CONNECTIONS",
+    "max_size": "POOL_MAX_CONNECTIONS",
+    "acquire_timeout": "POOL_ACQUIRE_TIMEOUT",
+    "max_lifetime": "POOL_MAX_LIFETIME",
+    "idle_timeout": "POOL_IDLE_TIMEOUT",
+    "dsn": "DATABASE_URL",
+    "max_attempts": "DB_RETRY_MAX_ATTEMPTS",
+    "initial_delay": "DB_RETRY_INITIAL_DELAY",
+    "max_delay": "DB_RETRY_MAX_DELAY",
+    "multiplier": "DB_RETRY_MULTIPLIER",
+}
+
+
+def _env_names(message: str) -> str:
+    """Rewrite field names in a validation message into the environment variables that set them."""
+    return re.sub(r"\b(\w+)(?==)", lambda m: _ENV_OF_FIELD.get(m.group(1), m.group(1)), message).replace(
+        "dsn ", "DATABASE_URL ", 1
+    )
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} is not an integer")
+    if value < minimum:
+        raise ConfigError(f"{name}={value!r} must be at least {minimum}")
+
+
+def _check_seconds(name: str, value: object, *, positive: bool) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} is not a finite number of seconds")
+    if value < 0 or (positive and value == 0):
+        raise ConfigError(f"{name}={value!r} must be {'greater than 0' if positive else 'at least 0'}")
+
+
+def _env_int(var: str, raw: str) -> int:
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{var}={raw!r} is not an integer") from None
+
+
+def _env_float(var: str, raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{var}={raw!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{var}={raw!r} is not a finite number")
+    return value
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _env_bool(var: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"{var}={raw!r} is not a boolean; use true/false, 1/0 or yes/no")
+
+
+# ================================================================================================
+# Retry
+# ================================================================================================
+
+_RETRY_SQLSTATES = frozenset({"40001", "40P01", "53300", "55P03", "57P01", "57P02", "57P03", "25006"})
+# Connect-time errors carry no SQLSTATE in psycopg2, so these are recognised by libpq's words.
+_FATAL_CONNECT = re.compile(
+    r"password authentication failed|authentication failed|no password supplied|"
+    r"no pg_hba\.conf entry|role \S+ does not exist|database \S+ does not exist|"
+    r"password is required|SSL required|certificate",
+    re.IGNORECASE,
+)
+_testing = False
+
+
+def set_testing(enabled: bool = True) -> None:
+    """Make every retry delay zero (for a project's own test suite); attempts stay as configured."""
+    global _testing
+    _testing = enabled
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often and how patiently to retry: total attempts, capped exponential delays, full jitter."""
+
+    max_attempts: int = 5
+    initial_delay: float = 1.0
+    max_delay: float = 30.0
+    multiplier: float = 2.0
+    jitter: bool = True
+    deadline: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("max_attempts", self.max_attempts, minimum=1)
+        _check_seconds("initial_delay", self.initial_delay, positive=False)
+        _check_seconds("max_delay", self.max_delay, positive=False)
+        if not isinstance(self.multiplier, (int, float)) or not math.isfinite(self.multiplier) or self.multiplier < 1:
+            raise ConfigError(f"multiplier={self.multiplier!r} must be a finite number of at least 1")
+        if self.deadline is not None:
+            _check_seconds("deadline", self.deadline, positive=True)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: Any) -> RetryPolicy:
+        """Build a policy from DB_RETRY_*; a bad value raises ConfigError naming the variable."""
+        values: dict[str, Any] = {}
+        for var, field, parse in (
+            ("DB_RETRY_MAX_ATTEMPTS", "max_attempts", _env_int),
+            ("DB_RETRY_INITIAL_DELAY", "initial_delay", _env_float),
+            ("DB_RETRY_MAX_DELAY", "max_delay", _env_float),
+            ("DB_RETRY_MULTIPLIER", "multiplier", _env_float),
+            ("DB_RETRY_JITTER", "jitter", _env_bool),
+        ):
+            raw = environ.get(var)
+            if raw is not None and raw.strip():
+                values[field] = parse(var, raw)
+        values.update(overrides)
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            raise ConfigError(_env_names(str(exc))) from None
+
+    def backoff(self, retry_number: int, rand: Callable[[], float] = random.random) -> float:
+        """Return the sleep before retry *retry_number* (0-based): capped exponential, full jitter."""
+        # Guard the power against overflow: past the cap the exponent no longer matters.
+        exponent = min(retry_number, 1024)
+        try:
+            ceiling = min(self.max_delay, self.initial_delay * self.multiplier**exponent)
+        except OverflowError:
+            ceiling = self.max_delay
+        return ceiling * rand() if self.jitter else ceiling
+
+    def delays(self, rand: Callable[[], float] = random.random) -> Iterator[float]:
+        """Yield the max_attempts - 1 sleeps between attempts."""
+        for n in range(self.max_attempts - 1):
+            yield self.backoff(n, rand)
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    code = getattr(exc, "pgcode", None)
+    return code if isinstance(code, str) and code else None
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Tell whether retrying the operation that raised *exc* can succeed (SQLSTATE-aware)."""
+    if isinstance(exc, CannotConnect):
+        return False
+    if isinstance(exc, PoolTimeout):
+        # The pool already waited; another attempt after a backoff may find the server back.
+        return True
+    code = _sqlstate(exc)
+    if code is not None:
+        if code.startswith("08"):
+            return code != "08007"  # transaction_resolution_unknown: the commit may have happened
+        return code in _RETRY_SQLSTATES
+    if isinstance(exc, psycopg2.OperationalError):
+        return not _FATAL_CONNECT.search(str(exc))
+    # "connection already closed" from a connection the server dropped earlier.
+    return isinstance(exc, psycopg2.InterfaceError)
+
+
+def retry_call(
+    fn: Callable[..., T],
+    *args: Any,
+    policy: RetryPolicy | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    retry_on: Callable[[BaseException], bool] = is_retryable,
+    clock: Callable[[], float] = time.monotonic,
+    rand: Callable[[], float] = random.random,
+    **kwargs: Any,
+) -> T:
+    """Call ``fn(*args, **kwargs)``, retrying retryable errors; the last error is re-raised unchanged."""
+    policy = policy or RetryPolicy()
+    start = clock()
+    attempt = 1
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if attempt >= policy.max_attempts or not retry_on(exc):
+                raise
+            delay = 0.0 if _testing else policy.backoff(attempt - 1, rand)
+            if policy.deadline is not None and clock() - start + delay >= policy.deadline:
+                raise
+            logger.warning(
+                "retrying %s after attempt %d of %d failed (sqlstate %s: %s); sleeping %.3f s",
+                getattr(fn, "__qualname__", "call"),
+                attempt,
+                policy.max_attempts,
+                _sqlstate(exc) or "none",
+                _one_line(exc)[:200],
+                delay,
+            )
+            sleep(delay)
+            attempt += 1
+
+
+def retry(policy: RetryPolicy | None = None, **options: Any) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Decorate a function so that calls to it go through retry_call with *policy*."""
+
+    def decorate(fn: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> T:
+            call = functools.update_wrapper(functools.partial(fn, *args, **kwargs), fn)
+            return retry_call(call, policy=policy, **options)
+
+        return wrapper
+
+    return decorate
+
+
+# ================================================================================================
+# Pool
+# ================================================================================================
+
+_RECENTLY_USED = 0.5  # seconds: a connection used this recently is handed out without a check
+_RECONNECT_FIRST_DELAY = 0.05
+_RECONNECT_MAX_DELAY = 0.5  # keeps the pool back within a second of the server accepting again
+_LIFETIME_JITTER = 0.1  # connections expire up to 10% early so that they do not all expire at once
+_HEALTH_WINDOW = 60.0  # seconds of query counts that health() judges the success rate on
+_HEALTH_MIN_QUERIES = 20
+_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+_STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
+_STATUS_IN_TRANSACTION = (
+    psycopg2.extensions.TRANSACTION_STATUS_INTRANS,
+    psycopg2.extensions.TRANSACTION_STATUS_INERROR,
+)
+
+
+class PoolError(PgOpsError, psycopg2.pool.PoolError):
+    """A pool misuse, such as returning a connection to a pool that did not give it out."""
+
+
+class _Cursor(psycopg2.extensions.cursor):
+    """A cursor that counts and times its statements on its pooled connection."""
+
+    def execute(self, query: Any, vars: Any = None) -> None:
+        conn: Any = self.connection
+        start = time.perf_counter()
+        try:
+            super().execute(query, vars)
+        except BaseException:
+            conn._pgops_errors += 1
+            raise
+        finally:
+            conn._pgops_queries += 1
+            conn._pgops_ms += (time.perf_counter() - start) * 1000.0
+
+    def executemany(self, query: Any, vars_list: Any) -> None:
+        conn: Any = self.connection
+        start = time.perf_counter()
+        try:
+            super().executemany(query, vars_list)
+        except BaseException:
+            conn._pgops_errors += 1
+            raise
+        finally:
+            conn._pgops_queries += 1
+            conn._pgops_ms += (time.perf_counter() - start) * 1000.0
+
+
+class _Connection(psycopg2.extensions.connection):
+    """A psycopg2 connection that carries the pool's bookkeeping and counts its queries."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cursor_factory = _Cursor
+        now = time.monotonic()
+        self._pgops_pool: Pool | None = None
+        self._pgops_expires = math.inf
+        self._pgops_last_used = now
+        self._pgops_checked_out = now
+        self._pgops_stack: list[str] | None = None
+        self._pgops_queries = 0
+        self._pgops_errors = 0
+        self._pgops_ms = 0.0
+
+
+class _Waiter:
+    """A caller queued for a connection; woken with either a connection or an error."""
+
+    __slots__ = ("_event", "conn", "error")
+
+    def __init__(self) -> None:
+        # A pre-acquired plain lock is the cheapest one-shot event in the stdlib.
+        self._event = threading.Lock()
+        self._event.acquire()
+        self.conn: _Connection | None = None
+        self.error: BaseException | None = None
+
+    def wake(self) -> None:
+        self._event.release()
+
+    def wait(self, timeout: float) -> bool:
+        return self._event.acquire(timeout=max(timeout, 0.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolHealth:
+    """The pool's verdict: healthy, degraded or unhealthy, with the reasons for anything but healthy."""
+
+    status: str
+    reasons: tuple[str, ...]
+    utilization: float
+    success_rate: float | None
+
+
+class _Checkout:
+    """The context manager returned by Pool.connection()."""
+
+    __slots__ = ("_conn", "_pool", "_timeout")
+
+    def __init__(self, pool: Pool, timeout: float | None) -> None:
+        self._pool = pool
+        self._timeout = timeout
+
+    def __enter__(self) -> psycopg2.extensions.connection:
+        self._conn = self._pool.getconn(self._timeout)
+        return self._conn
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        conn = self._conn
+        try:
+            if exc_type is None:
+                if not conn.closed:
+                    conn.commit()
+            elif not conn.closed:
+                # The original exception matters more; putconn discards a broken connection.
+                with contextlib.suppress(psycopg2.Error):
+                    conn.rollback()
+        finally:
+            self._pool.putconn(conn)
+
+
+class Pool:
+    """A thread-safe connection pool that waits when busy, validates, recycles and heals."""
+
+    def __init__(self, config: PoolConfig | str, **overrides: Any) -> None:
+        if isinstance(config, str):
+            config = PoolConfig(dsn=config, **overrides)
+        elif overrides:
+            config = dataclasses.replace(config, **overrides)
+        self.config = config
+        self._connect_kwargs = self._make_connect_kwargs(config)
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)  # the worker sleeps on it
+        self._changed = threading.Condition(self._lock)  # wait() sleeps on it
+        self._idle: collections.deque[_Connection] = collections.deque()
+        self._waiters: collections.deque[_Waiter] = collections.deque()
+        self._in_use: set[_Connection] = set()
+        self._size = 0  # open connections plus the one being opened
+        self._closed = False
+        self._fatal: CannotConnect | None = None
+        self._last_error: str | None = None
+        self._failures = 0
+        self._outage_started = 0.0
+        self._suspect_before = 0.0  # idle connections last used before this are checked first
+        self._counters = dict.fromkeys(
+            (
+                "requests_num",
+                "requests_queued",
+                "requests_errors",
+                "returns_bad",
+                "connections_num",
+                "connections_errors",
+                "connections_lost",
+                "queries_num",
+                "queries_errors",
+            ),
+            0,
+        )
+        self._times = dict.fromkeys(("requests_wait_ms", "connections_ms", "usage_ms", "queries_ms"), 0.0)
+        self._wait_counts = [0] * (len(_WAIT_BUCKETS) + 1)
+        self._wait_sum = 0.0
+        self._window: collections.deque[tuple[float, int, int]] = collections.deque()
+        self._worker = threading.Thread(target=self._run_worker, name="pgops-pool", daemon=True)
+        self._worker.start()
+        logger.info("pool started for %s (min %d, max %d)", redact_dsn(config.dsn), config.min_size, config.max_size)
+
+    @staticmethod
+    def _make_connect_kwargs(config: PoolConfig) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"application_name": config.application_name}
+        if "connect_timeout" not in psycopg2.extensions.parse_dsn(config.dsn):
+            kwargs["connect_timeout"] = max(1, math.ceil(config.connect_timeout))
+        return kwargs
+
+    def __repr__(self) -> str:
+        return (
+            f"<Pool {redact_dsn(self.config.dsn)!r} size={self._size} idle={len(self._idle)} "
+            f"in_use={len(self._in_use)} waiting={len(self._waiters)}{' closed' if self._closed else ''}>"
+        )
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        """Tell whether close() has been called."""
+        return self._closed
+
+    # -- checkout ------------------------------------------------------------------------------
+
+    def connection(self, timeout: float | None = None) -> _Checkout:
+        """Lend a connection for a ``with`` block: commit on clean exit, roll back on error, return it."""
+        return _Checkout(self, timeout)
+
+    def run(self, fn: Callable[[psycopg2.extensions.connection], T], *, retry: RetryPolicy | None = None) -> T:
+        """Run ``fn(conn)`` in one transaction; with *retry*, re-run the whole transaction on retryable errors."""
+
+        def attempt() -> T:
+            with self.connection() as conn:
+                return fn(conn)
+
+        attempt.__qualname__ = getattr(fn, "__qualname__", "transaction")
+        return attempt() if retry is None else retry_call(attempt, policy=retry)
+
+    def getconn(self, timeout: float | None = None) -> psycopg2.extensions.connection:
+        """Take a connection, waiting up to *timeout* (default acquire_timeout) for one to be free."""
+        start = time.monotonic()
+        deadline = start + (self.config.acquire_timeout if timeout is None else timeout)
+        first = True
+        while True:
+            conn = self._take(start, deadline, first)
+            first = False
+            problem = self._check_out_problem(conn)
+            if problem is None:
+                break
+            self._discard(conn, problem)
+        if self.config.leak_threshold:
+            conn._pgops_stack = traceback.format_stack(limit=12)[:-1]
+        conn._pgops_checked_out = time.monotonic()
+        return conn
+
+    def _take(self, start: float, deadline: float, first: bool) -> _Connection:
+        """Pop an idle connection, or queue and wait for one (first come, first served)."""
+        with self._lock:
+            if self._closed:
+                raise PoolClosed("the pool is closed")
+            if first:
+                self._counters["requests_num"] += 1
+            if self._idle and not self._waiters:
+                conn = self._idle.pop()
+                self._in_use.add(conn)
+                if first:
+                    self._wait_counts[0] += 1
+                return conn
+            if self.config.max_waiting and len(self._waiters) >= self.config.max_waiting:
+                self._counters["requests_errors"] += 1
+                raise PoolTimeout(f"too many requests waiting; {self._state()} (max_waiting={self.config.max_waiting})")
+            waiter = _Waiter()
+            # A caller whose connection failed its check goes back to the front of the queue.
+            self._waiters.append(waiter) if first else self._waiters.appendleft(waiter)
+            self._counters["requests_queued"] += first
+            self._wakeup.notify()
+        if not waiter.wait(deadline - time.monotonic()):
+            with self._lock:
+                # The connection may have been handed over just as the wait timed out: then keep it.
+                if waiter.conn is None and waiter.error is None:
+                    self._waiters.remove(waiter)
+                    self._counters["requests_errors"] += 1
+                    self._record_wait(time.monotonic() - start)
+                    raise PoolTimeout(
+                        f"no connection available after {time.monotonic() - start:.2f} s; {self._state()}"
+                    )
+        if waiter.error is not None:
+            with self._lock:
+                self._counters["requests_errors"] += 1
+            raise waiter.error
+        assert waiter.conn is not None
+        with self._lock:
+            self._record_wait(time.monotonic() - start)
+        return waiter.conn
+
+    def _record_wait(self, seconds: float) -> None:
+        """Add one acquire wait to the histogram (lock held)."""
+        index = 0
+        while index < len(_WAIT_BUCKETS) and seconds > _WAIT_BUCKETS[index]:
+            index += 1
+        self._wait_counts[index] += 1
+        self._wait_sum += seconds
+        self._times["requests_wait_ms"] += seconds * 1000.0
+
+    def _state(self) -> str:
+        """Describe the pool for an error message, like HikariCP (lock held)."""
+        in_use = len(self._in_use)
+        text = (
+            f"pool {redact_dsn(self.config.dsn)!r}: total {self._size}, in use {in_use}, "
+            f"idle {len(self._idle)}, waiting {len(self._waiters)}, max {self.config.max_size}"
+        )
+        if self._last_error:
+            text += f"; last connection error: {self._last_error}"
+        return text
+
+    def _check_out_problem(self, conn: _Connection) -> str | None:
+        """Return why *conn* must not be handed out (closed, expired, failed its check), or None."""
+        if conn.closed:
+            return "lost"
+        now = time.monotonic()
+        if now >= conn._pgops_expires:
+            return "expired"
+        last = conn._pgops_last_used
+        if last < self._suspect_before or (self.config.test_before_acquire and now - last > _RECENTLY_USED):
+            try:
+                # One round trip: in autocommit the check opens no transaction to roll back.
+                conn.autocommit = True
+                psycopg2.extensions.cursor(conn).execute("SELECT 1")
+                conn.autocommit = False
+            except psycopg2.Error:
+                return "lost"
+        return None
+
+    # -- return --------------------------------------------------------------------------------
+
+    def putconn(self, conn: psycopg2.extensions.connection) -> None:
+        """Give back a connection from getconn(); one in a transaction is rolled back first."""
+        pooled: Any = conn
+        if getattr(pooled, "_pgops_pool", None) is not self:
+            raise PoolError("this connection does not belong to this pool; return it to the pool that gave it")
+        now = time.monotonic()
+        problem = self._return_problem(pooled, now)
+        with self._lock:
+            if pooled not in self._in_use:
+                raise PoolError("this connection was already returned to the pool")
+            self._in_use.discard(pooled)
+            self._fold_usage(pooled, now)
+            if problem is None and not self._closed:
+                pooled._pgops_last_used = now
+                self._hand_over(pooled)
+                return
+            if problem == "bad":
+                self._counters["returns_bad"] += 1
+        self._discard(pooled, problem or "closed", in_use=False)
+
+    def _return_problem(self, conn: _Connection, now: float) -> str | None:
+        """Bring a returned connection back to a clean idle state, or say why it must be discarded."""
+        if conn.closed:
+            return "lost"
+        status = conn.info.transaction_status
+        if status != _STATUS_IDLE:
+            if status not in _STATUS_IN_TRANSACTION:
+                logger.warning("discarding a connection returned in a bad state (transaction status %s)", status)
+                return "bad"
+            logger.warning("rolling back a connection returned inside a transaction")
+            try:
+                conn.rollback()
+            except psycopg2.Error:
+                return "lost"
+        if conn.autocommit:
+            conn.autocommit = False
+        if now >= conn._pgops_expires:
+            return "expired"
+        return None
+
+    def _fold_usage(self, conn: _Connection, now: float) -> None:
+        """Move a connection's query counters and usage time into the pool's totals (lock held)."""
+        counters, times = self._counters, self._times
+        counters["queries_num"] += conn._pgops_queries
+        counters["queries_errors"] += conn._pgops_errors
+        times["queries_ms"] += conn._pgops_ms
+        times["usage_ms"] += (now - conn._pgops_checked_out) * 1000.0
+        conn._pgops_queries = conn._pgops_errors = 0
+        conn._pgops_ms = 0.0
+        conn._pgops_stack = None
+
+    def _hand_over(self, conn: _Connection) -> None:
+        """Give a ready connection to the first waiter, or keep it idle (lock held)."""
+        if self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.conn = conn
+            self._in_use.add(conn)
+            waiter.wake()
+        else:
+            self._idle.append(conn)
+
+    def _discard(self, conn: _Connection, reason: str, *, in_use: bool = True) -> None:
+        """Close a connection that must not be used again and let the worker replace it."""
+        with self._lock:
+            if in_use:
+                self._in_use.discard(conn)
+            self._size -= 1
+            if reason == "lost":
+                self._counters["connections_lost"] += 1
+                # If one connection died, its siblings may have too (a server restart): check them all.
+                self._suspect_before = time.monotonic()
+            self._wakeup.notify()
+        if reason == "lost":
+            logger.warning("discarding a broken connection; the pool opens a new one")
+        else:
+            logger.debug("closing a connection (%s)", reason)
+        _close_quietly(conn)
+
+    # -- worker: connecting, recycling, monitoring ---------------------------------------------
+
+    def _run_worker(self) -> None:
+        """Open connections on demand, recycle old and idle ones, watch for leaks, log status."""
+        tick = self._tick()
+        next_maintenance = time.monotonic() + tick
+        next_monitor = time.monotonic() + (self.config.monitor_interval or math.inf)
+        while True:
+            with self._lock:
+                while not self._closed and not self._wants_connection():
+                    remaining = next_maintenance - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._wakeup.wait(remaining)
+                if self._closed:
+                    return
+                wants = self._wants_connection()
+                if wants:
+                    self._size += 1
+            if wants:
+                self._add_connection()
+            now = time.monotonic()
+            if now >= next_maintenance:
+                self._maintain(now)
+                next_maintenance = now + tick
+            if now >= next_monitor:
+                self._log_status()
+                next_monitor = now + self.config.monitor_interval
+
+    def _tick(self) -> float:
+        limits = [self.config.leak_threshold / 2, self.config.idle_timeout / 4, self.config.max_lifetime / 10]
+        return min(1.0, max(0.05, min((x for x in limits if x > 0), default=1.0)))
+
+    def _wants_connection(self) -> bool:
+        """Tell whether the worker should open one more connection now (lock held)."""
+        if self._size >= self.config.max_size:
+            return False
+        if self._waiters:
+            return len(self._waiters) > 0
+        return self._fatal is None and self._size < self.config.min_size
+
+    def _add_connection(self) -> None:
+        """Open one connection (a slot is already reserved) and hand it over; back off on failure."""
+        start = time.monotonic()
+        try:
+            conn = self._connect()
+        except Exception as exc:
+            self._connect_failed(exc, start)
+            return
+        with self._lock:
+            self._counters["connections_num"] += 1
+            self._times["connections_ms"] += (time.monotonic() - start) * 1000.0
+            if self._failures:
+                logger.info(
+                    "connected again after %d failed attempts (%.1f s)",
+                    self._failures,
+                    time.monotonic() - self._outage_started,
+                )
+            self._failures = 0
+            self._fatal = None
+            self._last_error = None
+            closed = self._closed
+            if not closed:
+                self._hand_over(conn)
+                self._changed.notify_all()
+            else:
+                self._size -= 1
+        if closed:
+            _close_quietly(conn)
+
+    def _connect(self) -> _Connection:
+        """Open and prepare one connection (called without the pool lock)."""
+        raw = psycopg2.connect(self.config.dsn, connection_factory=_Connection, **self._connect_kwargs)
+        conn: _Connection = raw
+        try:
+            if self.config.register_vector:
+                _register_vector(conn)
+            now = time.monotonic()
+            conn._pgops_pool = self
+            conn._pgops_last_used = now
+            if self.config.max_lifetime:
+                jitter = 1.0 - _LIFETIME_JITTER * random.random()
+                conn._pgops_expires = now + self.config.max_lifetime * jitter
+        except BaseException:
+            _close_quietly(conn)
+            raise
+        return conn
+
+    def _connect_failed(self, exc: Exception, start: float) -> None:
+        """Record a failed connection attempt; fail waiters at once if waiting cannot help."""
+        message = _one_line(exc, self.config.dsn)
+        fatal = not is_retryable(exc)
+        with self._lock:
+            self._size -= 1
+            self._counters["connections_num"] += 1
+            self._counters["connections_errors"] += 1
+            self._last_error = message
+            if self._failures == 0:
+                self._outage_started = start
+                logger.warning("cannot connect to %s: %s", redact_dsn(self.config.dsn), message)
+            else:
+                logger.debug("still cannot connect (attempt %d): %s", self._failures + 1, message)
+            self._failures += 1
+            if fatal:
+                # Authentication failures and missing databases do not heal by waiting: fail fast.
+                self._fatal = CannotConnect(f"cannot connect to {redact_dsn(self.config.dsn)!r}: {message}")
+                while self._waiters:
+                    waiter = self._waiters.popleft()
+                    waiter.error = self._fatal
+                    waiter.wake()
+                return
+            delay = min(_RECONNECT_MAX_DELAY, _RECONNECT_FIRST_DELAY * 2 ** min(self._failures - 1, 16))
+            self._wakeup.wait(delay * (0.5 + 0.5 * random.random()))
+
+    def _maintain(self, now: float) -> None:
+        """Close expired and surplus idle connections, warn about leaks, keep the health window."""
+        to_close: list[_Connection] = []
+        with self._lock:
+            idle_timeout = self.config.idle_timeout
+            keep: collections.deque[_Connection] = collections.deque()
+            # Oldest-used first (the idle deque is used as a stack), so surplus trimming hits them.
+            for conn in self._idle:
+                surplus = self._size - len(to_close) > self.config.min_size
+                if now >= conn._pgops_expires or (
+                    idle_timeout and surplus and now - conn._pgops_last_used > idle_timeout
+                ):
+                    to_close.append(conn)
+                else:
+                    keep.append(conn)
+            self._idle = keep
+            self._size -= len(to_close)
+            leaks = [c for c in self._in_use if c._pgops_stack is not None] if self.config.leak_threshold else []
+            self._window.append((now, self._counters["queries_num"], self._counters["queries_errors"]))
+            while self._window and self._window[0][0] < now - _HEALTH_WINDOW:
+                self._window.popleft()
+            if to_close:
+                self._wakeup.notify()
+        for conn in to_close:
+            logger.debug("closing a connection past its lifetime or idle timeout")
+            _close_quietly(conn)
+        for conn in leaks:
+            stack = conn._pgops_stack
+            if stack is not None and now - conn._pgops_checked_out > self.config.leak_threshold:
+                conn._pgops_stack = None  # one warning per checkout
+                logger.warning(
+                    "connection held for more than %.1f s, possible leak; checked out at:\n%s",
+                    self.config.leak_threshold,
+                    "".join(stack).rstrip(),
+                )
+
+    def _log_status(self) -> None:
+        health = self.health()
+        stats = self.stats()
+        level = {"healthy": logging.INFO, "degraded": logging.WARNING}.get(health.status, logging.ERROR)
+        logger.log(
+            level,
+            "pool %s: %d in use of %d (max %d), %d waiting%s",
+            health.status,
+            stats["pool_size"] - stats["pool_available"],
+            stats["pool_size"],
+            stats["pool_max"],
+            stats["requests_waiting"],
+            "; " + "; ".join(health.reasons) if health.reasons else "",
+        )
+
+    # -- observation ---------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int | float]:
+        """Return the pool's gauges and cumulative counters (psycopg_pool's names, units in the key)."""
+        with self._lock:
+            in_use = list(self._in_use)
+            result: dict[str, int | float] = {
+                "pool_min": self.config.min_size,
+                "pool_max": self.config.max_size,
+                "pool_size": self._size,
+                "pool_available": len(self._idle),
+                "pool_in_use": len(in_use),
+                "requests_waiting": len(self._waiters),
+                **self._counters,
+                **{k: round(v, 3) for k, v in self._times.items()},
+            }
+        # Queries on connections still checked out are counted too (racy reads, good enough).
+        result["queries_num"] += sum(c._pgops_queries for c in in_use)
+        result["queries_errors"] += sum(c._pgops_errors for c in in_use)
+        return result
+
+    def wait_histogram(self) -> dict[str, Any]:
+        """Return the acquire-wait histogram: cumulative (upper bound s, count) buckets, sum and count."""
+        with self._lock:
+            counts = list(self._wait_counts)
+            total_seconds = self._wait_sum
+        buckets: list[tuple[float, int]] = []
+        running = 0
+        for bound, count in zip((*_WAIT_BUCKETS, math.inf), counts, strict=True):
+            running += count
+            buckets.append((bound, running))
+        return {"buckets": buckets, "sum": total_seconds, "count": running}
+
+    def health(self) -> PoolHealth:
+        """Judge the pool: degraded above 80% use or under 95% query success, unhealthy past 95%/90%."""
+        with self._lock:
+            utilization = len(self._in_use) / self.config.max_size
+            queries, errors = self._counters["queries_num"], self._counters["queries_errors"]
+            oldest = self._window[0] if self._window else (0.0, 0, 0)
+            cannot_connect = self._failures > 0 and not self._idle and not self._in_use
+            fatal, last_error = self._fatal, self._last_error
+        reasons: list[str] = []
+        status = "healthy"
+
+        def worse(level: str, reason: str) -> None:
+            nonlocal status
+            reasons.append(reason)
+            if level == "unhealthy" or status == "healthy":
+                status = level
+
+        if cannot_connect or fatal is not None:
+            worse("unhealthy", f"no connection possible: {last_error}")
+        if utilization > 0.95:
+            worse("unhealthy", f"utilization {utilization:.0%} is above 95%")
+        elif utilization > 0.80:
+            worse("degraded", f"utilization {utilization:.0%} is above 80%")
+        success_rate: float | None = None
+        recent = queries - oldest[1]
+        if recent >= _HEALTH_MIN_QUERIES:
+            success_rate = 1.0 - (errors - oldest[2]) / recent
+            if success_rate < 0.90:
+                worse("unhealthy", f"query success rate {success_rate:.1%} is under 90%")
+            elif success_rate < 0.95:
+                worse("degraded", f"query success rate {success_rate:.1%} is under 95%")
+        return PoolHealth(status, tuple(reasons), utilization, success_rate)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until min_size connections are open; raise PoolTimeout (or CannotConnect) if not."""
+        deadline = time.monotonic() + (self.config.acquire_timeout if timeout is None else timeout)
+        with self._lock:
+            while len(self._idle) + len(self._in_use) < self.config.min_size:
+                if self._closed:
+                    raise PoolClosed("the pool is closed")
+                if self._fatal is not None:
+                    raise self._fatal
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise PoolTimeout(f"pool not filled to min_size={self.config.min_size}; {self._state()}")
+                self._changed.wait(min(remaining, 0.1))
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close idle connections, fail waiters with PoolClosed and stop the worker; in-use ones close on return."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            idle = list(self._idle)
+            self._idle.clear()
+            self._size -= len(idle)
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                waiter.error = PoolClosed("the pool was closed while waiting for a connection")
+                waiter.wake()
+            self._wakeup.notify_all()
+            self._changed.notify_all()
+        for conn in idle:
+            _close_quietly(conn)
+        if threading.current_thread() is not self._worker:
+            self._worker.join(timeout)
+        logger.info("pool closed for %s", redact_dsn(self.config.dsn))
+
+
+def _close_quietly(conn: psycopg2.extensions.connection) -> None:
+    try:
+        conn.close()
+    except Exception:  # a broken socket may complain; the connection is gone either way
+        logger.debug("error closing a connection", exc_info=True)
+
+
+def _register_vector(conn: psycopg2.extensions.connection) -> None:
+    """Register pgvector's types on *conn* when the package is importable and the extension exists."""
+    try:
+        from pgvector.psycopg2 import register_vector
+    except ImportError:
+        return
+    # ProgrammingError: the extension is not installed in this database (yet).
+    with contextlib.suppress(psycopg2.ProgrammingError):
+        register_vector(conn)
+    conn.rollback()
