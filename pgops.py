@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import psycopg2
 import psycopg2.extensions
 import psycopg2.pool
+import psycopg2.sql
 
 __version__ = "0.1.0"
 
@@ -246,7 +247,9 @@ class PoolConfig:
         """Build a config from DATABASE_URL, POOL_* and APP_NAME; a bad value raises ConfigError."""
         dsn = overrides.pop("dsn", None) or environ.get("DATABASE_URL", "").strip()
         if not dsn:
-            raise ConfigError("DATABASE_URL is not set; set it to a libpq URL such as postgresql://user@host/db")
+            raise ConfigError(
+                "DATABASE_URL is not set; set it to a libpq URL such as postgresql://user@host/db"
+            )
         preset = environ.get("POOL_PRESET", "production").strip() or "production"
         if preset not in _PRESETS:
             raise ConfigError(f"POOL_PRESET={preset!r} is not a preset; use one of {', '.join(_PRESETS)}")
@@ -372,7 +375,11 @@ class RetryPolicy:
         _check_int("max_attempts", self.max_attempts, minimum=1)
         _check_seconds("initial_delay", self.initial_delay, positive=False)
         _check_seconds("max_delay", self.max_delay, positive=False)
-        if not isinstance(self.multiplier, (int, float)) or not math.isfinite(self.multiplier) or self.multiplier < 1:
+        if (
+            not isinstance(self.multiplier, (int, float))
+            or not math.isfinite(self.multiplier)
+            or self.multiplier < 1
+        ):
             raise ConfigError(f"multiplier={self.multiplier!r} must be a finite number of at least 1")
         if self.deadline is not None:
             _check_seconds("deadline", self.deadline, positive=True)
@@ -472,7 +479,9 @@ def retry_call(
             attempt += 1
 
 
-def retry(policy: RetryPolicy | None = None, **options: Any) -> Callable[[Callable[..., T]], Callable[..., T]]:
+def retry(
+    policy: RetryPolicy | None = None, **options: Any
+) -> Callable[[Callable[..., T]], Callable[..., T]]:
     """Decorate a function so that calls to it go through retry_call with *policy*."""
 
     def decorate(fn: Callable[..., T]) -> Callable[..., T]:
@@ -653,7 +662,9 @@ class Pool:
         self._window: collections.deque[tuple[float, int, int]] = collections.deque()
         self._worker = threading.Thread(target=self._run_worker, name="pgops-pool", daemon=True)
         self._worker.start()
-        logger.info("pool started for %s (min %d, max %d)", redact_dsn(config.dsn), config.min_size, config.max_size)
+        logger.info(
+            "pool started for %s (min %d, max %d)", redact_dsn(config.dsn), config.min_size, config.max_size
+        )
 
     @staticmethod
     def _make_connect_kwargs(config: PoolConfig) -> dict[str, Any]:
@@ -685,8 +696,10 @@ class Pool:
         """Lend a connection for a ``with`` block: commit on clean exit, roll back on error, return it."""
         return _Checkout(self, timeout)
 
-    def run(self, fn: Callable[[psycopg2.extensions.connection], T], *, retry: RetryPolicy | None = None) -> T:
-        """Run ``fn(conn)`` in one transaction; with *retry*, re-run the whole transaction on retryable errors."""
+    def run(
+        self, fn: Callable[[psycopg2.extensions.connection], T], *, retry: RetryPolicy | None = None
+    ) -> T:
+        """Run ``fn(conn)`` in a transaction; with *retry*, re-run the whole transaction on retryable ones."""
 
         def attempt() -> T:
             with self.connection() as conn:
@@ -727,7 +740,9 @@ class Pool:
                 return conn
             if self.config.max_waiting and len(self._waiters) >= self.config.max_waiting:
                 self._counters["requests_errors"] += 1
-                raise PoolTimeout(f"too many requests waiting; {self._state()} (max_waiting={self.config.max_waiting})")
+                raise PoolTimeout(
+                    f"too many requests waiting; {self._state()} (max_waiting={self.config.max_waiting})"
+                )
             waiter = _Waiter()
             # A caller whose connection failed its check goes back to the front of the queue.
             self._waiters.append(waiter) if first else self._waiters.appendleft(waiter)
@@ -796,7 +811,9 @@ class Pool:
         """Give back a connection from getconn(); one in a transaction is rolled back first."""
         pooled: Any = conn
         if getattr(pooled, "_pgops_pool", None) is not self:
-            raise PoolError("this connection does not belong to this pool; return it to the pool that gave it")
+            raise PoolError(
+                "this connection does not belong to this pool; return it to the pool that gave it"
+            )
         now = time.monotonic()
         problem = self._return_problem(pooled, now)
         with self._lock:
@@ -819,7 +836,9 @@ class Pool:
         status = conn.info.transaction_status
         if status != _STATUS_IDLE:
             if status not in _STATUS_IN_TRANSACTION:
-                logger.warning("discarding a connection returned in a bad state (transaction status %s)", status)
+                logger.warning(
+                    "discarding a connection returned in a bad state (transaction status %s)", status
+                )
                 return "bad"
             logger.warning("rolling back a connection returned inside a transaction")
             try:
@@ -1001,7 +1020,9 @@ class Pool:
                     keep.append(conn)
             self._idle = keep
             self._size -= len(to_close)
-            leaks = [c for c in self._in_use if c._pgops_stack is not None] if self.config.leak_threshold else []
+            leaks = (
+                [c for c in self._in_use if c._pgops_stack is not None] if self.config.leak_threshold else []
+            )
             self._window.append((now, self._counters["queries_num"], self._counters["queries_errors"]))
             while self._window and self._window[0][0] < now - _HEALTH_WINDOW:
                 self._window.popleft()
@@ -1118,7 +1139,7 @@ class Pool:
                 self._changed.wait(min(remaining, 0.1))
 
     def close(self, timeout: float = 5.0) -> None:
-        """Close idle connections, fail waiters with PoolClosed and stop the worker; in-use ones close on return."""
+        """Close idle connections, fail waiters, stop the worker; connections in use close on return."""
         with self._lock:
             if self._closed:
                 return
@@ -1156,3 +1177,745 @@ def _register_vector(conn: psycopg2.extensions.connection) -> None:
     with contextlib.suppress(psycopg2.ProgrammingError):
         register_vector(conn)
     conn.rollback()
+
+
+# ================================================================================================
+# Migrations
+# ================================================================================================
+
+_MIGRATION_FILE = re.compile(r"^(?P<version>[0-9]+)_(?P<description>[A-Za-z0-9_-]+)(?P<down>\.down)?\.sql$")
+_NO_TRANSACTION = re.compile(r"^--\s*pgops:\s*no-transaction\s*$", re.IGNORECASE)
+_LOCK_CLASS = 0x7067_6F70  # "pgop": the first key of every pgops advisory lock
+_ATOMIC = re.compile(r"\s+ATOMIC\b", re.IGNORECASE)
+_DOLLAR_TAG = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$")
+_LOCK_REPORT_EVERY = 10.0  # seconds between "still waiting for the lock" lines
+
+
+@dataclasses.dataclass(frozen=True)
+class Migration:
+    """One numbered SQL file (and its optional .down.sql)."""
+
+    version: int
+    description: str
+    path: str
+    checksum: str
+    transactional: bool
+    sql: str = dataclasses.field(repr=False)
+    down_path: str | None = None
+
+    @property
+    def name(self) -> str:
+        """Return the file name without directory."""
+        return os.path.basename(self.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class MigrationStatus:
+    """One row of ``status()``: a file, a history row, or both."""
+
+    version: int
+    description: str
+    state: str  # applied, pending, failed, running, changed (checksum drift), missing (file gone)
+    applied_at: str | None = None
+    execution_ms: float | None = None
+    applied_by: str | None = None
+    error: str | None = None
+
+
+def normalize_sql(text: str) -> str:
+    """Return migration text as it is checksummed and run: BOM removed, CRLF turned into LF."""
+    return text.removeprefix("\ufeff").replace("\r\n", "\n")
+
+
+def migration_checksum(text: str) -> str:
+    """Return the sha256 hex digest of normalized migration text (line endings do not count)."""
+    import hashlib
+
+    return hashlib.sha256(normalize_sql(text).encode("utf-8")).hexdigest()
+
+
+def parse_migration_name(filename: str) -> tuple[int, str, bool]:
+    """Return (version, description, is_down) of a migration file name, or raise BadMigration."""
+    match = _MIGRATION_FILE.match(filename)
+    if match is None:
+        raise BadMigration(
+            f"migration file name {filename!r} is not NNNN_description.sql "
+            "(digits, an underscore, then letters, digits, '_' or '-'); rename it"
+        )
+    return int(match["version"]), match["description"], match["down"] is not None
+
+
+def _read_sql(path: str) -> str:
+    """Read a migration file as UTF-8 text; raise BadMigration naming it if it cannot be used."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    try:
+        text = normalize_sql(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise BadMigration(
+            f"migration {path!r} is not valid UTF-8 (byte {exc.start}); save it as UTF-8"
+        ) from None
+    if "\x00" in text:
+        raise BadMigration(
+            f"migration {path!r} contains a NUL byte at offset {text.index(chr(0))}; remove it"
+        )
+    if not any(code for _, _, code in _scan_sql(text)):
+        raise BadMigration(f"migration {path!r} has no SQL statement; add one or delete the file")
+    return text
+
+
+def load_migrations(directory: str) -> list[Migration]:
+    """Read and check every migration in *directory*, ordered by version."""
+    if not os.path.isdir(directory):
+        raise ConfigError(
+            f"migrations directory {directory!r} does not exist; pass --dir or set PGOPS_MIGRATIONS_DIR"
+        )
+    ups: dict[int, tuple[str, str]] = {}
+    downs: dict[int, str] = {}
+    for filename in sorted(os.listdir(directory)):
+        path = os.path.join(directory, filename)
+        if not filename.lower().endswith(".sql") or not os.path.isfile(path):
+            continue
+        version, description, is_down = parse_migration_name(filename)
+        seen = downs if is_down else ups
+        if version in seen:
+            other = downs[version] if is_down else ups[version][0]
+            raise BadMigration(
+                f"migration version {version} is used twice: {other!r} and {path!r}; renumber one"
+            )
+        if is_down:
+            downs[version] = path
+        else:
+            ups[version] = (path, description)
+    for version, path in downs.items():
+        if version not in ups:
+            raise BadMigration(f"down migration {path!r} has no matching up migration {version}")
+    migrations = []
+    for version, (path, description) in sorted(ups.items()):
+        text = _read_sql(path)
+        head = [line for line in text.split("\n")[:5]]
+        migrations.append(
+            Migration(
+                version=version,
+                description=description,
+                path=path,
+                checksum=migration_checksum(text),
+                transactional=not any(_NO_TRANSACTION.match(line.strip()) for line in head),
+                sql=text,
+                down_path=downs.get(version),
+            )
+        )
+    return migrations
+
+
+def _scan_sql(text: str) -> Iterator[tuple[int, int, bool]]:
+    """Yield (start, end, has_code) for each statement of *text*; the pieces cover the text exactly.
+
+    Semicolons inside quotes, dollar quotes, quoted identifiers, comments and BEGIN ATOMIC bodies do
+    not end a statement, as in psql.
+    """
+    n = len(text)
+    start = i = 0
+    code = False
+    atomic = 0
+    while i < n:
+        c = text[i]
+        if c == "-" and text.startswith("--", i):
+            end = text.find("\n", i)
+            i = n if end < 0 else end + 1
+            continue
+        if c == "/" and text.startswith("/*", i):
+            depth, i = 1, i + 2
+            while i < n and depth:
+                if text.startswith("/*", i):
+                    depth, i = depth + 1, i + 2
+                elif text.startswith("*/", i):
+                    depth, i = depth - 1, i + 2
+                else:
+                    i += 1
+            continue
+        if c.isspace():
+            i += 1
+            continue
+        code = True
+        prev = text[i - 1] if i else " "
+        if c == "'":
+            escapes = prev in "eE" and (i < 2 or not _is_word_char(text[i - 2]))
+            i = _skip_quoted(text, i, "'", escapes)
+        elif c == '"':
+            i = _skip_quoted(text, i, '"', False)
+        elif c == "$" and not _is_word_char(prev):
+            match = _DOLLAR_TAG.match(text, i)
+            if match:
+                end = text.find(match.group(0), match.end())
+                i = n if end < 0 else end + len(match.group(0))
+            else:
+                i += 1
+        elif _is_word_char(c) and not _is_word_char(prev):
+            word_end = i
+            while word_end < n and _is_word_char(text[word_end]):
+                word_end += 1
+            word = text[i:word_end].upper()
+            if (word == "BEGIN" and _ATOMIC.match(text, word_end)) or (atomic and word == "CASE"):
+                atomic += 1
+            elif atomic and word == "END":
+                atomic -= 1
+            i = word_end
+        elif c == ";" and not atomic:
+            yield start, i + 1, True
+            start, code, i = i + 1, False, i + 1
+        else:
+            i += 1
+    if start < n:
+        yield start, n, code
+
+
+def _is_word_char(c: str) -> bool:
+    return c.isalnum() or c in "_$"
+
+
+def _skip_quoted(text: str, i: int, quote: str, escapes: bool) -> int:
+    """Return the index after the string or identifier that opens at *i*."""
+    n = len(text)
+    i += 1
+    while i < n:
+        c = text[i]
+        if escapes and c == "\\":
+            i += 2
+        elif c == quote:
+            if i + 1 < n and text[i + 1] == quote:
+                i += 2
+            else:
+                return i + 1
+        else:
+            i += 1
+    return n
+
+
+def split_sql(text: str) -> list[str]:
+    """Split SQL text into statements; joining the pieces gives back the text."""
+    return [text[start:end] for start, end, _ in _scan_sql(text)]
+
+
+def _position(text: str, offset: int) -> tuple[int, int]:
+    """Return the 1-based (line, column) of a character offset in *text*."""
+    line = text.count("\n", 0, offset) + 1
+    return line, offset - (text.rfind("\n", 0, offset) + 1) + 1
+
+
+def _failure(
+    migration: Migration, exc: psycopg2.Error, offset: int, path: str | None = None
+) -> MigrationFailed:
+    """Turn a server error in a statement starting at *offset* into a path:line:col report."""
+    diag = exc.diag
+    text = migration.sql
+    try:
+        offset += int(diag.statement_position or 1) - 1
+    except ValueError:
+        pass
+    line, column = _position(text, min(offset, len(text)))
+    sqlstate = exc.pgcode or "XX000"
+    message = diag.message_primary or _one_line(exc)
+    report = f"{path or migration.path}:{line}:{column}: {sqlstate} {message}"
+    for label, extra in (("detail", diag.message_detail), ("hint", diag.message_hint)):
+        if extra:
+            report += f" ({label}: {' '.join(extra.split())})"
+    return MigrationFailed(
+        report,
+        version=migration.version,
+        path=path or migration.path,
+        line=line,
+        column=column,
+        sqlstate=sqlstate,
+    )
+
+
+class Migrator:
+    """Apply numbered SQL files once each, under an advisory lock, each in its own transaction."""
+
+    def __init__(
+        self,
+        pool_or_dsn: Pool | str,
+        directory: str = "migrations",
+        *,
+        schema: str = "public",
+        table: str = "migration_history",
+        lock_timeout: float = 60.0,
+        statement_lock_timeout: float = 5.0,
+        allow_out_of_order: bool = False,
+        connect_retry: RetryPolicy | None = None,
+        application_name: str = "pgops-migrate",
+    ) -> None:
+        if isinstance(pool_or_dsn, str):
+            _check_dsn(pool_or_dsn)
+        _check_seconds("lock_timeout", lock_timeout, positive=False)
+        _check_seconds("statement_lock_timeout", statement_lock_timeout, positive=True)
+        self._source = pool_or_dsn
+        self.directory = directory
+        self.schema, self.table = schema, table
+        self.lock_timeout = lock_timeout
+        self.statement_lock_timeout = statement_lock_timeout
+        self.allow_out_of_order = allow_out_of_order
+        self.connect_retry = connect_retry or RetryPolicy(max_attempts=1)
+        self.application_name = application_name
+        self._history = psycopg2.sql.Identifier(schema, table)
+        import zlib
+
+        self._lock_key = zlib.crc32(f"{schema}.{table}".encode()) & 0x7FFF_FFFF
+
+    @property
+    def _dsn(self) -> str:
+        return self._source.config.dsn if isinstance(self._source, Pool) else self._source
+
+    def __repr__(self) -> str:
+        return f"<Migrator {self.directory!r} -> {redact_dsn(self._dsn)!r} {self.schema}.{self.table}>"
+
+    # -- connections ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[psycopg2.extensions.connection]:
+        """Lend a connection: one from the pool, or a new one from the DSN (closed afterwards)."""
+        if isinstance(self._source, Pool):
+            conn = self._source.getconn()
+            try:
+                yield conn
+            finally:
+                with contextlib.suppress(psycopg2.Error):
+                    conn.rollback()
+                self._source.putconn(conn)
+            return
+        try:
+            conn = retry_call(
+                psycopg2.connect,
+                self._source,
+                application_name=self.application_name,
+                policy=self.connect_retry,
+            )
+        except psycopg2.OperationalError as exc:
+            raise CannotConnect(
+                f"cannot connect to {redact_dsn(self._source)!r}: {_one_line(exc, self._source)}"
+            ) from None
+        try:
+            yield conn
+        finally:
+            _close_quietly(conn)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[psycopg2.extensions.connection]:
+        """Hold the migration advisory lock on one dedicated autocommit connection."""
+        with self._connection() as conn:
+            conn.autocommit = True
+            cur = conn.cursor()
+            pid = self._acquire_lock(cur)
+            try:
+                self._pid = pid
+                yield conn
+            finally:
+                self._release_lock(conn)
+
+    def _acquire_lock(self, cur: psycopg2.extensions.cursor) -> int:
+        started = time.monotonic()
+        reported = -math.inf
+        while True:
+            cur.execute(
+                "SELECT pg_try_advisory_lock(%s, %s), pg_backend_pid()", (_LOCK_CLASS, self._lock_key)
+            )
+            got, pid = cur.fetchone() or (False, 0)
+            if got:
+                logger.debug("migration lock taken by backend pid %s", pid)
+                return int(pid)
+            waited = time.monotonic() - started
+            holder = self._lock_holder(cur)
+            if waited >= self.lock_timeout:
+                raise LockTimeout(
+                    f"migration lock on {self.schema}.{self.table} still held after {waited:.1f} s "
+                    f"by {holder}; "
+                    "wait for that run to finish, or raise --lock-timeout"
+                )
+            if waited - reported >= _LOCK_REPORT_EVERY:
+                logger.info("waiting for the migration lock, held by %s", holder)
+                reported = waited
+            time.sleep(min(0.05 + random.random() * 0.25, max(self.lock_timeout - waited, 0.01)))
+
+    def _lock_holder(self, cur: psycopg2.extensions.cursor) -> str:
+        cur.execute(
+            "SELECT a.pid, a.application_name, a.backend_start FROM pg_locks l "
+            "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+            "AND l.classid = %s AND l.objid = %s AND l.objsubid = 2",
+            (_LOCK_CLASS, self._lock_key),
+        )
+        row = cur.fetchone()
+        if row is None:
+            return "another session (it has just released it)"
+        since = row[2].isoformat(timespec="seconds") if row[2] is not None else "unknown"
+        return f"pid {row[0]} (application_name {row[1]!r}, connected since {since})"
+
+    def _release_lock(self, conn: psycopg2.extensions.connection) -> None:
+        if conn.closed:
+            return  # the session is gone, and its lock with it
+        try:
+            if conn.info.transaction_status != _STATUS_IDLE:
+                conn.cursor().execute("ROLLBACK")
+            cur = conn.cursor()
+            cur.execute("SELECT pg_advisory_unlock(%s, %s)", (_LOCK_CLASS, self._lock_key))
+            row = cur.fetchone()
+            if not row or not row[0]:
+                logger.error("the migration lock was not held at unlock; closing the connection to be sure")
+                conn.close()
+        except psycopg2.Error as exc:
+            logger.error("could not release the migration lock (%s); closing the connection", _one_line(exc))
+            conn.close()
+
+    def _same_backend(self, pid: int) -> None:
+        if pid != self._pid:
+            raise MigrationError(
+                f"the server session changed during migration (backend pid {self._pid} then {pid}): a "
+                "transaction pooler such as PgBouncer is in the way; migrate over a direct connection"
+            )
+
+    # -- history -------------------------------------------------------------------------------
+
+    def _ensure_history(self, cur: psycopg2.extensions.cursor) -> None:
+        if self.schema != "public":
+            cur.execute(
+                psycopg2.sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
+                    psycopg2.sql.Identifier(self.schema)
+                )
+            )
+        cur.execute(
+            psycopg2.sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} ("
+                " version bigint PRIMARY KEY,"
+                " description text NOT NULL,"
+                " checksum text NOT NULL,"
+                " status text NOT NULL CHECK (status IN ('applied', 'failed', 'running')),"
+                " applied_at timestamptz NOT NULL DEFAULT now(),"
+                " execution_ms double precision,"
+                " applied_by text NOT NULL DEFAULT current_user,"
+                " error text,"
+                " progress integer NOT NULL DEFAULT 0)"
+            ).format(self._history)
+        )
+
+    def _history_rows(self, cur: psycopg2.extensions.cursor) -> dict[int, tuple[Any, ...]]:
+        """Return history rows by version: (description, checksum, status, applied_at, ms, by, error)."""
+        cur.execute("SELECT to_regclass(%s)", (f'"{self.schema}"."{self.table}"',))
+        row = cur.fetchone()
+        if row is None or row[0] is None:
+            return {}
+        cur.execute(
+            psycopg2.sql.SQL(
+                "SELECT version, description, checksum, status, applied_at, execution_ms, applied_by, error "
+                "FROM {} ORDER BY version"
+            ).format(self._history)
+        )
+        return {int(r[0]): tuple(r[1:]) for r in cur.fetchall()}
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _problems(self, files: list[Migration], history: dict[int, tuple[Any, ...]]) -> list[str]:
+        """Return drift problems: changed checksums and applied versions whose file is gone."""
+        by_version = {m.version: m for m in files}
+        problems = []
+        for version, (description, checksum, status, *_rest) in history.items():
+            migration = by_version.get(version)
+            if status != "applied":
+                continue
+            if migration is None:
+                problems.append(
+                    f"applied migration {version} ({description}) has no file in {self.directory!r}; "
+                    "restore it"
+                )
+            elif migration.checksum != checksum:
+                problems.append(
+                    f"migration {migration.path!r} changed after it was applied (checksum "
+                    f"{checksum[:12]} in the database, {migration.checksum[:12]} on disk); "
+                    "restore the file, or run repair to accept it"
+                )
+        return problems
+
+    def status(self) -> list[MigrationStatus]:
+        """Return every known migration with its state (applied, pending, failed, changed, missing)."""
+        files = load_migrations(self.directory)
+        with self._connection() as conn:
+            history = self._history_rows(conn.cursor())
+        rows: list[MigrationStatus] = []
+        by_version = {m.version: m for m in files}
+        for version in sorted(set(by_version) | set(history)):
+            migration = by_version.get(version)
+            if version not in history:
+                assert migration is not None
+                rows.append(MigrationStatus(version, migration.description, "pending"))
+                continue
+            description, checksum, state, applied_at, ms, by, error = history[version]
+            if state == "applied" and migration is None:
+                state = "missing"
+            elif state == "applied" and migration is not None and migration.checksum != checksum:
+                state = "changed"
+            at = applied_at.isoformat(timespec="seconds") if applied_at is not None else None
+            rows.append(MigrationStatus(version, description, state, at, ms, by, error))
+        return rows
+
+    def pending(self) -> list[Migration]:
+        """Return the migrations not yet applied, in version order."""
+        files = load_migrations(self.directory)
+        with self._connection() as conn:
+            history = self._history_rows(conn.cursor())
+        return [m for m in files if m.version not in history]
+
+    def validate(self) -> list[str]:
+        """Return what would stop migrate (drift, missing files, failed runs); empty when all is well."""
+        files = load_migrations(self.directory)
+        with self._connection() as conn:
+            history = self._history_rows(conn.cursor())
+        problems = self._problems(files, history)
+        problems += [
+            f"migration {v} ({row[0]}) is {row[2]}; fix it, then run repair"
+            for v, row in history.items()
+            if row[2] != "applied"
+        ]
+        return problems + self._order_problems(files, history)
+
+    def _order_problems(self, files: list[Migration], history: dict[int, tuple[Any, ...]]) -> list[str]:
+        if self.allow_out_of_order or not history:
+            return []
+        highest = max(history)
+        return [
+            f"pending migration {m.path!r} is older than applied version {highest}; renumber it above "
+            f"{highest}, or pass --allow-out-of-order"
+            for m in files
+            if m.version not in history and m.version < highest
+        ]
+
+    # -- applying ------------------------------------------------------------------------------
+
+    def migrate(
+        self,
+        target: int | None = None,
+        dry_run: bool = False,
+        *,
+        on_applied: Callable[[Migration, float], None] | None = None,
+    ) -> list[Migration]:
+        """Apply pending migrations up to *target* (all by default) and return those applied."""
+        files = load_migrations(self.directory)
+        if dry_run:
+            with self._connection() as conn:
+                history = self._history_rows(conn.cursor())
+            self._refuse_unsafe(files, history)
+            return [m for m in files if m.version not in history and (target is None or m.version <= target)]
+        applied: list[Migration] = []
+        with self._locked() as conn:
+            cur = conn.cursor()
+            self._ensure_history(cur)
+            history = self._history_rows(cur)
+            self._refuse_unsafe(files, history)
+            for migration in files:
+                if migration.version in history or (target is not None and migration.version > target):
+                    continue
+                started = time.perf_counter()
+                retry_call(
+                    self._apply,
+                    conn,
+                    migration,
+                    policy=RetryPolicy(max_attempts=5, initial_delay=0.5, max_delay=5.0),
+                    retry_on=lambda exc: isinstance(exc, MigrationFailed) and exc.sqlstate == "55P03",
+                )
+                elapsed = (time.perf_counter() - started) * 1000.0
+                logger.info("applied migration %s (%.1f ms)", migration.name, elapsed)
+                applied.append(migration)
+                if on_applied is not None:
+                    on_applied(migration, elapsed)
+        return applied
+
+    def _refuse_unsafe(self, files: list[Migration], history: dict[int, tuple[Any, ...]]) -> None:
+        dirty = [(v, row) for v, row in history.items() if row[2] != "applied"]
+        if dirty:
+            version, row = dirty[0]
+            raise DirtyDatabase(
+                f"migration {version} ({row[0]}) is {row[2]} in {self.schema}.{self.table}"
+                f"{': ' + row[6] if row[6] else ''}; fix its SQL, undo what it did, then run repair"
+            )
+        problems = self._problems(files, history)
+        if problems:
+            raise ChecksumMismatch("; ".join(problems))
+        order = self._order_problems(files, history)
+        if order:
+            raise MigrationError("; ".join(order))
+
+    def _apply(self, conn: psycopg2.extensions.connection, migration: Migration) -> None:
+        if migration.transactional:
+            self._run_in_transaction(conn, migration, migration.sql, migration.path, record=True)
+        else:
+            self._run_statements(conn, migration, migration.sql, migration.path, record=True)
+
+    def _run_in_transaction(
+        self,
+        conn: psycopg2.extensions.connection,
+        migration: Migration,
+        text: str,
+        path: str,
+        *,
+        record: bool,
+    ) -> None:
+        """Run *text* and its history change in one transaction; roll everything back on error."""
+        cur = conn.cursor()
+        started = time.perf_counter()
+        # BEGIN, the lock timeout and the pid check share one round trip; so do the history row and COMMIT.
+        cur.execute(
+            "BEGIN; SET LOCAL lock_timeout = %s; SELECT pg_backend_pid()",
+            (f"{int(self.statement_lock_timeout * 1000)}ms",),
+        )
+        row = cur.fetchone()
+        self._same_backend(int(row[0]) if row else 0)
+        try:
+            for start, end, code in _scan_sql(text):
+                if code:
+                    logger.debug("%s: %s", migration.name, text[start:end].strip())
+                    try:
+                        cur.execute(text[start:end])
+                    except psycopg2.Error as exc:
+                        raise _failure(migration, exc, start, path) from None
+            ms = (time.perf_counter() - started) * 1000.0
+            if record:
+                cur.execute(
+                    psycopg2.sql.SQL(
+                        "INSERT INTO {} (version, description, checksum, status, execution_ms) "
+                        "VALUES (%s, %s, %s, 'applied', %s); COMMIT"
+                    ).format(self._history),
+                    (migration.version, migration.description, migration.checksum, ms),
+                )
+            else:
+                cur.execute(
+                    psycopg2.sql.SQL("DELETE FROM {} WHERE version = %s; COMMIT").format(self._history),
+                    (migration.version,),
+                )
+        except BaseException:
+            if not conn.closed and conn.info.transaction_status != _STATUS_IDLE:
+                with contextlib.suppress(psycopg2.Error):
+                    cur.execute("ROLLBACK")
+            raise
+
+    def _run_statements(
+        self,
+        conn: psycopg2.extensions.connection,
+        migration: Migration,
+        text: str,
+        path: str,
+        *,
+        record: bool,
+    ) -> None:
+        """Run a no-transaction file statement by statement, recording progress in the history row."""
+        cur = conn.cursor()
+        started = time.perf_counter()
+        if record:
+            cur.execute(
+                psycopg2.sql.SQL(
+                    "INSERT INTO {} (version, description, checksum, status) VALUES (%s, %s, %s, 'running') "
+                    "RETURNING pg_backend_pid()"
+                ).format(self._history),
+                (migration.version, migration.description, migration.checksum),
+            )
+            row = cur.fetchone()
+            self._same_backend(int(row[0]) if row else 0)
+        done = 0
+        for start, end, code in _scan_sql(text):
+            if not code:
+                continue
+            try:
+                logger.debug("%s: %s", migration.name, text[start:end].strip())
+                cur.execute(text[start:end])
+            except psycopg2.Error as exc:
+                failure = _failure(migration, exc, start, path)
+                if record:
+                    cur.execute(
+                        psycopg2.sql.SQL(
+                            "UPDATE {} SET status = 'failed', error = %s WHERE version = %s"
+                        ).format(self._history),
+                        (str(failure), migration.version),
+                    )
+                raise failure from None
+            done += 1
+            if record:
+                cur.execute(
+                    psycopg2.sql.SQL("UPDATE {} SET progress = %s WHERE version = %s").format(self._history),
+                    (done, migration.version),
+                )
+        ms = (time.perf_counter() - started) * 1000.0
+        if record:
+            cur.execute(
+                psycopg2.sql.SQL(
+                    "UPDATE {} SET status = 'applied', execution_ms = %s WHERE version = %s"
+                ).format(self._history),
+                (ms, migration.version),
+            )
+        else:
+            cur.execute(
+                psycopg2.sql.SQL("DELETE FROM {} WHERE version = %s").format(self._history),
+                (migration.version,),
+            )
+
+    def rollback(
+        self, target: int, *, on_reverted: Callable[[Migration, float], None] | None = None
+    ) -> list[Migration]:
+        """Revert applied migrations above *target* with their .down.sql files, newest first."""
+        files = {m.version: m for m in load_migrations(self.directory)}
+        reverted: list[Migration] = []
+        with self._locked() as conn:
+            cur = conn.cursor()
+            history = self._history_rows(cur)
+            self._refuse_unsafe(list(files.values()), history)
+            victims = sorted((v for v in history if v > target), reverse=True)
+            missing = [files[v].path for v in victims if files[v].down_path is None]
+            if missing:
+                raise BadMigration(
+                    f"cannot roll back to {target}: no .down.sql for {', '.join(map(repr, missing))}; "
+                    "write them first"
+                )
+            for version in victims:
+                migration = files[version]
+                down_path = migration.down_path
+                assert down_path is not None
+                text = _read_sql(down_path)
+                started = time.perf_counter()
+                head = text.split("\n")[:5]
+                if any(_NO_TRANSACTION.match(line.strip()) for line in head):
+                    self._run_statements(
+                        conn, dataclasses.replace(migration, sql=text), text, down_path, record=False
+                    )
+                else:
+                    self._run_in_transaction(
+                        conn, dataclasses.replace(migration, sql=text), text, down_path, record=False
+                    )
+                elapsed = (time.perf_counter() - started) * 1000.0
+                logger.info("reverted migration %s (%.1f ms)", migration.name, elapsed)
+                reverted.append(migration)
+                if on_reverted is not None:
+                    on_reverted(migration, elapsed)
+        return reverted
+
+    def repair(self) -> list[str]:
+        """Remove failed and running rows and accept changed checksums; return what was done."""
+        files = {m.version: m for m in load_migrations(self.directory)}
+        actions: list[str] = []
+        with self._locked() as conn:
+            cur = conn.cursor()
+            self._ensure_history(cur)
+            for version, (description, checksum, status, *_rest) in self._history_rows(cur).items():
+                migration = files.get(version)
+                if status != "applied":
+                    cur.execute(
+                        psycopg2.sql.SQL("DELETE FROM {} WHERE version = %s").format(self._history),
+                        (version,),
+                    )
+                    actions.append(f"removed the {status} row of migration {version} ({description})")
+                elif migration is not None and migration.checksum != checksum:
+                    cur.execute(
+                        psycopg2.sql.SQL("UPDATE {} SET checksum = %s WHERE version = %s").format(
+                            self._history
+                        ),
+                        (migration.checksum, version),
+                    )
+                    actions.append(f"accepted the changed checksum of {migration.path!r}")
+        for action in actions:
+            logger.info("repair: %s", action)
+        return actions
