@@ -15,11 +15,13 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
 import random
 import re
+import sys
 import threading
 import time
 import traceback
@@ -1533,7 +1535,7 @@ class Migrator:
                     "wait for that run to finish, or raise --lock-timeout"
                 )
             if waited - reported >= _LOCK_REPORT_EVERY:
-                logger.info("waiting for the migration lock, held by %s", holder)
+                logger.warning("waiting for the migration lock, held by %s", holder)
                 reported = waited
             time.sleep(min(0.05 + random.random() * 0.25, max(self.lock_timeout - waited, 0.01)))
 
@@ -1919,3 +1921,202 @@ class Migrator:
         for action in actions:
             logger.info("repair: %s", action)
         return actions
+
+
+# ================================================================================================
+# CLI
+# ================================================================================================
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCK, EXIT_INVALID, EXIT_DIRTY, EXIT_CONNECT = range(7)
+
+
+def _exit_code(exc: BaseException) -> int:
+    """Map an expected error to the documented exit code."""
+    for kind, code in (
+        (ConfigError, EXIT_USAGE),
+        (LockTimeout, EXIT_LOCK),
+        (DirtyDatabase, EXIT_DIRTY),
+        (CannotConnect, EXIT_CONNECT),
+        (PoolTimeout, EXIT_CONNECT),
+        (MigrationFailed, EXIT_FAILED),
+        (MigrationError, EXIT_INVALID),  # bad files, drift, out-of-order versions
+        (psycopg2.OperationalError, EXIT_CONNECT),
+    ):
+        if isinstance(exc, kind):
+            return code
+    return EXIT_FAILED
+
+
+def _migrator(args: Any, environ: Mapping[str, str]) -> Migrator:
+    dsn = args.dsn or environ.get("DATABASE_URL", "").strip()
+    if not dsn:
+        raise ConfigError("no database given; pass --dsn or set DATABASE_URL")
+    return Migrator(
+        dsn,
+        args.dir,
+        lock_timeout=getattr(args, "lock_timeout", 60.0),
+        allow_out_of_order=getattr(args, "allow_out_of_order", False),
+        connect_retry=RetryPolicy.from_env(environ),
+    )
+
+
+def _print_applied(verb: str) -> Callable[[Migration, float], None]:
+    def report(migration: Migration, ms: float) -> None:
+        print(f"{verb} {migration.name} ({ms:.1f} ms)", flush=True)
+
+    return report
+
+
+def _cmd_migrate(args: Any, environ: Mapping[str, str]) -> int:
+    migrator = _migrator(args, environ)
+    started = time.perf_counter()
+    if args.dry_run:
+        pending = migrator.migrate(target=args.target, dry_run=True)
+        for migration in pending:
+            print(f"would apply {migration.name}")
+        print(f"dry run: {len(pending)} migration(s) would be applied; nothing was changed")
+        return EXIT_OK
+    applied = migrator.migrate(target=args.target, on_applied=_print_applied("applied"))
+    total = (time.perf_counter() - started) * 1000.0
+    latest = max((m.version for m in applied), default=None)
+    where = f"; now at version {latest}" if latest is not None else "; already up to date"
+    print(f"applied {len(applied)} migration(s) in {total:.0f} ms{where}")
+    return EXIT_OK
+
+
+def _cmd_status(args: Any, environ: Mapping[str, str]) -> int:
+    rows = _migrator(args, environ).status()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
+        return EXIT_OK
+    table = [("version", "description", "state", "applied at", "ms")]
+    table += [
+        (
+            str(r.version),
+            r.description,
+            r.state,
+            r.applied_at or "",
+            f"{r.execution_ms:.1f}" if r.execution_ms else "",
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(5)]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    pending = sum(r.state == "pending" for r in rows)
+    print(f"{len(rows) - pending} applied or recorded, {pending} pending")
+    return EXIT_OK
+
+
+def _cmd_validate(args: Any, environ: Mapping[str, str]) -> int:
+    problems = _migrator(args, environ).validate()
+    for problem in problems:
+        print(f"pgops: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_INVALID
+    print("migrations valid")
+    return EXIT_OK
+
+
+def _cmd_rollback(args: Any, environ: Mapping[str, str]) -> int:
+    reverted = _migrator(args, environ).rollback(args.to, on_reverted=_print_applied("reverted"))
+    print(f"reverted {len(reverted)} migration(s); now at version {args.to}")
+    return EXIT_OK
+
+
+def _cmd_repair(args: Any, environ: Mapping[str, str]) -> int:
+    actions = _migrator(args, environ).repair()
+    for action in actions:
+        print(action)
+    print(f"repair: {len(actions)} change(s)" if actions else "repair: nothing to do")
+    return EXIT_OK
+
+
+def _cmd_new(args: Any, environ: Mapping[str, str]) -> int:
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", args.name):
+        raise ConfigError(f"migration name {args.name!r} may only hold letters, digits, '_' and '-'")
+    os.makedirs(args.dir, exist_ok=True)
+    versions: list[tuple[int, int]] = []
+    for filename in os.listdir(args.dir):
+        match = _MIGRATION_FILE.match(filename)
+        if match:
+            versions.append((int(match["version"]), len(match["version"])))
+    number = max((v for v, _ in versions), default=0) + 1
+    width = max([4, *(w for _, w in versions)])
+    path = os.path.join(args.dir, f"{number:0{width}d}_{args.name}.sql")
+    with open(path, "x", encoding="utf-8") as fh:
+        fh.write(f"-- {args.name}: write the change below; one transaction unless the next line says\n")
+        fh.write("-- otherwise ('-- pgops: no-transaction' as one of the first lines).\n")
+    print(path)
+    return EXIT_OK
+
+
+def _parser() -> Any:
+    import argparse
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dsn", help="libpq URL or key=value string (default: $DATABASE_URL)")
+    common.add_argument(
+        "--dir",
+        default=os.environ.get("PGOPS_MIGRATIONS_DIR") or "migrations",
+        help="migrations folder (default: $PGOPS_MIGRATIONS_DIR or ./migrations)",
+    )
+    common.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v: SQL too)")
+    common.add_argument("-q", "--quiet", action="store_true", help="errors only")
+    parser = argparse.ArgumentParser(prog="pgops", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"pgops {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Callable[[Any, Mapping[str, str]], int], help: str) -> Any:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("migrate", _cmd_migrate, "apply pending migrations")
+    p.add_argument("--dry-run", action="store_true", help="list what would be applied; change nothing")
+    p.add_argument("--target", type=int, metavar="V", help="apply up to version V only")
+    p.add_argument(
+        "--lock-timeout", type=float, default=60.0, metavar="SECONDS", help="wait this long for the lock"
+    )
+    p.add_argument(
+        "--allow-out-of-order", action="store_true", help="apply versions older than the newest applied"
+    )
+    p = command("status", _cmd_status, "show applied and pending migrations")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    command("validate", _cmd_validate, "check applied migrations against their files")
+    p = command("rollback", _cmd_rollback, "revert migrations above a version with their .down.sql files")
+    p.add_argument("--to", type=int, required=True, metavar="V", help="version to return to (0: everything)")
+    p.add_argument("--lock-timeout", type=float, default=60.0, metavar="SECONDS")
+    p = command("repair", _cmd_repair, "remove failed history rows and accept changed checksums")
+    p.add_argument("--lock-timeout", type=float, default=60.0, metavar="SECONDS")
+    p = command("new", _cmd_new, "create the next numbered migration file")
+    p.add_argument("name", help="description: letters, digits, '_' or '-'")
+    return parser
+
+
+def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Run the ``pgops`` command line and return its exit code."""
+    environ = os.environ if environ is None else environ
+    args = _parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("pgops: %(levelname)s: %(message)s"))
+    logger.addHandler(handler)
+    # Warnings only by default (stdout already says what was applied); -v adds INFO and the SQL.
+    logger.setLevel(logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.WARNING)
+    try:
+        code: int = args.func(args, environ)
+        return code
+    except (PgOpsError, psycopg2.Error, OSError) as exc:
+        print(f"pgops: error: {_one_line(exc, args.dsn or environ.get('DATABASE_URL', ''))}", file=sys.stderr)
+        return _exit_code(exc)
+    except KeyboardInterrupt:
+        print("pgops: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        logger.removeHandler(handler)
+
+
+if __name__ == "__main__":
+    # Under ``python -m pgops`` this file is __main__: let ``import pgops`` find it, not load it twice.
+    sys.modules.setdefault("pgops", sys.modules[__name__])
+    sys.exit(main())
