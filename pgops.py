@@ -21,6 +21,7 @@ import math
 import os
 import random
 import re
+import select
 import sys
 import threading
 import time
@@ -661,7 +662,8 @@ class Pool:
         self._times = dict.fromkeys(("requests_wait_ms", "connections_ms", "usage_ms", "queries_ms"), 0.0)
         self._wait_counts = [0] * (len(_WAIT_BUCKETS) + 1)
         self._wait_sum = 0.0
-        self._window: collections.deque[tuple[float, int, int]] = collections.deque()
+        # (time, queries, errors) samples; the first is the baseline health() counts from.
+        self._window = collections.deque([(time.monotonic(), 0, 0)])
         self._worker = threading.Thread(target=self._run_worker, name="pgops-pool", daemon=True)
         self._worker.start()
         logger.info(
@@ -797,7 +799,11 @@ class Pool:
         if now >= conn._pgops_expires:
             return "expired"
         last = conn._pgops_last_used
-        if last < self._suspect_before or (self.config.test_before_acquire and now - last > _RECENTLY_USED):
+        if (
+            last < self._suspect_before
+            or (self.config.test_before_acquire and now - last > _RECENTLY_USED)
+            or _has_pending_input(conn)
+        ):
             try:
                 # One round trip: in autocommit the check opens no transaction to roll back.
                 conn.autocommit = True
@@ -1026,7 +1032,8 @@ class Pool:
                 [c for c in self._in_use if c._pgops_stack is not None] if self.config.leak_threshold else []
             )
             self._window.append((now, self._counters["queries_num"], self._counters["queries_errors"]))
-            while self._window and self._window[0][0] < now - _HEALTH_WINDOW:
+            # Keep one sample at or before the window's start: it is the baseline health() counts from.
+            while len(self._window) > 1 and self._window[1][0] <= now - _HEALTH_WINDOW:
                 self._window.popleft()
             if to_close:
                 self._wakeup.notify()
@@ -1096,7 +1103,7 @@ class Pool:
         with self._lock:
             utilization = len(self._in_use) / self.config.max_size
             queries, errors = self._counters["queries_num"], self._counters["queries_errors"]
-            oldest = self._window[0] if self._window else (0.0, 0, 0)
+            oldest = self._window[0]
             cannot_connect = self._failures > 0 and not self._idle and not self._in_use
             fatal, last_error = self._fatal, self._last_error
         reasons: list[str] = []
@@ -1160,6 +1167,17 @@ class Pool:
         if threading.current_thread() is not self._worker:
             self._worker.join(timeout)
         logger.info("pool closed for %s", redact_dsn(self.config.dsn))
+
+
+def _has_pending_input(conn: psycopg2.extensions.connection) -> bool:
+    """Tell whether an idle connection's socket has something to read: the server's goodbye, usually.
+
+    A server that terminates a session (pg_terminate_backend, shutdown, crash) sends an error and
+    closes the socket; a poll with zero timeout sees that for about a microsecond, without a round trip.
+    """
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _close_quietly(conn: psycopg2.extensions.connection) -> None:

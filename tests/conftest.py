@@ -1,0 +1,98 @@
+"""Fixtures giving each test a real PostgreSQL: the session server, a fresh database, or its own server."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg2.extensions
+import pytest
+
+import pgtest
+from pgtest import ExternalServer, LocalServer, PgServer, PostgresNotFound, temporary_database
+
+
+def in_ci() -> bool:
+    """Tell whether we run under CI, where a missing database is an error rather than a skip."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def _local_server(base_dir: Path) -> LocalServer:
+    """Create and start a LocalServer in base_dir, skipping the test outside CI if PostgreSQL is absent."""
+    try:
+        server = LocalServer(base_dir)
+    except PostgresNotFound as exc:
+        if in_ci():
+            raise
+        pytest.skip(str(exc))
+    try:
+        server.start()
+    except BaseException:
+        server.cleanup()
+        raise
+    return server
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+    """The session's PostgreSQL: PGOPS_TEST_DSN if set, else a LocalServer started once."""
+    external = os.environ.get("PGOPS_TEST_DSN")
+    if external:
+        server = ExternalServer(external)
+        with contextlib.closing(server.admin_connect()) as conn, conn.cursor() as cur:
+            cur.execute("SELECT 1")
+        yield server
+        return
+    local = _local_server(tmp_path_factory.mktemp("pg-session"))
+    try:
+        yield local
+    finally:
+        local.cleanup()
+
+
+@pytest.fixture(scope="session")
+def has_pgvector(pg_server: PgServer) -> bool:
+    """True when `CREATE EXTENSION vector` is possible on the session server."""
+    with contextlib.closing(pg_server.admin_connect()) as conn:
+        return pgtest.has_pgvector(conn)
+
+
+@pytest.fixture
+def dbname(pg_server: PgServer) -> Iterator[str]:
+    """Name of a fresh, empty database for this test alone, dropped (WITH FORCE) afterwards."""
+    with temporary_database(pg_server) as name:
+        yield name
+
+
+@pytest.fixture
+def dsn(pg_server: PgServer, dbname: str) -> str:
+    """Key=value DSN of this test's own database."""
+    return pg_server.dsn(dbname)
+
+
+@pytest.fixture
+def db_url(pg_server: PgServer, dbname: str) -> str:
+    """postgresql:// URL of this test's own database."""
+    return pg_server.url(dbname)
+
+
+@pytest.fixture
+def admin(pg_server: PgServer, dbname: str) -> Iterator[psycopg2.extensions.connection]:
+    """Autocommit superuser connection to this test's own database."""
+    conn = pg_server.admin_connect(dbname)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[LocalServer]:
+    """A running LocalServer for this test alone, which it may stop, restart or crash."""
+    server = _local_server(tmp_path / "pg")
+    try:
+        yield server
+    finally:
+        server.cleanup()
