@@ -10,6 +10,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -115,6 +116,36 @@ def find_bindir() -> tuple[Path, str]:
         "no PostgreSQL server binaries found: pip install 'pgserver>=0.1.4' (extra 'test'), "
         "install the server package that provides initdb and pg_ctl, or set PGOPS_TEST_DSN"
     )
+
+
+_bindir_copies: dict[Path, Path] = {}
+
+
+def _reachable_bindir(bindir: Path) -> Path:
+    """Return a bindir the unprivileged server user can reach, copying the installation if needed.
+
+    tox keeps its virtualenvs under a private (0700) .tox directory, so pgserver's binaries inside
+    one cannot be run by another user; a copy of the installation (bin, lib, share) under a fresh
+    world-traversable temporary directory can.  Removed at exit.
+    """
+    if all(p.stat().st_mode & stat.S_IXOTH for p in [bindir, *bindir.parents]):
+        return bindir
+    if bindir not in _bindir_copies:
+        holder = Path(tempfile.mkdtemp(prefix="pgops-pginstall-"))
+        holder.chmod(0o755)
+        # Keep the wheel's layout: its binaries find their libraries at $ORIGIN/../../../pgserver.libs.
+        prefix = bindir.parent
+        package = prefix.parent
+        shutil.copytree(prefix, holder / package.name / prefix.name, symlinks=True)
+        libs = package.parent / f"{package.name}.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, holder / libs.name, symlinks=True)
+        for root, dirs, _files in os.walk(holder):
+            for name in dirs:
+                (Path(root) / name).chmod(0o755)
+        atexit.register(shutil.rmtree, holder, ignore_errors=True)
+        _bindir_copies[bindir] = holder / package.name / prefix.name / bindir.name
+    return _bindir_copies[bindir]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -292,6 +323,7 @@ class LocalServer:
         if os.geteuid() == 0:  # postgres refuses to run as root
             self._run_as = _ensure_system_user(SYSTEM_USER)
             _allow_traversal(self.base_dir)
+            self.bindir = _reachable_bindir(self.bindir)
         _live_servers.add(self)
         try:
             self._initdb()
@@ -383,8 +415,10 @@ class LocalServer:
             "unix_socket_directories": f"'{self.socket_dir}'",
             "max_connections": "200",
             "shared_buffers": "32MB",
+            # fsync off only risks data on an OS crash; crash tests kill processes, and they check that
+            # no acknowledged commit is lost, so commits must reach the kernel before they are acked.
             "fsync": "off",
-            "synchronous_commit": "off",
+            "synchronous_commit": "on",
             "full_page_writes": "off",
             "logging_collector": "off",
             "password_encryption": "'scram-sha-256'",
