@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import psycopg2
@@ -1423,6 +1423,29 @@ def _position(text: str, offset: int) -> tuple[int, int]:
     return line, offset - (text.rfind("\n", 0, offset) + 1) + 1
 
 
+def _code_start(text: str, i: int) -> int:
+    """Return the index of the first character at or after *i* that is not blank or in a comment."""
+    n = len(text)
+    while i < n:
+        if text[i].isspace():
+            i += 1
+        elif text.startswith("--", i):
+            end = text.find("\n", i)
+            i = n if end < 0 else end + 1
+        elif text.startswith("/*", i):
+            depth, i = 1, i + 2
+            while i < n and depth:
+                if text.startswith("/*", i):
+                    depth, i = depth + 1, i + 2
+                elif text.startswith("*/", i):
+                    depth, i = depth - 1, i + 2
+                else:
+                    i += 1
+        else:
+            break
+    return i
+
+
 def _failure(
     migration: Migration, exc: psycopg2.Error, offset: int, path: str | None = None
 ) -> MigrationFailed:
@@ -1430,9 +1453,12 @@ def _failure(
     diag = exc.diag
     text = migration.sql
     try:
-        offset += int(diag.statement_position or 1) - 1
+        position = int(diag.statement_position or 0)
     except ValueError:
-        pass
+        position = 0
+    # Without a server position (runtime errors), point at the statement's first word, not at the
+    # blank lines and comments that the piece starts with.
+    offset = offset + position - 1 if position > 0 else _code_start(text, offset)
     line, column = _position(text, min(offset, len(text)))
     sqlstate = exc.pgcode or "XX000"
     message = diag.message_primary or _one_line(exc)
@@ -1942,6 +1968,170 @@ class Migrator:
 
 
 # ================================================================================================
+# Schema checks
+# ================================================================================================
+
+_VECTOR_INDEX_LIMITS = {"vector": 2000, "halfvec": 4000}  # HNSW / IVFFlat dimension limits
+_TYPE_ALIASES = {
+    "int": "integer",
+    "int4": "integer",
+    "int8": "bigint",
+    "bool": "boolean",
+    "timestamptz": "timestamp with time zone",
+    "timestamp": "timestamp without time zone",
+    "float8": "double precision",
+    "float4": "real",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SchemaReport:
+    """What check_schema found: ``ok`` when there are no problems; notes are advice, not failures."""
+
+    problems: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+    extensions: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """Tell whether nothing is wrong."""
+        return not self.problems
+
+
+def _normal_type(name: str) -> str:
+    """Spell a type the way format_type() does: varchar(n) -> character varying(n), int -> integer."""
+    name = " ".join(name.lower().split())
+    name = re.sub(r"^varchar\b", "character varying", name)
+    return _TYPE_ALIASES.get(name, name)
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """Split ``table.column`` (or ``schema.table.column``) into a regclass text and a column."""
+    table, _, column = name.rpartition(".")
+    if not table:
+        raise ConfigError(f"column {name!r} must be written as table.column")
+    return table, column
+
+
+def _pgvector_version(extensions: Mapping[str, str]) -> tuple[int, ...]:
+    version = extensions.get("vector", "0")
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+
+def _vector_advice(column: str, kind: str, dims: int, extensions: Mapping[str, str]) -> str | None:
+    """Return why an HNSW/IVFFlat index is impossible for this column, and what to do, or None."""
+    if dims <= _VECTOR_INDEX_LIMITS[kind]:
+        return None
+    remedy = (
+        f"index a half-precision expression instead: CREATE INDEX ON {column.rpartition('.')[0]} USING hnsw "
+        f"(({column.rpartition('.')[2]}::halfvec({dims})) halfvec_cosine_ops)"
+    )
+    if kind == "halfvec" or dims > _VECTOR_INDEX_LIMITS["halfvec"]:
+        remedy = "store a reduced-dimension copy of the embedding and index that"
+    elif _pgvector_version(extensions) < (0, 7):
+        remedy = f"upgrade pgvector to 0.7 or later (installed: {extensions.get('vector')}), then {remedy}"
+    return (
+        f"{column} is {kind}({dims}): HNSW and IVFFlat indexes support at most {_VECTOR_INDEX_LIMITS[kind]} "
+        f"dimensions for {kind}, so only exact search works; {remedy}"
+    )
+
+
+def check_schema(
+    conn: psycopg2.extensions.connection,
+    *,
+    extensions: Sequence[str] = (),
+    tables: Sequence[str] = (),
+    columns: Mapping[str, str] | None = None,
+    indexes: Sequence[str] = (),
+    ann: Sequence[str] = (),
+) -> SchemaReport:
+    """Check extensions, tables, column types (pgvector dimensions included) and indexes.
+
+    ``columns`` maps ``table.column`` to a type such as ``vector(3072)`` or ``varchar(255)``; ``ann``
+    lists vector columns that must be indexable with HNSW/IVFFlat (otherwise that is only a note).
+    """
+    problems: list[str] = []
+    notes: list[str] = []
+    with conn.cursor() as cur:
+        cur.execute("SELECT extname, extversion FROM pg_extension")
+        installed = {str(name): str(version) for name, version in cur.fetchall()}
+        for name in extensions:
+            if name not in installed:
+                cur.execute("SELECT 1 FROM pg_available_extensions WHERE name = %s", (name,))
+                how = (
+                    f"run CREATE EXTENSION {name}"
+                    if cur.fetchone()
+                    else f"install the {name} extension on the server, then run CREATE EXTENSION {name}"
+                )
+                problems.append(f"extension {name!r} is not installed in this database; {how}")
+        for table in tables:
+            cur.execute("SELECT to_regclass(%s)", (table,))
+            row = cur.fetchone()
+            if row is None or row[0] is None:
+                problems.append(f"table {table!r} does not exist; apply the migrations that create it")
+        vector_columns = set(ann)
+        for name, expected in (columns or {}).items():
+            table, column = _split_name(name)
+            cur.execute(
+                "SELECT format_type(a.atttypid, a.atttypmod), t.typname, a.atttypmod FROM pg_attribute a "
+                "JOIN pg_type t ON t.oid = a.atttypid "
+                "WHERE a.attrelid = to_regclass(%s) AND a.attname = %s "
+                "AND a.attnum > 0 AND NOT a.attisdropped",
+                (table, column),
+            )
+            found = cur.fetchone()
+            if found is None:
+                problems.append(f"column {name!r} does not exist; expected {expected}")
+                continue
+            actual, typname, typmod = str(found[0]), str(found[1]), int(found[2])
+            if _normal_type(actual) != _normal_type(expected):
+                problems.append(_type_problem(name, actual, expected))
+            if typname in _VECTOR_INDEX_LIMITS and typmod > 0:
+                advice = _vector_advice(name, typname, typmod, installed)
+                if advice and name in vector_columns:
+                    problems.append(advice)
+                elif advice:
+                    notes.append(advice)
+        for index in indexes:
+            cur.execute("SELECT c.relkind FROM pg_class c WHERE c.oid = to_regclass(%s)", (index,))
+            row = cur.fetchone()
+            if row is None or row[0] not in ("i", "I"):
+                problems.append(f"index {index!r} does not exist; apply the migration that creates it")
+    conn.rollback()
+    return SchemaReport(tuple(problems), tuple(notes), installed)
+
+
+def _type_problem(name: str, actual: str, expected: str) -> str:
+    pattern = re.compile(r"(vector|halfvec)\((\d+)\)")
+    got, wanted = pattern.fullmatch(actual), pattern.fullmatch(expected)
+    if got and wanted:
+        have, want = got.group(2), wanted.group(2)
+        return (
+            f"column {name!r} is {actual} but {expected} is expected: {have} dimensions stored, {want} "
+            f"expected; the embedding model and the column disagree: re-embed and ALTER the column to "
+            f"{expected}, or use a model that produces {have} dimensions"
+        )
+    return f"column {name!r} is {actual} but {expected} is expected; write a migration that alters it"
+
+
+def load_schema_spec(directory: str) -> dict[str, Any] | None:
+    """Read ``schema.json`` beside the migrations (the expectations validate checks), if there is one."""
+    path = os.path.join(directory, "schema.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            spec = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"schema spec {path!r} is not readable JSON: {_one_line(exc)}") from None
+    allowed = {"extensions", "tables", "columns", "indexes", "ann", "comment"}
+    if not isinstance(spec, dict) or set(spec) - allowed:
+        raise ConfigError(f"schema spec {path!r} must be an object with keys among {sorted(allowed)}")
+    spec.pop("comment", None)
+    return spec
+
+
+# ================================================================================================
 # CLI
 # ================================================================================================
 
@@ -2027,12 +2217,24 @@ def _cmd_status(args: Any, environ: Mapping[str, str]) -> int:
 
 
 def _cmd_validate(args: Any, environ: Mapping[str, str]) -> int:
-    problems = _migrator(args, environ).validate()
+    migrator = _migrator(args, environ)
+    problems = migrator.validate()
+    spec = load_schema_spec(args.dir)
+    if spec is not None and not problems:
+        pending = migrator.pending()
+        if pending:
+            print(f"schema check skipped: {len(pending)} migration(s) pending")
+        else:
+            with migrator._connection() as conn:
+                report = check_schema(conn, **spec)
+            problems += report.problems
+            for note in report.notes:
+                print(f"note: {note}")
     for problem in problems:
         print(f"pgops: {problem}", file=sys.stderr)
     if problems:
         return EXIT_INVALID
-    print("migrations valid")
+    print("migrations valid" + (" and schema as expected" if spec is not None else ""))
     return EXIT_OK
 
 
@@ -2060,7 +2262,7 @@ def _cmd_new(args: Any, environ: Mapping[str, str]) -> int:
         if match:
             versions.append((int(match["version"]), len(match["version"])))
     number = max((v for v, _ in versions), default=0) + 1
-    width = max([4, *(w for _, w in versions)])
+    width = max((w for _, w in versions), default=4)  # as wide as the widest existing file
     path = os.path.join(args.dir, f"{number:0{width}d}_{args.name}.sql")
     with open(path, "x", encoding="utf-8") as fh:
         fh.write(f"-- {args.name}: write the change below; one transaction unless the next line says\n")

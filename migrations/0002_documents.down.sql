@@ -1,0 +1,3 @@
+DROP TABLE documents;
+DROP FUNCTION set_updated_at();
+DROP TYPE doc_type;
