@@ -12,9 +12,12 @@ the CLI at the bottom.  Passwords are redacted from every repr, log line and err
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import hmac
+import http
 import json
 import logging
 import math
@@ -22,12 +25,16 @@ import os
 import random
 import re
 import select
+import signal
+import socket
+import socketserver
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import psycopg2
 import psycopg2.extensions
@@ -42,26 +49,45 @@ __all__ = [
     "ChecksumMismatch",
     "ConfigError",
     "DirtyDatabase",
+    "HealthApp",
     "LockTimeout",
+    "Migration",
     "MigrationError",
     "MigrationFailed",
+    "MigrationStatus",
+    "Migrator",
     "PgOpsError",
     "Pool",
     "PoolClosed",
     "PoolConfig",
+    "PoolError",
     "PoolHealth",
     "PoolTimeout",
     "RetryPolicy",
+    "SchemaReport",
+    "check_schema",
+    "create_app",
     "is_retryable",
+    "load_migrations",
+    "load_schema_spec",
+    "main",
+    "make_server",
+    "migration_checksum",
+    "mount",
+    "normalize_sql",
+    "parse_migration_name",
     "redact_dsn",
+    "render_prometheus",
     "retry",
     "retry_call",
+    "serve",
     "set_testing",
+    "split_sql",
 ]
 
-logger = logging.getLogger("pgops")
+_logger = logging.getLogger("pgops")  # a fixed name: under python -m, __name__ is __main__
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
 # ================================================================================================
@@ -77,11 +103,15 @@ class ConfigError(PgOpsError, ValueError):
     """A configuration value (argument, environment variable, DSN) is invalid."""
 
 
-class PoolTimeout(PgOpsError, psycopg2.pool.PoolError):
+class PoolError(PgOpsError, psycopg2.pool.PoolError):
+    """A pool error; also psycopg2's PoolError, so ``except PoolError`` code keeps working."""
+
+
+class PoolTimeout(PoolError):
     """No connection could be handed out within the acquire timeout."""
 
 
-class PoolClosed(PgOpsError, psycopg2.pool.PoolError):
+class PoolClosed(PoolError):
     """The pool has been closed."""
 
 
@@ -447,7 +477,7 @@ def is_retryable(exc: BaseException) -> bool:
 
 
 def retry_call(
-    fn: Callable[..., T],
+    fn: Callable[..., _T],
     *args: Any,
     policy: RetryPolicy | None = None,
     sleep: Callable[[float], None] = time.sleep,
@@ -455,7 +485,7 @@ def retry_call(
     clock: Callable[[], float] = time.monotonic,
     rand: Callable[[], float] = random.random,
     **kwargs: Any,
-) -> T:
+) -> _T:
     """Call ``fn(*args, **kwargs)``, retrying retryable errors; the last error is re-raised unchanged."""
     policy = policy or RetryPolicy()
     start = clock()
@@ -469,7 +499,7 @@ def retry_call(
             delay = 0.0 if _testing else policy.backoff(attempt - 1, rand)
             if policy.deadline is not None and clock() - start + delay >= policy.deadline:
                 raise
-            logger.warning(
+            _logger.warning(
                 "retrying %s after attempt %d of %d failed (sqlstate %s: %s); sleeping %.3f s",
                 getattr(fn, "__qualname__", "call"),
                 attempt,
@@ -484,12 +514,12 @@ def retry_call(
 
 def retry(
     policy: RetryPolicy | None = None, **options: Any
-) -> Callable[[Callable[..., T]], Callable[..., T]]:
+) -> Callable[[Callable[..., _T]], Callable[..., _T]]:
     """Decorate a function so that calls to it go through retry_call with *policy*."""
 
-    def decorate(fn: Callable[..., T]) -> Callable[..., T]:
+    def decorate(fn: Callable[..., _T]) -> Callable[..., _T]:
         @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> T:
+        def wrapper(*args: Any, **kwargs: Any) -> _T:
             call = functools.update_wrapper(functools.partial(fn, *args, **kwargs), fn)
             return retry_call(call, policy=policy, **options)
 
@@ -515,10 +545,6 @@ _STATUS_IN_TRANSACTION = (
     psycopg2.extensions.TRANSACTION_STATUS_INTRANS,
     psycopg2.extensions.TRANSACTION_STATUS_INERROR,
 )
-
-
-class PoolError(PgOpsError, psycopg2.pool.PoolError):
-    """A pool misuse, such as returning a connection to a pool that did not give it out."""
 
 
 class _Cursor(psycopg2.extensions.cursor):
@@ -666,7 +692,7 @@ class Pool:
         self._window = collections.deque([(time.monotonic(), 0, 0)])
         self._worker = threading.Thread(target=self._run_worker, name="pgops-pool", daemon=True)
         self._worker.start()
-        logger.info(
+        _logger.info(
             "pool started for %s (min %d, max %d)", redact_dsn(config.dsn), config.min_size, config.max_size
         )
 
@@ -701,11 +727,11 @@ class Pool:
         return _Checkout(self, timeout)
 
     def run(
-        self, fn: Callable[[psycopg2.extensions.connection], T], *, retry: RetryPolicy | None = None
-    ) -> T:
+        self, fn: Callable[[psycopg2.extensions.connection], _T], *, retry: RetryPolicy | None = None
+    ) -> _T:
         """Run ``fn(conn)`` in a transaction; with *retry*, re-run the whole transaction on retryable ones."""
 
-        def attempt() -> T:
+        def attempt() -> _T:
             with self.connection() as conn:
                 return fn(conn)
 
@@ -844,11 +870,11 @@ class Pool:
         status = conn.info.transaction_status
         if status != _STATUS_IDLE:
             if status not in _STATUS_IN_TRANSACTION:
-                logger.warning(
+                _logger.warning(
                     "discarding a connection returned in a bad state (transaction status %s)", status
                 )
                 return "bad"
-            logger.warning("rolling back a connection returned inside a transaction")
+            _logger.warning("rolling back a connection returned inside a transaction")
             try:
                 conn.rollback()
             except psycopg2.Error:
@@ -892,9 +918,9 @@ class Pool:
                 self._suspect_before = time.monotonic()
             self._wakeup.notify()
         if reason == "lost":
-            logger.warning("discarding a broken connection; the pool opens a new one")
+            _logger.warning("discarding a broken connection; the pool opens a new one")
         else:
-            logger.debug("closing a connection (%s)", reason)
+            _logger.debug("closing a connection (%s)", reason)
         _close_quietly(conn)
 
     # -- worker: connecting, recycling, monitoring ---------------------------------------------
@@ -950,7 +976,7 @@ class Pool:
             self._counters["connections_num"] += 1
             self._times["connections_ms"] += (time.monotonic() - start) * 1000.0
             if self._failures:
-                logger.info(
+                _logger.info(
                     "connected again after %d failed attempts (%.1f s)",
                     self._failures,
                     time.monotonic() - self._outage_started,
@@ -996,9 +1022,9 @@ class Pool:
             self._last_error = message
             if self._failures == 0:
                 self._outage_started = start
-                logger.warning("cannot connect to %s: %s", redact_dsn(self.config.dsn), message)
+                _logger.warning("cannot connect to %s: %s", redact_dsn(self.config.dsn), message)
             else:
-                logger.debug("still cannot connect (attempt %d): %s", self._failures + 1, message)
+                _logger.debug("still cannot connect (attempt %d): %s", self._failures + 1, message)
             self._failures += 1
             if fatal:
                 # Authentication failures and missing databases do not heal by waiting: fail fast.
@@ -1038,13 +1064,13 @@ class Pool:
             if to_close:
                 self._wakeup.notify()
         for conn in to_close:
-            logger.debug("closing a connection past its lifetime or idle timeout")
+            _logger.debug("closing a connection past its lifetime or idle timeout")
             _close_quietly(conn)
         for conn in leaks:
             stack = conn._pgops_stack
             if stack is not None and now - conn._pgops_checked_out > self.config.leak_threshold:
                 conn._pgops_stack = None  # one warning per checkout
-                logger.warning(
+                _logger.warning(
                     "connection held for more than %.1f s, possible leak; checked out at:\n%s",
                     self.config.leak_threshold,
                     "".join(stack).rstrip(),
@@ -1054,7 +1080,7 @@ class Pool:
         health = self.health()
         stats = self.stats()
         level = {"healthy": logging.INFO, "degraded": logging.WARNING}.get(health.status, logging.ERROR)
-        logger.log(
+        _logger.log(
             level,
             "pool %s: %d in use of %d (max %d), %d waiting%s",
             health.status,
@@ -1166,7 +1192,7 @@ class Pool:
             _close_quietly(conn)
         if threading.current_thread() is not self._worker:
             self._worker.join(timeout)
-        logger.info("pool closed for %s", redact_dsn(self.config.dsn))
+        _logger.info("pool closed for %s", redact_dsn(self.config.dsn))
 
 
 def _has_pending_input(conn: psycopg2.extensions.connection) -> bool:
@@ -1184,7 +1210,7 @@ def _close_quietly(conn: psycopg2.extensions.connection) -> None:
     try:
         conn.close()
     except Exception:  # a broken socket may complain; the connection is gone either way
-        logger.debug("error closing a connection", exc_info=True)
+        _logger.debug("error closing a connection", exc_info=True)
 
 
 def _register_vector(conn: psycopg2.extensions.connection) -> None:
@@ -1209,6 +1235,7 @@ _LOCK_CLASS = 0x7067_6F70  # "pgop": the first key of every pgops advisory lock
 _ATOMIC = re.compile(r"\s+ATOMIC\b", re.IGNORECASE)
 _DOLLAR_TAG = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$")
 _LOCK_REPORT_EVERY = 10.0  # seconds between "still waiting for the lock" lines
+_LOCK_RETRY = RetryPolicy(max_attempts=5, initial_delay=0.5, max_delay=5.0)  # for lock_not_available
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1331,13 +1358,13 @@ def load_migrations(directory: str) -> list[Migration]:
 def _scan_sql(text: str) -> Iterator[tuple[int, int, bool]]:
     """Yield (start, end, has_code) for each statement of *text*; the pieces cover the text exactly.
 
-    Semicolons inside quotes, dollar quotes, quoted identifiers, comments and BEGIN ATOMIC bodies do
-    not end a statement, as in psql.
+    Semicolons inside quotes, dollar quotes, quoted identifiers, comments, parentheses and BEGIN
+    ATOMIC bodies do not end a statement, as in psql.
     """
     n = len(text)
     start = i = 0
     code = False
-    atomic = 0
+    atomic = parens = 0
     while i < n:
         c = text[i]
         if c == "-" and text.startswith("--", i):
@@ -1381,7 +1408,10 @@ def _scan_sql(text: str) -> Iterator[tuple[int, int, bool]]:
             elif atomic and word == "END":
                 atomic -= 1
             i = word_end
-        elif c == ";" and not atomic:
+        elif c in "()":  # psql does not end a statement inside parentheses (CREATE RULE ... DO (a; b))
+            parens = parens + 1 if c == "(" else max(parens - 1, 0)
+            i += 1
+        elif c == ";" and not atomic and not parens:
             yield start, i + 1, True
             start, code, i = i + 1, False, i + 1
         else:
@@ -1568,7 +1598,7 @@ class Migrator:
             )
             got, pid = cur.fetchone() or (False, 0)
             if got:
-                logger.debug("migration lock taken by backend pid %s", pid)
+                _logger.debug("migration lock taken by backend pid %s", pid)
                 return int(pid)
             waited = time.monotonic() - started
             holder = self._lock_holder(cur)
@@ -1579,7 +1609,7 @@ class Migrator:
                     "wait for that run to finish, or raise --lock-timeout"
                 )
             if waited - reported >= _LOCK_REPORT_EVERY:
-                logger.warning("waiting for the migration lock, held by %s", holder)
+                _logger.warning("waiting for the migration lock, held by %s", holder)
                 reported = waited
             time.sleep(min(0.05 + random.random() * 0.25, max(self.lock_timeout - waited, 0.01)))
 
@@ -1606,10 +1636,10 @@ class Migrator:
             cur.execute("SELECT pg_advisory_unlock(%s, %s)", (_LOCK_CLASS, self._lock_key))
             row = cur.fetchone()
             if not row or not row[0]:
-                logger.error("the migration lock was not held at unlock; closing the connection to be sure")
+                _logger.error("the migration lock was not held at unlock; closing the connection to be sure")
                 conn.close()
         except psycopg2.Error as exc:
-            logger.error("could not release the migration lock (%s); closing the connection", _one_line(exc))
+            _logger.error("could not release the migration lock (%s); closing the connection", _one_line(exc))
             conn.close()
 
     def _same_backend(self, pid: int) -> None:
@@ -1645,7 +1675,7 @@ class Migrator:
 
     def _history_rows(self, cur: psycopg2.extensions.cursor) -> dict[int, tuple[Any, ...]]:
         """Return history rows by version: (description, checksum, status, applied_at, ms, by, error)."""
-        cur.execute("SELECT to_regclass(%s)", (f'"{self.schema}"."{self.table}"',))
+        cur.execute("SELECT to_regclass(format('%%I.%%I', %s::text, %s::text))", (self.schema, self.table))
         row = cur.fetchone()
         if row is None or row[0] is None:
             return {}
@@ -1763,11 +1793,13 @@ class Migrator:
                     self._apply,
                     conn,
                     migration,
-                    policy=RetryPolicy(max_attempts=5, initial_delay=0.5, max_delay=5.0),
+                    # A no-transaction file retries its blocked statement itself; re-running the whole
+                    # file would repeat statements that already ran (and trip over its failed row).
+                    policy=_LOCK_RETRY if migration.transactional else RetryPolicy(max_attempts=1),
                     retry_on=lambda exc: isinstance(exc, MigrationFailed) and exc.sqlstate == "55P03",
                 )
                 elapsed = (time.perf_counter() - started) * 1000.0
-                logger.info("applied migration %s (%.1f ms)", migration.name, elapsed)
+                _logger.info("applied migration %s (%.1f ms)", migration.name, elapsed)
                 applied.append(migration)
                 if on_applied is not None:
                     on_applied(migration, elapsed)
@@ -1816,7 +1848,7 @@ class Migrator:
         try:
             for start, end, code in _scan_sql(text):
                 if code:
-                    logger.debug("%s: %s", migration.name, text[start:end].strip())
+                    _logger.debug("%s: %s", migration.name, text[start:end].strip())
                     try:
                         cur.execute(text[start:end])
                     except psycopg2.Error as exc:
@@ -1868,8 +1900,14 @@ class Migrator:
             if not code:
                 continue
             try:
-                logger.debug("%s: %s", migration.name, text[start:end].strip())
-                cur.execute(text[start:end])
+                _logger.debug("%s: %s", migration.name, text[start:end].strip())
+                # In autocommit a statement that timed out waiting for a lock did nothing: retry it.
+                retry_call(
+                    cur.execute,
+                    text[start:end],
+                    policy=_LOCK_RETRY,
+                    retry_on=lambda exc: _sqlstate(exc) == "55P03",
+                )
             except psycopg2.Error as exc:
                 failure = _failure(migration, exc, start, path)
                 if record:
@@ -1933,7 +1971,7 @@ class Migrator:
                         conn, dataclasses.replace(migration, sql=text), text, down_path, record=False
                     )
                 elapsed = (time.perf_counter() - started) * 1000.0
-                logger.info("reverted migration %s (%.1f ms)", migration.name, elapsed)
+                _logger.info("reverted migration %s (%.1f ms)", migration.name, elapsed)
                 reverted.append(migration)
                 if on_reverted is not None:
                     on_reverted(migration, elapsed)
@@ -1963,7 +2001,7 @@ class Migrator:
                     )
                     actions.append(f"accepted the changed checksum of {migration.path!r}")
         for action in actions:
-            logger.info("repair: %s", action)
+            _logger.info("repair: %s", action)
         return actions
 
 
@@ -2132,27 +2170,480 @@ def load_schema_spec(directory: str) -> dict[str, Any] | None:
 
 
 # ================================================================================================
+# Health
+# ================================================================================================
+
+_WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+_Response = tuple[str, list[tuple[str, str]], bytes]
+_Family = tuple[str, str, str, Iterable[tuple[str, Mapping[str, str], float]]]
+_JSON, _HEALTH_JSON = "application/json", "application/health+json"
+_STATUS_OF_POOL = {"healthy": "pass", "degraded": "warn", "unhealthy": "fail"}
+_RANK = {"pass": 0, "warn": 1, "fail": 2}
+# Errors a database check reports as "not ready"; anything else is a bug and answers 500.
+_CHECK_ERRORS = (psycopg2.Error, PgOpsError, OSError)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Check:
+    """One database check, shared by every request within the cache TTL."""
+
+    at: float  # clock() when it finished
+    time: str  # ISO 8601, UTC
+    error: str | None  # sanitized: why the database did not answer
+    response_ms: float
+    in_recovery: bool = False
+    pending: tuple[str, ...] | None = None  # pending migrations; None when not asked
+    migrations_error: str | None = None
+
+    def problems(self) -> list[str]:
+        """Return why the service is not ready (empty when it is)."""
+        if self.error is not None:
+            return [f"database: {self.error}"]
+        found = ["database: the server is in recovery (read-only)"] if self.in_recovery else []
+        if self.migrations_error is not None:
+            found.append(f"migrations: {self.migrations_error}")
+        elif self.pending:
+            found.append(f"migrations: {len(self.pending)} pending: {', '.join(self.pending)}")
+        return found
+
+
+class HealthApp:
+    """A WSGI app serving /health/live, /health/ready, /health/detailed and /metrics for a Pool.
+
+    Ready, detailed and metrics share one database check, cached for *cache_ttl* seconds and run
+    single flight: at most one check per TTL, however many requests arrive.  *migrator* is anything
+    with ``pending()``; a pending migration makes the service not ready ("warn" in detailed).  With
+    *token*, detailed shows only its status and /metrics answers 401 without ``Authorization: Bearer``.
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        *,
+        migrator: Any = None,
+        cache_ttl: float = 5.0,
+        service: str = "pgops",
+        version: str = __version__,
+        token: str | None = None,
+        ready_timeout: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        _check_seconds("cache_ttl", cache_ttl, positive=False)
+        _check_seconds("ready_timeout", ready_timeout, positive=True)
+        if token is not None and (not isinstance(token, str) or not token.strip()):
+            raise ConfigError("token must be a non-empty string, or None for no token")
+        self.pool, self.migrator, self.token = pool, migrator, token
+        self.cache_ttl, self.ready_timeout = cache_ttl, ready_timeout
+        self.service, self.version = service, version
+        self.checks_run = 0  # database checks started, for tests and pgops_health_checks_total
+        self._clock = clock
+        self._started, self._start_time = clock(), time.time()
+        self._lock = threading.Lock()
+        self._last: _Check | None = None
+        self._flight: concurrent.futures.Future[_Check] | None = None
+        self._failing = False
+        self._max_age = f"max-age={int(cache_ttl)}"
+        self._routes: dict[str, Callable[[dict[str, Any]], _Response]] = {
+            "/health/live": lambda environ: _respond(200, {"status": "pass"}),
+            "/health/ready": self._ready,
+            "/health/detailed": self._detailed,
+            "/metrics": self._metrics,
+        }
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        """Answer one request (WSGI); HEAD gets the headers of GET and no body."""
+        method = str(environ.get("REQUEST_METHOD", "GET")).upper()
+        path = str(environ.get("PATH_INFO") or "/")
+        route = self._routes.get(path.rstrip("/"))
+        try:
+            if route is None:
+                status, headers, body = _respond(404, {"status": "fail", "error": "not found"})
+            elif method not in ("GET", "HEAD"):
+                status, headers, body = _respond(405, {"status": "fail", "error": "method not allowed"})
+                headers.append(("Allow", "GET, HEAD"))
+            else:
+                status, headers, body = route(environ)
+        except Exception:
+            _logger.exception("health endpoint %r failed", path)
+            status, headers, body = _respond(500, {"status": "fail", "error": "internal error; see the log"})
+        start_response(status, headers)
+        return [] if method == "HEAD" else [body]
+
+    def _ready(self, environ: dict[str, Any]) -> _Response:
+        check = self.check()
+        problems = check.problems()
+        body: dict[str, Any] = {"status": "fail" if problems else "pass", "time": check.time}
+        if problems:
+            body["reasons"] = problems
+        return _respond(503 if problems else 200, body, cache=self._max_age)
+
+    def _detailed(self, environ: dict[str, Any]) -> _Response:
+        checks = self._checks(self.check())
+        body: dict[str, Any] = {"status": _worst(checks)}
+        if self._authorized(environ):
+            body.update(version=self.version, serviceId=self.service, checks=checks)
+            body["description"] = f"health of {self.service} and its PostgreSQL pool"
+            notes = [f"{name}: {c[0]['output']}" for name, c in checks.items() if "output" in c[0]]
+            if notes:
+                body["output"] = "; ".join(notes)
+        vary = [("Vary", "Authorization")] if self.token else []
+        code = 503 if body["status"] == "fail" else 200
+        return _respond(code, body, content_type=_HEALTH_JSON, cache=self._max_age, extra=vary)
+
+    def _metrics(self, environ: dict[str, Any]) -> _Response:
+        if not self._authorized(environ):
+            challenge = [("WWW-Authenticate", 'Bearer realm="pgops"')]
+            body = {"status": "fail", "error": "send Authorization: Bearer <token>"}
+            return _respond(401, body, extra=challenge)
+        check = self.check()
+        status = _worst(self._checks(check))
+        by_status = [("", {"status": s}, s == status) for s in _RANK]
+        took, uptime = check.response_ms / 1000.0, self._clock() - self._started
+        families = _pool_families(self.pool.stats(), self.pool.wait_histogram())
+        families += [
+            _family("pgops_up", "1 when the last database check passed.", check.error is None),
+            ("pgops_health_status", "gauge", "1 for the current health status.", by_status),
+            _family("pgops_check_duration_seconds", "Duration of the last database check.", took),
+            _family("pgops_health_checks_total", "Database checks run.", self.checks_run),
+            _family("pgops_uptime_seconds", "Seconds since the health app started.", uptime),
+            _family("pgops_start_time_seconds", "Unix time the health app started.", self._start_time),
+            _family("pgops_info", "Service and version.", 1, service=self.service, version=self.version),
+        ]
+        if self.migrator is not None and check.pending is not None:
+            pending = len(check.pending)
+            families.append(_family("pgops_migrations_pending", "Migrations not applied yet.", pending))
+        text = render_prometheus(families).encode()
+        return _respond(200, text, content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def _authorized(self, environ: dict[str, Any]) -> bool:
+        if self.token is None:
+            return True
+        scheme, _, given = str(environ.get("HTTP_AUTHORIZATION", "")).strip().partition(" ")
+        # WSGI passes headers as latin-1 decoded text: compare the bytes sent, in constant time.
+        sent = given.strip().encode("latin-1", "replace")
+        return scheme.lower() == "bearer" and hmac.compare_digest(sent, self.token.encode())
+
+    def _checks(self, check: _Check) -> dict[str, list[dict[str, Any]]]:
+        """Build the health+json "checks" from the database check and the pool's own verdict."""
+        now = _iso(time.time())
+        db: dict[str, Any] = {"componentType": "datastore", "observedUnit": "ms", "status": "pass"}
+        db.update(observedValue=round(check.response_ms, 3), time=check.time)
+        if check.error is not None:
+            db.update(status="fail", output=check.error)
+        elif check.in_recovery:
+            db.update(status="warn", output="the server is in recovery (read-only)")
+        health, stats = self.pool.health(), self.pool.stats()
+        conns: dict[str, Any] = {"componentType": "datastore", "observedUnit": "connections", "time": now}
+        conns.update(observedValue=stats["pool_in_use"], status=_STATUS_OF_POOL.get(health.status, "fail"))
+        conns.update(utilization=round(health.utilization, 3), poolSize=stats["pool_size"])
+        conns.update(poolMin=stats["pool_min"], poolMax=stats["pool_max"], waiting=stats["requests_waiting"])
+        if health.reasons:
+            conns["output"] = _clean("; ".join(health.reasons), self.pool.config.dsn)
+        checks: dict[str, list[dict[str, Any]]] = {
+            "postgres:responseTime": [db],
+            "postgres:connections": [conns],
+        }
+        if self.migrator is not None:
+            mig: dict[str, Any] = {"componentType": "component", "status": "pass", "time": check.time}
+            if check.migrations_error is not None:
+                mig.update(status="fail", output=check.migrations_error)
+            elif check.pending is None:
+                mig.update(status="warn", output="not checked: the database did not answer")
+            else:
+                mig.update(observedValue=len(check.pending), observedUnit="migrations")
+                if check.pending:
+                    mig.update(status="warn", output=f"pending: {', '.join(check.pending)}")
+            checks["migrations:pending"] = [mig]
+        uptime = round(self._clock() - self._started, 3)
+        checks["uptime"] = [{"componentType": "system", "observedValue": uptime, "observedUnit": "s"}]
+        checks["uptime"][0].update(status="pass", time=now)
+        return checks
+
+    def check(self) -> _Check:
+        """Return the cached database check, running one (single flight) once it is cache_ttl old."""
+        with self._lock:
+            last = self._last
+            if last is not None and self._clock() - last.at < self.cache_ttl:
+                return last
+            flight, leader = self._flight, self._flight is None
+            if flight is None:
+                flight = self._flight = concurrent.futures.Future()
+                self.checks_run += 1
+        if not leader:
+            # Share the check in flight, waiting a bounded time so a hung server cannot pile up probes.
+            patience = 2 * self.ready_timeout + 1.0
+            try:
+                return flight.result(timeout=patience)
+            except concurrent.futures.TimeoutError:
+                message = f"a database check is still running after {patience:.1f} s"
+                return _Check(self._clock(), _iso(time.time()), message, patience * 1000.0)
+        try:
+            result = self._run_check()
+        except BaseException as exc:
+            with self._lock:
+                self._flight = None
+            flight.set_exception(exc)
+            raise
+        with self._lock:
+            self._last, self._flight = result, None
+        flight.set_result(result)
+        return result
+
+    def _run_check(self) -> _Check:
+        """Ask the server whether it answers and is writable, then ask the migrator what is pending."""
+        dsn, start = self.pool.config.dsn, self._clock()
+        error, in_recovery = None, False
+        try:
+            with self.pool.connection(timeout=self.ready_timeout) as conn, conn.cursor() as cur:
+                cur.execute("SET LOCAL statement_timeout = %s", (max(1, int(self.ready_timeout * 1000)),))
+                cur.execute("SELECT pg_is_in_recovery()")
+                row = cur.fetchone()
+                in_recovery = bool(row and row[0])
+        except _CHECK_ERRORS as exc:
+            error = _sanitized(exc, dsn)
+        elapsed_ms = (self._clock() - start) * 1000.0
+        pending, migrations_error = None, None
+        if error is None and self.migrator is not None:
+            try:
+                pending = tuple(_migration_name(m) for m in self.migrator.pending())
+            except _CHECK_ERRORS as exc:
+                migrations_error = _sanitized(exc, dsn)
+        # Log changes only: probes arrive every few seconds.
+        problem = error or migrations_error
+        if problem and not self._failing:
+            _logger.warning("health check failing: %s", problem)
+        elif not problem and self._failing:
+            _logger.info("health check passes again")
+        self._failing = bool(problem)
+        now = self._clock()
+        return _Check(now, _iso(time.time()), error, elapsed_ms, in_recovery, pending, migrations_error)
+
+
+def _worst(checks: Mapping[str, list[dict[str, Any]]]) -> str:
+    statuses = (c["status"] for items in checks.values() for c in items)
+    return max(statuses, key=_RANK.__getitem__, default="pass")
+
+
+def _iso(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def _migration_name(migration: Any) -> str:
+    version = getattr(migration, "version", None)
+    return str(migration) if version is None else f"{version} {getattr(migration, 'description', '')}".strip()
+
+
+def _clean(text: str, dsn: str) -> str:
+    """Make *text* fit for a response body: one line, no password, no DSN (not even redacted)."""
+    text = " ".join(_scrub(text, dsn).split())
+    redacted = redact_dsn(dsn)
+    for form in (repr(redacted), redacted, dsn):
+        text = text.replace(form, "<dsn>")
+    return text[:500]
+
+
+def _sanitized(exc: BaseException, dsn: str) -> str:
+    return f"{type(exc).__name__}: {_clean(_one_line(exc, dsn), dsn)}"
+
+
+def _respond(
+    code: int, body: Any, *, content_type: str = _JSON, cache: str = "no-store", extra: Any = ()
+) -> _Response:
+    """Return (status, headers, body) for *body*: bytes as they are, anything else as JSON."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = [("Content-Type", content_type), ("Content-Length", str(len(data))), ("Cache-Control", cache)]
+    return f"{code} {http.HTTPStatus(code).phrase}", [*headers, *extra], data
+
+
+# pool.stats() key -> (metric name, help); a name ending in _total is a counter; ms become seconds.
+_POOL_METRICS = {
+    "pool_min": ("pgops_pool_min", "Minimum number of connections the pool keeps open."),
+    "pool_max": ("pgops_pool_max", "Maximum number of connections the pool may open."),
+    "pool_size": ("pgops_pool_size", "Connections open or being opened."),
+    "pool_available": ("pgops_pool_available", "Idle connections ready to be handed out."),
+    "pool_in_use": ("pgops_pool_in_use", "Connections lent to callers."),
+    "requests_waiting": ("pgops_requests_waiting", "Callers waiting for a connection."),
+    "requests_num": ("pgops_requests_total", "Connection requests."),
+    "requests_queued": ("pgops_requests_queued_total", "Connection requests that had to wait."),
+    "requests_errors": ("pgops_requests_errors_total", "Connection requests that failed or timed out."),
+    "returns_bad": ("pgops_returns_bad_total", "Connections returned in a bad state."),
+    "connections_num": ("pgops_connections_total", "Connection attempts to the server."),
+    "connections_errors": ("pgops_connections_errors_total", "Failed connection attempts."),
+    "connections_lost": ("pgops_connections_lost_total", "Connections found broken and discarded."),
+    "queries_num": ("pgops_queries_total", "Statements executed on pooled connections."),
+    "queries_errors": ("pgops_queries_errors_total", "Statements that failed."),
+    "requests_wait_ms": ("pgops_requests_wait_seconds_total", "Time callers spent waiting for a connection."),
+    "connections_ms": ("pgops_connections_seconds_total", "Time spent opening connections."),
+    "usage_ms": ("pgops_usage_seconds_total", "Time connections spent lent to callers."),
+    "queries_ms": ("pgops_queries_seconds_total", "Time spent executing statements."),
+}
+
+
+def _pool_families(stats: Mapping[str, float], wait_histogram: Mapping[str, Any]) -> list[_Family]:
+    """Return the metric families of ``pool.stats()`` and ``pool.wait_histogram()``, in base units."""
+    families: list[_Family] = []
+    for key, (name, text) in _POOL_METRICS.items():
+        if key in stats:
+            families.append(_family(name, text, stats[key] / 1000.0 if key.endswith("_ms") else stats[key]))
+    samples = [("_bucket", {"le": _number(bound)}, count) for bound, count in wait_histogram["buckets"]]
+    samples += [("_sum", {}, wait_histogram["sum"]), ("_count", {}, wait_histogram["count"])]
+    text = "Time callers waited for a connection."
+    families.append(("pgops_acquire_wait_seconds", "histogram", text, samples))
+    return families
+
+
+def _family(name: str, text: str, value: float, **labels: str) -> _Family:
+    """Return a family of one sample: a counter when the name ends in _total, else a gauge."""
+    return (name, "counter" if name.endswith("_total") else "gauge", text, [("", labels, value)])
+
+
+def render_prometheus(families: Iterable[_Family]) -> str:
+    """Render ``(name, type, help, [(suffix, labels, value), ...])`` families as Prometheus text 0.0.4."""
+    lines: list[str] = []
+    for name, kind, text, samples in families:
+        lines += [f"# HELP {name} {_escape(text)}", f"# TYPE {name} {kind}"]
+        lines += (f"{name}{suffix}{_labels(labels)} {_number(value)}" for suffix, labels, value in samples)
+    return "\n".join(lines) + "\n"
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    pairs = ",".join(f'{key}="{_escape(value, quote=True)}"' for key, value in labels.items())
+    return "{" + pairs + "}" if pairs else ""
+
+
+def _escape(text: str, *, quote: bool = False) -> str:
+    """Escape a HELP text, or with *quote* a label value, as the text format requires."""
+    text = text.replace("\\", r"\\").replace("\n", r"\n")
+    return text.replace('"', r"\"") if quote else text
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int):
+        return str(int(value))  # int() turns True into 1
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return "NaN" if math.isnan(value) else repr(value)
+
+
+def mount(
+    app: _WSGIApp, health_app: _WSGIApp, prefixes: Iterable[str] = ("/health/", "/metrics")
+) -> _WSGIApp:
+    """Return a WSGI app sending *prefixes* to *health_app* and every other path to *app*, untouched."""
+    prefixes = tuple(prefixes)
+
+    def routed(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = str(environ.get("PATH_INFO", ""))
+        for prefix in prefixes:
+            # "/health/" covers a subtree; "/metrics" covers itself, not "/metricsfoo".
+            if path.startswith(prefix) if prefix.endswith("/") else path in (prefix, prefix + "/"):
+                return health_app(environ, start_response)
+        return app(environ, start_response)
+
+    return routed
+
+
+def _default_migrator(pool: Pool, environ: Mapping[str, str]) -> Migrator | None:
+    """Return a Migrator for PGOPS_MIGRATIONS_DIR, or ./migrations when it exists, else None."""
+    directory = environ.get("PGOPS_MIGRATIONS_DIR", "").strip()
+    if not directory and not os.path.isdir("migrations"):
+        return None
+    return Migrator(pool, directory or "migrations")
+
+
+def create_app(environ: Mapping[str, str] = os.environ) -> HealthApp:
+    """Build a HealthApp from DATABASE_URL, POOL_*, PGOPS_MIGRATIONS_DIR and PGOPS_HEALTH_*."""
+    raw_ttl = environ.get("PGOPS_HEALTH_CACHE_TTL", "").strip()
+    cache_ttl = _env_float("PGOPS_HEALTH_CACHE_TTL", raw_ttl) if raw_ttl else 5.0
+    if cache_ttl < 0:
+        raise ConfigError(f"PGOPS_HEALTH_CACHE_TTL={raw_ttl!r} must be at least 0")
+    token = environ.get("PGOPS_HEALTH_TOKEN", "").strip() or None
+    # The pool connects in the background: a database that is down does not stop start-up.
+    pool = Pool(PoolConfig.from_env(environ))
+    return HealthApp(pool, migrator=_default_migrator(pool, environ), cache_ttl=cache_ttl, token=token)
+
+
+class _RequestHandler(WSGIRequestHandler):
+    """wsgiref's handler, logging requests to the pgops _logger instead of stderr."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        _logger.debug("%s %s", self.address_string(), format % args)
+
+
+class _Server(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        _logger.debug("error serving %s", client_address, exc_info=True)  # mostly clients going away
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+def make_server(app: _WSGIApp, host: str = "127.0.0.1", port: int = 3001) -> WSGIServer:
+    """Return a threaded wsgiref server bound to host:port (port 0 picks one: see server_port)."""
+    server = (_Server6 if ":" in host else _Server)((host, port), _RequestHandler)
+    server.set_app(app)
+    return server
+
+
+def serve(
+    app: _WSGIApp,
+    host: str = "127.0.0.1",
+    port: int = 3001,
+    *,
+    ready: Callable[[WSGIServer], None] | None = None,
+) -> None:
+    """Serve *app* until SIGTERM or SIGINT (main thread only) or ``server.shutdown()``, then return.
+
+    A thread per request on wsgiref: fine for probes, scrapes and a sidecar; for heavy traffic run
+    ``create_app`` under gunicorn or waitress.  *ready* is called with the bound server before serving.
+    """
+    server = make_server(app, host, port)
+    previous: dict[signal.Signals, Any] = {}
+
+    def stop(signum: int, frame: Any) -> None:
+        _logger.info("received %s; stopping the health server", signal.Signals(signum).name)
+        # shutdown() waits for serve_forever(), which runs in this very thread: call it from another.
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    try:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, stop)
+        _logger.info("serving health on http://%s:%d/health/ready", host, server.server_port)
+        if ready is not None:
+            ready(server)
+        server.serve_forever()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.server_close()
+        _logger.info("health server stopped")
+
+
+# ================================================================================================
 # CLI
 # ================================================================================================
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCK, EXIT_INVALID, EXIT_DIRTY, EXIT_CONNECT = range(7)
+_EXIT_OK, _EXIT_FAILED, _EXIT_USAGE, _EXIT_LOCK, _EXIT_INVALID, _EXIT_DIRTY, _EXIT_CONNECT = range(7)
 
 
 def _exit_code(exc: BaseException) -> int:
     """Map an expected error to the documented exit code."""
     for kind, code in (
-        (ConfigError, EXIT_USAGE),
-        (LockTimeout, EXIT_LOCK),
-        (DirtyDatabase, EXIT_DIRTY),
-        (CannotConnect, EXIT_CONNECT),
-        (PoolTimeout, EXIT_CONNECT),
-        (MigrationFailed, EXIT_FAILED),
-        (MigrationError, EXIT_INVALID),  # bad files, drift, out-of-order versions
-        (psycopg2.OperationalError, EXIT_CONNECT),
+        (ConfigError, _EXIT_USAGE),
+        (LockTimeout, _EXIT_LOCK),
+        (DirtyDatabase, _EXIT_DIRTY),
+        (CannotConnect, _EXIT_CONNECT),
+        (PoolTimeout, _EXIT_CONNECT),
+        (MigrationFailed, _EXIT_FAILED),
+        (MigrationError, _EXIT_INVALID),  # bad files, drift, out-of-order versions
+        (psycopg2.OperationalError, _EXIT_CONNECT),
     ):
         if isinstance(exc, kind):
             return code
-    return EXIT_FAILED
+    return _EXIT_FAILED
 
 
 def _migrator(args: Any, environ: Mapping[str, str]) -> Migrator:
@@ -2183,37 +2674,34 @@ def _cmd_migrate(args: Any, environ: Mapping[str, str]) -> int:
         for migration in pending:
             print(f"would apply {migration.name}")
         print(f"dry run: {len(pending)} migration(s) would be applied; nothing was changed")
-        return EXIT_OK
+        return _EXIT_OK
     applied = migrator.migrate(target=args.target, on_applied=_print_applied("applied"))
     total = (time.perf_counter() - started) * 1000.0
     latest = max((m.version for m in applied), default=None)
     where = f"; now at version {latest}" if latest is not None else "; already up to date"
     print(f"applied {len(applied)} migration(s) in {total:.0f} ms{where}")
-    return EXIT_OK
+    return _EXIT_OK
 
 
 def _cmd_status(args: Any, environ: Mapping[str, str]) -> int:
     rows = _migrator(args, environ).status()
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
-        return EXIT_OK
+    else:
+        _print_status(rows)
+    return _EXIT_OK
+
+
+def _print_status(rows: list[MigrationStatus]) -> None:
     table = [("version", "description", "state", "applied at", "ms")]
-    table += [
-        (
-            str(r.version),
-            r.description,
-            r.state,
-            r.applied_at or "",
-            f"{r.execution_ms:.1f}" if r.execution_ms else "",
-        )
-        for r in rows
-    ]
+    for r in rows:
+        ms = f"{r.execution_ms:.1f}" if r.execution_ms else ""
+        table.append((str(r.version), r.description, r.state, r.applied_at or "", ms))
     widths = [max(len(row[i]) for row in table) for i in range(5)]
     for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     pending = sum(r.state == "pending" for r in rows)
     print(f"{len(rows) - pending} applied or recorded, {pending} pending")
-    return EXIT_OK
 
 
 def _cmd_validate(args: Any, environ: Mapping[str, str]) -> int:
@@ -2233,15 +2721,15 @@ def _cmd_validate(args: Any, environ: Mapping[str, str]) -> int:
     for problem in problems:
         print(f"pgops: {problem}", file=sys.stderr)
     if problems:
-        return EXIT_INVALID
+        return _EXIT_INVALID
     print("migrations valid" + (" and schema as expected" if spec is not None else ""))
-    return EXIT_OK
+    return _EXIT_OK
 
 
 def _cmd_rollback(args: Any, environ: Mapping[str, str]) -> int:
     reverted = _migrator(args, environ).rollback(args.to, on_reverted=_print_applied("reverted"))
     print(f"reverted {len(reverted)} migration(s); now at version {args.to}")
-    return EXIT_OK
+    return _EXIT_OK
 
 
 def _cmd_repair(args: Any, environ: Mapping[str, str]) -> int:
@@ -2249,7 +2737,7 @@ def _cmd_repair(args: Any, environ: Mapping[str, str]) -> int:
     for action in actions:
         print(action)
     print(f"repair: {len(actions)} change(s)" if actions else "repair: nothing to do")
-    return EXIT_OK
+    return _EXIT_OK
 
 
 def _cmd_new(args: Any, environ: Mapping[str, str]) -> int:
@@ -2268,7 +2756,127 @@ def _cmd_new(args: Any, environ: Mapping[str, str]) -> int:
         fh.write(f"-- {args.name}: write the change below; one transaction unless the next line says\n")
         fh.write("-- otherwise ('-- pgops: no-transaction' as one of the first lines).\n")
     print(path)
-    return EXIT_OK
+    return _EXIT_OK
+
+
+def _cmd_serve(args: Any, environ: Mapping[str, str]) -> int:
+    env = {**environ, "PGOPS_MIGRATIONS_DIR": args.dir}
+    if args.dsn:
+        env["DATABASE_URL"] = args.dsn
+    if args.cache_ttl is not None:
+        env["PGOPS_HEALTH_CACHE_TTL"] = str(args.cache_ttl)
+    if not os.path.isdir(args.dir):
+        del env["PGOPS_MIGRATIONS_DIR"]  # no migrations to watch: serve the pool's health only
+    app = create_app(env)
+    try:
+        serve(app, args.host, args.port, ready=_announce)
+    finally:
+        app.pool.close()
+    return _EXIT_OK
+
+
+def _announce(server: WSGIServer) -> None:
+    host, port = str(server.server_address[0]), server.server_port
+    print(
+        f"serving /health/live, /health/ready, /health/detailed and /metrics on http://{host}:{port}",
+        flush=True,
+    )
+
+
+def _cmd_demo(args: Any, environ: Mapping[str, str]) -> int:
+    import tempfile
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pgserver warns about XDG_RUNTIME_DIR on servers
+            import importlib
+
+            pgserver = importlib.import_module("pgserver")
+    except ImportError:
+        raise ConfigError("the demo needs the embedded PostgreSQL: pip install 'pgops[embedded]'") from None
+    with tempfile.TemporaryDirectory(prefix="pgops-demo-") as data:
+        print(f"starting an embedded PostgreSQL with pgvector in {data}", flush=True)
+        server = pgserver.get_server(data, cleanup_mode="stop")
+        try:
+            _demo(str(server.get_uri()), args)
+        finally:
+            server.cleanup()
+            print("embedded PostgreSQL stopped", flush=True)
+    return _EXIT_OK
+
+
+def _demo(dsn: str, args: Any) -> None:
+    """Migrate, load documents with 3072-d embeddings through the pool, search, report, serve."""
+    with Pool(dsn, min_size=2, max_size=8, application_name="pgops-demo", monitor_interval=0) as pool:
+        migrator = Migrator(pool, args.dir)
+        migrator.migrate(on_applied=_print_applied("applied"))
+        rng = random.Random(7)
+        kinds = ["rust", "jupyter", "cilium", "talos", "solana", "ebpf"]
+        vectors = [[rng.gauss(0.0, 1.0) for _ in range(3072)] for _ in range(args.documents)]
+        docs = [
+            (kinds[n % len(kinds)], f"guide/{n:04d}.md", f"document {n}", _vector_text(v), 500 + n)
+            for n, v in enumerate(vectors)
+        ]
+
+        def load(conn: psycopg2.extensions.connection) -> None:
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO documents (doc_type, source_name, doc_path, content, embedding, "
+                    "token_count) VALUES (%s, 'demo', %s, %s, %s::vector, %s) ON CONFLICT DO NOTHING",
+                    docs,
+                )
+
+        started = time.perf_counter()
+        pool.run(load, retry=RetryPolicy(max_attempts=3, initial_delay=0.2))
+        took = time.perf_counter() - started
+        print(f"inserted {len(docs)} documents with 3072-dimension embeddings in {took:.2f} s")
+        query = _vector_text([x + rng.gauss(0.0, 0.1) for x in vectors[0]])
+
+        def nearest(conn: psycopg2.extensions.connection) -> list[tuple[Any, ...]]:
+            with conn.cursor() as cur:
+                cur.execute(
+                    "SELECT doc_path, embedding <=> %s::vector AS distance FROM documents "
+                    "ORDER BY embedding <=> %s::vector LIMIT 3",
+                    (query, query),
+                )
+                return cur.fetchall()
+
+        workers = [threading.Thread(target=pool.run, args=(nearest,)) for _ in range(16)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        print("exact nearest neighbours of a noisy copy of guide/0000.md (cosine distance):")
+        for path, distance in pool.run(nearest):
+            print(f"  {path}  {distance:.4f}")
+        print("\nmigration status:")
+        _print_status(migrator.status())
+        print("\npool stats:", json.dumps(pool.stats()))
+        app = HealthApp(pool, migrator=migrator, cache_ttl=args.cache_ttl or 5.0, service="pgops-demo")
+        detailed = _call_wsgi(app, "/health/detailed")
+        print("\nGET /health/detailed:", json.dumps(json.loads(detailed), indent=2))
+
+        def ready(server: WSGIServer) -> None:
+            _announce(server)
+            if args.seconds:
+                timer = threading.Timer(args.seconds, server.shutdown)
+                timer.daemon = True
+                timer.start()
+            print("until " + (f"{args.seconds:g} s have passed" if args.seconds else "Ctrl-C"), flush=True)
+
+        serve(app, args.host, args.port, ready=ready)
+
+
+def _vector_text(values: list[float]) -> str:
+    """Spell a vector as pgvector's text input, so the demo needs no numpy."""
+    return "[" + ",".join(f"{x:.6g}" for x in values) + "]"
+
+
+def _call_wsgi(app: _WSGIApp, path: str) -> bytes:
+    """Call a WSGI app in-process for GET *path* and return the body."""
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "SERVER_NAME": "demo", "SERVER_PORT": "0"}
+    return b"".join(app(environ, lambda status, headers, exc_info=None: None))
 
 
 def _parser() -> Any:
@@ -2276,11 +2884,7 @@ def _parser() -> Any:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dsn", help="libpq URL or key=value string (default: $DATABASE_URL)")
-    common.add_argument(
-        "--dir",
-        default=os.environ.get("PGOPS_MIGRATIONS_DIR") or "migrations",
-        help="migrations folder (default: $PGOPS_MIGRATIONS_DIR or ./migrations)",
-    )
+    common.add_argument("--dir", help="migrations folder (default: $PGOPS_MIGRATIONS_DIR or ./migrations)")
     common.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v: SQL too)")
     common.add_argument("-q", "--quiet", action="store_true", help="errors only")
     parser = argparse.ArgumentParser(prog="pgops", description=__doc__.splitlines()[0] if __doc__ else None)
@@ -2311,6 +2915,18 @@ def _parser() -> Any:
     p.add_argument("--lock-timeout", type=float, default=60.0, metavar="SECONDS")
     p = command("new", _cmd_new, "create the next numbered migration file")
     p.add_argument("name", help="description: letters, digits, '_' or '-'")
+    for name, func, text in (
+        ("serve", _cmd_serve, "serve /health/* and /metrics (wsgiref, threaded)"),
+        ("demo", _cmd_demo, "run everything on an embedded PostgreSQL with pgvector (pgops[embedded])"),
+    ):
+        p = command(name, func, text)
+        p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+        p.add_argument("--port", type=int, default=3001, help="port (default 3001; 0 picks a free one)")
+        p.add_argument("--cache-ttl", type=float, metavar="SECONDS", help="health cache TTL (default 5)")
+    p.add_argument(
+        "--seconds", type=float, default=0, metavar="N", help="stop after N seconds (default: Ctrl-C)"
+    )
+    p.add_argument("--documents", type=int, default=300, metavar="N", help="documents to load (default 300)")
     return parser
 
 
@@ -2318,11 +2934,12 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     """Run the ``pgops`` command line and return its exit code."""
     environ = os.environ if environ is None else environ
     args = _parser().parse_args(argv)
+    args.dir = args.dir or environ.get("PGOPS_MIGRATIONS_DIR", "").strip() or "migrations"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("pgops: %(levelname)s: %(message)s"))
-    logger.addHandler(handler)
+    _logger.addHandler(handler)
     # Warnings only by default (stdout already says what was applied); -v adds INFO and the SQL.
-    logger.setLevel(logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.WARNING)
+    _logger.setLevel(logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.WARNING)
     try:
         code: int = args.func(args, environ)
         return code
@@ -2333,7 +2950,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         print("pgops: interrupted", file=sys.stderr)
         return 130
     finally:
-        logger.removeHandler(handler)
+        _logger.removeHandler(handler)
 
 
 if __name__ == "__main__":
