@@ -286,17 +286,14 @@ class PoolConfig:
         preset = environ.get("POOL_PRESET", "production").strip() or "production"
         if preset not in _PRESETS:
             raise ConfigError(f"POOL_PRESET={preset!r} is not a preset; use one of {', '.join(_PRESETS)}")
-        values: dict[str, Any] = {}
-        for var, field, parse in (
+        values = _env_values(
+            environ,
             ("POOL_MIN_CONNECTIONS", "min_size", _env_int),
             ("POOL_MAX_CONNECTIONS", "max_size", _env_int),
             ("POOL_ACQUIRE_TIMEOUT", "acquire_timeout", _env_float),
             ("POOL_MAX_LIFETIME", "max_lifetime", _env_float),
             ("POOL_IDLE_TIMEOUT", "idle_timeout", _env_float),
-        ):
-            raw = environ.get(var)
-            if raw is not None and raw.strip():
-                values[field] = parse(var, raw)
+        )
         app = environ.get("APP_NAME", "").strip()
         if app:
             values["application_name"] = app
@@ -326,6 +323,18 @@ def _env_names(message: str) -> str:
     return re.sub(r"\b(\w+)(?==)", lambda m: _ENV_OF_FIELD.get(m.group(1), m.group(1)), message).replace(
         "dsn ", "DATABASE_URL ", 1
     )
+
+
+def _env_values(
+    environ: Mapping[str, str], *table: tuple[str, str, Callable[[str, str], Any]]
+) -> dict[str, Any]:
+    """Parse the variables of *table* (variable, field, parser) that are set and not blank."""
+    values: dict[str, Any] = {}
+    for var, field, parse in table:
+        raw = environ.get(var)
+        if raw is not None and raw.strip():
+            values[field] = parse(var, raw)
+    return values
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:
@@ -420,17 +429,14 @@ class RetryPolicy:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: Any) -> RetryPolicy:
         """Build a policy from DB_RETRY_*; a bad value raises ConfigError naming the variable."""
-        values: dict[str, Any] = {}
-        for var, field, parse in (
+        values = _env_values(
+            environ,
             ("DB_RETRY_MAX_ATTEMPTS", "max_attempts", _env_int),
             ("DB_RETRY_INITIAL_DELAY", "initial_delay", _env_float),
             ("DB_RETRY_MAX_DELAY", "max_delay", _env_float),
             ("DB_RETRY_MULTIPLIER", "multiplier", _env_float),
             ("DB_RETRY_JITTER", "jitter", _env_bool),
-        ):
-            raw = environ.get(var)
-            if raw is not None and raw.strip():
-                values[field] = parse(var, raw)
+        )
         values.update(overrides)
         try:
             return cls(**values)
@@ -551,22 +557,16 @@ class _Cursor(psycopg2.extensions.cursor):
     """A cursor that counts and times its statements on its pooled connection."""
 
     def execute(self, query: Any, vars: Any = None) -> None:
-        conn: Any = self.connection
-        start = time.perf_counter()
-        try:
-            super().execute(query, vars)
-        except BaseException:
-            conn._pgops_errors += 1
-            raise
-        finally:
-            conn._pgops_queries += 1
-            conn._pgops_ms += (time.perf_counter() - start) * 1000.0
+        self._timed(super().execute, query, vars)
 
     def executemany(self, query: Any, vars_list: Any) -> None:
+        self._timed(super().executemany, query, vars_list)
+
+    def _timed(self, method: Callable[[Any, Any], None], query: Any, args: Any) -> None:
         conn: Any = self.connection
         start = time.perf_counter()
         try:
-            super().executemany(query, vars_list)
+            method(query, args)
         except BaseException:
             conn._pgops_errors += 1
             raise
