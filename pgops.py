@@ -12,12 +12,9 @@ the CLI at the bottom.  Passwords are redacted from every repr, log line and err
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import contextlib
 import dataclasses
 import functools
-import hmac
-import http
 import json
 import logging
 import math
@@ -25,16 +22,12 @@ import os
 import random
 import re
 import select
-import signal
-import socket
-import socketserver
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg2
 import psycopg2.extensions
@@ -84,6 +77,9 @@ __all__ = [
     "set_testing",
     "split_sql",
 ]
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 _logger = logging.getLogger("pgops")  # a fixed name: under python -m, __name__ is __main__
 
@@ -2179,6 +2175,8 @@ _Family = tuple[str, str, str, Iterable[tuple[str, Mapping[str, str], float]]]
 _JSON, _HEALTH_JSON = "application/json", "application/health+json"
 _STATUS_OF_POOL = {"healthy": "pass", "degraded": "warn", "unhealthy": "fail"}
 _RANK = {"pass": 0, "warn": 1, "fail": 2}
+_REASONS = {200: "OK", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed"}
+_REASONS.update({500: "Internal Server Error", 503: "Service Unavailable"})
 # Errors a database check reports as "not ready"; anything else is a bug and answers 500.
 _CHECK_ERRORS = (psycopg2.Error, PgOpsError, OSError)
 
@@ -2205,6 +2203,16 @@ class _Check:
         elif self.pending:
             found.append(f"migrations: {len(self.pending)} pending: {', '.join(self.pending)}")
         return found
+
+
+class _Flight:
+    """A database check in progress, which other requests wait for instead of starting their own."""
+
+    __slots__ = ("done", "result")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: _Check | None = None
 
 
 class HealthApp:
@@ -2240,7 +2248,7 @@ class HealthApp:
         self._started, self._start_time = clock(), time.time()
         self._lock = threading.Lock()
         self._last: _Check | None = None
-        self._flight: concurrent.futures.Future[_Check] | None = None
+        self._flight: _Flight | None = None
         self._failing = False
         self._max_age = f"max-age={int(cache_ttl)}"
         self._routes: dict[str, Callable[[dict[str, Any]], _Response]] = {
@@ -2321,6 +2329,8 @@ class HealthApp:
         scheme, _, given = str(environ.get("HTTP_AUTHORIZATION", "")).strip().partition(" ")
         # WSGI passes headers as latin-1 decoded text: compare the bytes sent, in constant time.
         sent = given.strip().encode("latin-1", "replace")
+        import hmac  # only needed with a token
+
         return scheme.lower() == "bearer" and hmac.compare_digest(sent, self.token.encode())
 
     def _checks(self, check: _Check) -> dict[str, list[dict[str, Any]]]:
@@ -2367,27 +2377,26 @@ class HealthApp:
                 return last
             flight, leader = self._flight, self._flight is None
             if flight is None:
-                flight = self._flight = concurrent.futures.Future()
+                flight = self._flight = _Flight()
                 self.checks_run += 1
         if not leader:
             # Share the check in flight, waiting a bounded time so a hung server cannot pile up probes.
             patience = 2 * self.ready_timeout + 1.0
-            try:
-                return flight.result(timeout=patience)
-            except concurrent.futures.TimeoutError:
-                message = f"a database check is still running after {patience:.1f} s"
-                return _Check(self._clock(), _iso(time.time()), message, patience * 1000.0)
+            if flight.done.wait(patience) and flight.result is not None:
+                return flight.result
+            message = f"a database check is still running after {patience:.1f} s"
+            if flight.done.is_set():
+                message = "the database check failed unexpectedly; see the log"
+            return _Check(self._clock(), _iso(time.time()), message, patience * 1000.0)
         try:
-            result = self._run_check()
-        except BaseException as exc:
+            flight.result = self._run_check()
+            with self._lock:
+                self._last = flight.result
+        finally:
             with self._lock:
                 self._flight = None
-            flight.set_exception(exc)
-            raise
-        with self._lock:
-            self._last, self._flight = result, None
-        flight.set_result(result)
-        return result
+            flight.done.set()
+        return flight.result
 
     def _run_check(self) -> _Check:
         """Ask the server whether it answers and is writable, then ask the migrator what is pending."""
@@ -2452,7 +2461,7 @@ def _respond(
     """Return (status, headers, body) for *body*: bytes as they are, anything else as JSON."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     headers = [("Content-Type", content_type), ("Content-Length", str(len(data))), ("Cache-Control", cache)]
-    return f"{code} {http.HTTPStatus(code).phrase}", [*headers, *extra], data
+    return f"{code} {_REASONS[code]}", [*headers, *extra], data
 
 
 # pool.stats() key -> (metric name, help); a name ending in _total is a counter; ms become seconds.
@@ -2562,27 +2571,27 @@ def create_app(environ: Mapping[str, str] = os.environ) -> HealthApp:
     return HealthApp(pool, migrator=_default_migrator(pool, environ), cache_ttl=cache_ttl, token=token)
 
 
-class _RequestHandler(WSGIRequestHandler):
-    """wsgiref's handler, logging requests to the pgops _logger instead of stderr."""
-
-    def log_message(self, format: str, *args: Any) -> None:
-        _logger.debug("%s %s", self.address_string(), format % args)
-
-
-class _Server(socketserver.ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        _logger.debug("error serving %s", client_address, exc_info=True)  # mostly clients going away
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
 def make_server(app: _WSGIApp, host: str = "127.0.0.1", port: int = 3001) -> WSGIServer:
     """Return a threaded wsgiref server bound to host:port (port 0 picks one: see server_port)."""
-    server = (_Server6 if ":" in host else _Server)((host, port), _RequestHandler)
+    # Imported here: http.server and socketserver cost the CLI's other commands ~40 ms at start-up.
+    import socket
+    import socketserver
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+    class RequestHandler(WSGIRequestHandler):
+        """wsgiref's handler, logging requests to the pgops logger instead of stderr."""
+
+        def log_message(self, format: str, *args: Any) -> None:
+            _logger.debug("%s %s", self.address_string(), format % args)
+
+    class Server(socketserver.ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            _logger.debug("error serving %s", client_address, exc_info=True)  # mostly clients going away
+
+    server = Server((host, port), RequestHandler)
     server.set_app(app)
     return server
 
@@ -2599,6 +2608,8 @@ def serve(
     A thread per request on wsgiref: fine for probes, scrapes and a sidecar; for heavy traffic run
     ``create_app`` under gunicorn or waitress.  *ready* is called with the bound server before serving.
     """
+    import signal
+
     server = make_server(app, host, port)
     previous: dict[signal.Signals, Any] = {}
 
