@@ -40,6 +40,7 @@ __all__ = [
     "BadMigration",
     "CannotConnect",
     "ChecksumMismatch",
+    "CommitUnknown",
     "ConfigError",
     "DirtyDatabase",
     "HealthApp",
@@ -113,6 +114,10 @@ class PoolClosed(PoolError):
 
 class CannotConnect(PgOpsError, psycopg2.OperationalError):
     """The server refused us for a reason that waiting will not fix (authentication, missing database)."""
+
+
+class CommitUnknown(PgOpsError, psycopg2.OperationalError):
+    """The connection was lost during COMMIT: the transaction may or may not have been committed."""
 
 
 class MigrationError(PgOpsError):
@@ -195,11 +200,15 @@ def _check_dsn(dsn: str) -> None:
     if not isinstance(dsn, str) or not dsn.strip():
         raise ConfigError("dsn is empty; pass a libpq URL such as postgresql://user@host/dbname")
     try:
-        psycopg2.extensions.parse_dsn(dsn)
+        params = psycopg2.extensions.parse_dsn(dsn)
     except psycopg2.ProgrammingError as exc:
         raise ConfigError(
             f"dsn {redact_dsn(dsn)!r} is not a valid libpq URL or key=value string: {_one_line(exc, dsn)}"
         ) from None
+    # libpq parses but does not check ports until it connects, and then the error looks transient.
+    for port in str(params.get("port", "")).split(","):
+        if port.strip() and not (re.fullmatch(r"[0-9]{1,5}", port.strip()) and 1 <= int(port) <= 65535):
+            raise ConfigError(f"dsn {redact_dsn(dsn)!r} has port {port.strip()!r}; a port is 1 to 65535")
 
 
 # Preset numbers come from the original Doc Server: min, max, acquire timeout, max lifetime,
@@ -386,7 +395,8 @@ _RETRY_SQLSTATES = frozenset({"40001", "40P01", "53300", "55P03", "57P01", "57P0
 _FATAL_CONNECT = re.compile(
     r"password authentication failed|authentication failed|no password supplied|"
     r"no pg_hba\.conf entry|role \S+ does not exist|database \S+ does not exist|"
-    r"password is required|SSL required|certificate",
+    r"password is required|SSL required|certificate|"
+    r"invalid \S+ value|invalid port number|invalid connection option",  # libpq rejecting a DSN option
     re.IGNORECASE,
 )
 _testing = False
@@ -462,7 +472,7 @@ def _sqlstate(exc: BaseException) -> str | None:
 
 def is_retryable(exc: BaseException) -> bool:
     """Tell whether retrying the operation that raised *exc* can succeed (SQLSTATE-aware)."""
-    if isinstance(exc, CannotConnect):
+    if isinstance(exc, (CannotConnect, CommitUnknown)):
         return False
     if isinstance(exc, PoolTimeout):
         # The pool already waited; another attempt after a backoff may find the server back.
@@ -617,6 +627,20 @@ class PoolHealth:
     success_rate: float | None
 
 
+def _commit(conn: psycopg2.extensions.connection) -> None:
+    """Commit; if the connection dies on the way, say the outcome is unknown rather than failed."""
+    try:
+        conn.commit()
+    except psycopg2.Error as exc:
+        code = _sqlstate(exc)
+        if code is None or code.startswith("08") or code.startswith("57P"):
+            raise CommitUnknown(
+                f"the connection was lost during COMMIT, so the transaction may or may not have been "
+                f"committed ({_one_line(exc)}); re-run it only if it is idempotent"
+            ) from exc
+        raise  # a definite failure, such as a serialization failure detected at commit
+
+
 class _Checkout:
     """The context manager returned by Pool.connection()."""
 
@@ -635,7 +659,7 @@ class _Checkout:
         try:
             if exc_type is None:
                 if not conn.closed:
-                    conn.commit()
+                    _commit(conn)
             elif not conn.closed:
                 # The original exception matters more; putconn discards a broken connection.
                 with contextlib.suppress(psycopg2.Error):
@@ -723,16 +747,27 @@ class Pool:
         return _Checkout(self, timeout)
 
     def run(
-        self, fn: Callable[[psycopg2.extensions.connection], _T], *, retry: RetryPolicy | None = None
+        self,
+        fn: Callable[[psycopg2.extensions.connection], _T],
+        *,
+        retry: RetryPolicy | None = None,
+        idempotent: bool = False,
     ) -> _T:
-        """Run ``fn(conn)`` in a transaction; with *retry*, re-run the whole transaction on retryable ones."""
+        """Run ``fn(conn)`` in a transaction; with *retry*, re-run the whole transaction on retryable errors.
+
+        A connection lost during COMMIT raises CommitUnknown: the transaction may have been committed,
+        so it is re-run only when the caller says it is *idempotent*.
+        """
 
         def attempt() -> _T:
             with self.connection() as conn:
                 return fn(conn)
 
+        def retryable(exc: BaseException) -> bool:
+            return is_retryable(exc) or (idempotent and isinstance(exc, CommitUnknown))
+
         attempt.__qualname__ = getattr(fn, "__qualname__", "transaction")
-        return attempt() if retry is None else retry_call(attempt, policy=retry)
+        return attempt() if retry is None else retry_call(attempt, policy=retry, retry_on=retryable)
 
     def getconn(self, timeout: float | None = None) -> psycopg2.extensions.connection:
         """Take a connection, waiting up to *timeout* (default acquire_timeout) for one to be free."""
@@ -1227,11 +1262,15 @@ def _register_vector(conn: psycopg2.extensions.connection) -> None:
 
 _MIGRATION_FILE = re.compile(r"^(?P<version>[0-9]+)_(?P<description>[A-Za-z0-9_-]+)(?P<down>\.down)?\.sql$")
 _NO_TRANSACTION = re.compile(r"^--\s*pgops:\s*no-transaction\s*$", re.IGNORECASE)
+_MAX_VERSION = 2**63 - 1  # the history table's version column is a bigint
 _LOCK_CLASS = 0x7067_6F70  # "pgop": the first key of every pgops advisory lock
 _ATOMIC = re.compile(r"\s+ATOMIC\b", re.IGNORECASE)
 _DOLLAR_TAG = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$")
 _COMMENT_EDGE = re.compile(r"/\*|\*/")
 _QUOTE_OR_ESCAPE = re.compile(r"['\\]")
+# First words of statements that start or end a transaction (PREPARE TRANSACTION is checked apart).
+_TRANSACTION_CONTROL = frozenset({"BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT"})
+_FIRST_WORDS = re.compile(r"([A-Za-z_][\w$]*)(?:\s+([A-Za-z_][\w$]*))?(?:\s+([A-Za-z_][\w$]*))?")
 _LOCK_REPORT_EVERY = 10.0  # seconds between "still waiting for the lock" lines
 _LOCK_RETRY = RetryPolicy(max_attempts=5, initial_delay=0.5, max_delay=5.0)  # for lock_not_available
 
@@ -1260,7 +1299,7 @@ class MigrationStatus:
 
     version: int
     description: str
-    state: str  # applied, pending, failed, running, changed (checksum drift), missing (file gone)
+    state: str  # applied, pending, failed, running, changed (drift), missing (file gone), future (newer)
     applied_at: str | None = None
     execution_ms: float | None = None
     applied_by: str | None = None
@@ -1287,7 +1326,13 @@ def parse_migration_name(filename: str) -> tuple[int, str, bool]:
             f"migration file name {filename!r} is not NNNN_description.sql "
             "(digits, an underscore, then letters, digits, '_' or '-'); rename it"
         )
-    return int(match["version"]), match["description"], match["down"] is not None
+    version = int(match["version"])
+    if version > _MAX_VERSION:
+        raise BadMigration(
+            f"migration file name {filename!r} has version {version}, above the largest the history "
+            f"table holds ({_MAX_VERSION}); renumber it"
+        )
+    return version, match["description"], match["down"] is not None
 
 
 def _read_sql(path: str) -> str:
@@ -1297,23 +1342,64 @@ def _read_sql(path: str) -> str:
     try:
         text = normalize_sql(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
+        utf16 = ", it looks like UTF-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
         raise BadMigration(
-            f"migration {path!r} is not valid UTF-8 (byte {exc.start}); save it as UTF-8"
+            f"migration {path!r} is not valid UTF-8 (byte {exc.start}{utf16}); save it as UTF-8"
         ) from None
     if "\x00" in text:
-        raise BadMigration(
-            f"migration {path!r} contains a NUL byte at offset {text.index(chr(0))}; remove it"
-        )
+        # UTF-16 without a byte order mark decodes as UTF-8 with a NUL after every ASCII character.
+        wide = text.count("\x00") * 4 >= len(text)
+        remedy = "it looks like UTF-16; save it as UTF-8" if wide else "remove it"
+        raise BadMigration(f"migration {path!r} contains a NUL byte at offset {text.index(chr(0))}; {remedy}")
     if not any(code for _, _, code in _scan_sql(text)):
         raise BadMigration(f"migration {path!r} has no SQL statement; add one or delete the file")
+    if _transactional(text):
+        _refuse_transaction_control(text, path)
     return text
+
+
+def _transactional(text: str) -> bool:
+    """Tell whether a migration runs in one transaction: yes, unless a first line says no-transaction."""
+    return not any(_NO_TRANSACTION.match(line.strip()) for line in text.split("\n", 5)[:5])
+
+
+def _refuse_transaction_control(text: str, path: str) -> None:
+    """Raise BadMigration naming path:line if a transactional migration begins or ends a transaction.
+
+    pgops runs the file and its history row in one transaction: a COMMIT inside would commit part of
+    the file on its own, and a failure after it would leave that part applied and unrecorded.
+    SAVEPOINT, RELEASE and ROLLBACK TO are fine; PL/pgSQL bodies are in dollar quotes, which the
+    scanner skips, and a statement never starts with the BEGIN ATOMIC of a SQL-standard body.
+    """
+    for start, _end, code in _scan_sql(text):
+        if not code:
+            continue
+        i = _code_start(text, start)
+        words = _FIRST_WORDS.match(text, i)
+        if words is None:
+            continue
+        first, second, third = (word.upper() if word else "" for word in words.groups())
+        if (first == "PREPARE" and second == "TRANSACTION") or (
+            first in _TRANSACTION_CONTROL
+            and not (first == "BEGIN" and second == "ATOMIC")
+            and not (first == "ROLLBACK" and "TO" in (second, third))
+        ):
+            line, _ = _position(text, i)
+            statement = text[i:].split("\n", 1)[0].strip()
+            statement = statement if len(statement) <= 60 else statement[:57] + "..."
+            raise BadMigration(
+                f"{path}:{line}: {statement!r} is transaction control in a migration that pgops runs in "
+                "one transaction (a COMMIT would commit part of it); remove it, or put "
+                "'-- pgops: no-transaction' in the file's first lines to run it statement by statement"
+            )
 
 
 def load_migrations(directory: str) -> list[Migration]:
     """Read and check every migration in *directory*, ordered by version."""
     if not os.path.isdir(directory):
+        problem = "is not a directory" if os.path.exists(directory) else "does not exist"
         raise ConfigError(
-            f"migrations directory {directory!r} does not exist; pass --dir or set PGOPS_MIGRATIONS_DIR"
+            f"migrations directory {directory!r} {problem}; pass --dir or set PGOPS_MIGRATIONS_DIR"
         )
     ups: dict[int, tuple[str, str]] = {}
     downs: dict[int, str] = {}
@@ -1338,14 +1424,13 @@ def load_migrations(directory: str) -> list[Migration]:
     migrations = []
     for version, (path, description) in sorted(ups.items()):
         text = _read_sql(path)
-        head = [line for line in text.split("\n")[:5]]
         migrations.append(
             Migration(
                 version=version,
                 description=description,
                 path=path,
                 checksum=migration_checksum(text),
-                transactional=not any(_NO_TRANSACTION.match(line.strip()) for line in head),
+                transactional=_transactional(text),
                 sql=text,
                 down_path=downs.get(version),
             )
@@ -1636,7 +1721,10 @@ class Migrator:
                 _logger.error("the migration lock was not held at unlock; closing the connection to be sure")
                 conn.close()
         except psycopg2.Error as exc:
-            _logger.error("could not release the migration lock (%s); closing the connection", _one_line(exc))
+            # Usually the server went away, and the session's lock with it.
+            _logger.warning(
+                "could not release the migration lock (%s); closing the connection", _one_line(exc)
+            )
             conn.close()
 
     def _same_backend(self, pid: int) -> None:
@@ -1689,12 +1777,19 @@ class Migrator:
     def _problems(self, files: list[Migration], history: dict[int, tuple[Any, ...]]) -> list[str]:
         """Return drift problems: changed checksums and applied versions whose file is gone."""
         by_version = {m.version: m for m in files}
+        newest_file = max(by_version, default=0)
         problems = []
         for version, (description, checksum, status, *_rest) in history.items():
             migration = by_version.get(version)
             if status != "applied":
                 continue
-            if migration is None:
+            if migration is None and version > newest_file:
+                # A newer deploy got here first (or this is an older replica during a rollout):
+                # its migrations are not ours to judge. Flyway calls these "future" migrations.
+                _logger.warning(
+                    "migration %d (%s) is applied but newer than every file here", version, description
+                )
+            elif migration is None:
                 problems.append(
                     f"applied migration {version} ({description}) has no file in {self.directory!r}; "
                     "restore it"
@@ -1708,7 +1803,7 @@ class Migrator:
         return problems
 
     def status(self) -> list[MigrationStatus]:
-        """Return every known migration with its state (applied, pending, failed, changed, missing)."""
+        """Return every known migration and its state: applied, pending, failed, changed, missing, future."""
         files = load_migrations(self.directory)
         with self._connection() as conn:
             history = self._history_rows(conn.cursor())
@@ -1722,7 +1817,7 @@ class Migrator:
                 continue
             description, checksum, state, applied_at, ms, by, error = history[version]
             if state == "applied" and migration is None:
-                state = "missing"
+                state = "future" if version > max(by_version, default=0) else "missing"
             elif state == "applied" and migration is not None and migration.checksum != checksum:
                 state = "changed"
             at = applied_at.isoformat(timespec="seconds") if applied_at is not None else None
@@ -1946,20 +2041,27 @@ class Migrator:
             history = self._history_rows(cur)
             self._refuse_unsafe(list(files.values()), history)
             victims = sorted((v for v in history if v > target), reverse=True)
+            unknown = [str(v) for v in victims if v not in files]
+            if unknown:
+                raise BadMigration(
+                    f"cannot roll back to {target}: migration(s) {', '.join(unknown)} are applied but "
+                    f"have no file in {self.directory!r}; roll back from the release that has them"
+                )
             missing = [files[v].path for v in victims if files[v].down_path is None]
             if missing:
                 raise BadMigration(
                     f"cannot roll back to {target}: no .down.sql for {', '.join(map(repr, missing))}; "
                     "write them first"
                 )
+            # Read (and so check) every down file before reverting anything.
+            texts = {v: _read_sql(files[v].down_path or "") for v in victims}
             for version in victims:
                 migration = files[version]
                 down_path = migration.down_path
                 assert down_path is not None
-                text = _read_sql(down_path)
+                text = texts[version]
                 started = time.perf_counter()
-                head = text.split("\n")[:5]
-                if any(_NO_TRANSACTION.match(line.strip()) for line in head):
+                if not _transactional(text):
                     self._run_statements(
                         conn, dataclasses.replace(migration, sql=text), text, down_path, record=False
                     )
@@ -2674,6 +2776,10 @@ def _migrator(args: Any, environ: Mapping[str, str]) -> Migrator:
     dsn = args.dsn or environ.get("DATABASE_URL", "").strip()
     if not dsn:
         raise ConfigError("no database given; pass --dsn or set DATABASE_URL")
+    try:
+        _check_dsn(dsn)
+    except ConfigError as exc:  # say where the bad DSN came from
+        raise ConfigError(str(exc).replace("dsn", "--dsn" if args.dsn else "DATABASE_URL", 1)) from None
     return Migrator(
         dsn,
         args.dir,
@@ -2767,6 +2873,8 @@ def _cmd_repair(args: Any, environ: Mapping[str, str]) -> int:
 def _cmd_new(args: Any, environ: Mapping[str, str]) -> int:
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.name):
         raise ConfigError(f"migration name {args.name!r} may only hold letters, digits, '_' and '-'")
+    if os.path.exists(args.dir) and not os.path.isdir(args.dir):
+        raise ConfigError(f"migrations directory {args.dir!r} is not a directory; pass --dir with a folder")
     os.makedirs(args.dir, exist_ok=True)
     versions: list[tuple[int, int]] = []
     for filename in os.listdir(args.dir):
@@ -2794,6 +2902,8 @@ def _cmd_serve(args: Any, environ: Mapping[str, str]) -> int:
     app = create_app(env)
     try:
         serve(app, args.host, args.port, ready=_announce)
+    except OSError as exc:  # from bind(): a port in use, an address not on this host
+        raise ConfigError(f"cannot listen on {args.host!r} port {args.port}: {exc.strerror or exc}") from None
     finally:
         app.pool.close()
     return _EXIT_OK
@@ -2915,6 +3025,22 @@ def _parser() -> Any:
     parser.add_argument("--version", action="version", version=f"pgops {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def seconds(text: str) -> float:
+        """Parse a number of seconds: finite, 0 or more."""
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value >= 0):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+        return value
+
+    def port(text: str) -> int:
+        """Parse a TCP port: 0 (any free one) to 65535."""
+        if not re.fullmatch(r"[0-9]{1,5}", text.strip()) or int(text) > 65535:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a port (0 to 65535; 0 picks a free one)")
+        return int(text)
+
     def command(name: str, func: Callable[[Any, Mapping[str, str]], int], help: str) -> Any:
         p = sub.add_parser(name, parents=[common], help=help, description=help)
         p.set_defaults(func=func)
@@ -2924,7 +3050,7 @@ def _parser() -> Any:
     p.add_argument("--dry-run", action="store_true", help="list what would be applied; change nothing")
     p.add_argument("--target", type=int, metavar="V", help="apply up to version V only")
     p.add_argument(
-        "--lock-timeout", type=float, default=60.0, metavar="SECONDS", help="wait this long for the lock"
+        "--lock-timeout", type=seconds, default=60.0, metavar="SECONDS", help="wait this long for the lock"
     )
     p.add_argument(
         "--allow-out-of-order", action="store_true", help="apply versions older than the newest applied"
@@ -2934,9 +3060,9 @@ def _parser() -> Any:
     command("validate", _cmd_validate, "check applied migrations against their files")
     p = command("rollback", _cmd_rollback, "revert migrations above a version with their .down.sql files")
     p.add_argument("--to", type=int, required=True, metavar="V", help="version to return to (0: everything)")
-    p.add_argument("--lock-timeout", type=float, default=60.0, metavar="SECONDS")
+    p.add_argument("--lock-timeout", type=seconds, default=60.0, metavar="SECONDS")
     p = command("repair", _cmd_repair, "remove failed history rows and accept changed checksums")
-    p.add_argument("--lock-timeout", type=float, default=60.0, metavar="SECONDS")
+    p.add_argument("--lock-timeout", type=seconds, default=60.0, metavar="SECONDS")
     p = command("new", _cmd_new, "create the next numbered migration file")
     p.add_argument("name", help="description: letters, digits, '_' or '-'")
     for name, func, text in (
@@ -2945,10 +3071,10 @@ def _parser() -> Any:
     ):
         p = command(name, func, text)
         p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-        p.add_argument("--port", type=int, default=3001, help="port (default 3001; 0 picks a free one)")
-        p.add_argument("--cache-ttl", type=float, metavar="SECONDS", help="health cache TTL (default 5)")
+        p.add_argument("--port", type=port, default=3001, help="port (default 3001; 0 picks a free one)")
+        p.add_argument("--cache-ttl", type=seconds, metavar="SECONDS", help="health cache TTL (default 5)")
     p.add_argument(
-        "--seconds", type=float, default=0, metavar="N", help="stop after N seconds (default: Ctrl-C)"
+        "--seconds", type=seconds, default=0, metavar="N", help="stop after N seconds (default: Ctrl-C)"
     )
     p.add_argument("--documents", type=int, default=300, metavar="N", help="documents to load (default 300)")
     return parser

@@ -885,3 +885,31 @@ def test_status_before_any_migration_creates_nothing(dsn: str, admin: Conn, mdir
     ]
     assert migrator.validate() == []
     assert history(admin) is None
+
+
+def test_newer_applied_migrations_are_future_not_drift(dsn: str, admin: Conn, tmp_path: Path) -> None:
+    """An older release (fewer files) runs fine past versions a newer release applied, and says so."""
+    newer, older = tmp_path / "newer", tmp_path / "older"
+    newer.mkdir()
+    older.mkdir()
+    simple_set(newer, 3)
+    simple_set(older, 2)
+    Migrator(dsn, str(newer)).migrate()
+    old = Migrator(dsn, str(older))
+    assert old.migrate() == []
+    assert old.validate() == []
+    states = [(row.version, row.state) for row in old.status()]
+    assert states == [(1, "applied"), (2, "applied"), (3, "future")]
+    with pytest.raises(pgops.BadMigration, match="3 are applied but have no file"):
+        old.rollback(1)
+    assert history(admin) == applied(1, 2, 3)
+
+
+def test_missing_file_below_the_newest_is_still_refused(dsn: str, tmp_path: Path) -> None:
+    """An applied version whose file vanished from the middle of the folder is drift."""
+    simple_set(tmp_path, 3)
+    Migrator(dsn, str(tmp_path)).migrate()
+    (tmp_path / "0002_table_2.sql").unlink()
+    (tmp_path / "0002_table_2.down.sql").unlink()
+    with pytest.raises(pgops.ChecksumMismatch, match="applied migration 2"):
+        Migrator(dsn, str(tmp_path)).migrate()

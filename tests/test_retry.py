@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterator
 
@@ -299,7 +300,7 @@ def test_acquire_during_outage_times_out_with_the_connection_error(
 
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
 def test_restart_under_load_reaches_no_caller(own_server: LocalServer, server_db: str, mode: str) -> None:
-    """8 threads writing through pool.run(retry=...) see no error across a stop/start, and nothing is lost."""
+    """8 threads of idempotent writes through pool.run(retry=...) see no error across a restart."""
     errors: list[BaseException] = []
     acked: list[int] = []
     stop = threading.Event()
@@ -318,7 +319,7 @@ def test_restart_under_load_reaches_no_caller(own_server: LocalServer, server_db
                         cur.execute("INSERT INTO writes VALUES (%s) ON CONFLICT DO NOTHING", (n,))
 
                 try:
-                    pool.run(insert, retry=FAST)
+                    pool.run(insert, retry=FAST, idempotent=True)
                 except BaseException as exc:
                     errors.append(exc)
                     return
@@ -389,3 +390,98 @@ def test_authentication_and_missing_database_fail_fast(bad_dsns: dict[str, str],
         assert "\n" not in message
         assert "Wr0ng-Pa55word" not in message and "Wr0ng-Pa55word" not in repr(info.value)
         assert ("password authentication failed" if which == "password" else "does not exist") in message
+
+
+class CommitReplyLoss:
+    """A TCP proxy to the server that once forwards a COMMIT, then drops the connection unanswered."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.upstream = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.armed = threading.Event()
+        self.armed.set()
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.create_connection(self.upstream)
+            self.sockets += [client, server]
+            state = {"drop": False}
+            threading.Thread(target=self._pump, args=(client, server, state, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, state, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, state: dict[str, bool], upstream: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if upstream and self.armed.is_set() and b"COMMIT" in data:
+                    self.armed.clear()
+                    state["drop"] = True  # the COMMIT reaches the server; its answer never comes back
+                elif not upstream and state["drop"]:
+                    break
+                dst.sendall(data)
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+@pytest.fixture
+def lossy_dsn(pg_server: LocalServer, dsn: str, admin: psycopg2.extensions.connection) -> Iterator[str]:
+    """A DSN to the test database through a proxy that loses the reply to the first COMMIT."""
+    with admin.cursor() as cur:
+        cur.execute("CREATE TABLE transfers (id int PRIMARY KEY, note text)")
+    params = psycopg2.extensions.parse_dsn(dsn)
+    proxy = CommitReplyLoss(params.get("host", "127.0.0.1"), int(params.get("port", 5432)))
+    try:
+        yield psycopg2.extensions.make_dsn(dsn, port=proxy.port, sslmode="disable")
+    finally:
+        proxy.close()
+
+
+def transfer_count(admin: psycopg2.extensions.connection) -> int:
+    """Return how many transfer rows exist."""
+    with admin.cursor() as cur:
+        cur.execute("SELECT count(*) FROM transfers")
+        row = cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def test_lost_commit_reply_is_not_retried_blindly(
+    lossy_dsn: str, admin: psycopg2.extensions.connection
+) -> None:
+    """A connection lost during COMMIT raises CommitUnknown instead of running the transaction twice."""
+
+    def transfer(conn: psycopg2.extensions.connection) -> None:
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO transfers VALUES (1, 'debit 100')")
+
+    with Pool(lossy_dsn, min_size=1, max_size=1) as pool, pytest.raises(pgops.CommitUnknown):
+        pool.run(transfer, retry=FAST)
+    assert transfer_count(admin) == 1  # it was committed: a retry would have applied it twice
+
+
+def test_idempotent_transaction_is_retried_after_a_lost_commit(
+    lossy_dsn: str, admin: psycopg2.extensions.connection
+) -> None:
+    """With idempotent=True, pool.run re-runs a transaction whose COMMIT outcome is unknown."""
+    attempts: list[int] = []
+
+    def transfer(conn: psycopg2.extensions.connection) -> None:
+        attempts.append(1)
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO transfers VALUES (1, 'debit 100') ON CONFLICT (id) DO NOTHING")
+
+    with Pool(lossy_dsn, min_size=1, max_size=1) as pool:
+        pool.run(transfer, retry=FAST, idempotent=True)
+    assert len(attempts) == 2
+    assert transfer_count(admin) == 1
