@@ -166,20 +166,32 @@ class MigrationFailed(MigrationError):
 # ================================================================================================
 
 _URL_PASSWORD = re.compile(r"(?P<head>^[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@]*:)(?P<pw>[^@/?#]*)(?=@)")
-_KV_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'|[^\s&]*)", re.IGNORECASE)
+# In a URL's query a password ends at '&' (a literal one is %26); in key=value form an unquoted
+# value ends only at whitespace, so '&' may be part of the password there.
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&]password=)(?P<pw>[^&#]*)", re.IGNORECASE)
+_KV_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'|\S*)", re.IGNORECASE)
+_IS_URL = re.compile(r"^\s*[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _password_patterns(dsn: str) -> tuple[re.Pattern[str], ...]:
+    return (_URL_PASSWORD, _QUERY_PASSWORD) if _IS_URL.match(dsn) else (_KV_PASSWORD,)
 
 
 def redact_dsn(dsn: str) -> str:
     """Return *dsn* with its password replaced by ``***`` (URL and key=value forms)."""
-    redacted = _URL_PASSWORD.sub(r"\g<head>***", dsn)
-    return _KV_PASSWORD.sub(r"\g<head>***", redacted)
+    for pattern in _password_patterns(dsn):
+        dsn = pattern.sub(r"\g<head>***", dsn)
+    return dsn
 
 
 def _dsn_secrets(dsn: str) -> list[str]:
     """Return the password strings found in *dsn*, for scrubbing them out of driver messages."""
-    found = [m.group("pw") for m in _URL_PASSWORD.finditer(dsn)]
-    found += [m.group("pw").strip("'") for m in _KV_PASSWORD.finditer(dsn)]
-    return [s for s in found if len(s) >= 2]
+    from urllib.parse import unquote
+
+    found = [m.group("pw") for pattern in _password_patterns(dsn) for m in pattern.finditer(dsn)]
+    # Also as libpq reads it: URL-decoded, or unquoted and unescaped.
+    found += [unquote(s) for s in found] + [re.sub(r"\\(.)", r"\1", s[1:-1]) for s in found if s[:1] == "'"]
+    return sorted({s for s in found if len(s) >= 2}, key=len, reverse=True)  # longest first
 
 
 def _scrub(text: str, dsn: str) -> str:
@@ -559,20 +571,32 @@ _STATUS_IN_TRANSACTION = (
 )
 
 
+_cursor_execute = psycopg2.extensions.cursor.execute
+_cursor_executemany = psycopg2.extensions.cursor.executemany
+
+
 class _Cursor(psycopg2.extensions.cursor):
     """A cursor that counts and times its statements on its pooled connection."""
 
+    # On the hot path: the base method is bound once, and there is no finally block.
     def execute(self, query: Any, vars: Any = None) -> None:
-        self._timed(super().execute, query, vars)
-
-    def executemany(self, query: Any, vars_list: Any) -> None:
-        self._timed(super().executemany, query, vars_list)
-
-    def _timed(self, method: Callable[[Any, Any], None], query: Any, args: Any) -> None:
         conn: Any = self.connection
         start = time.perf_counter()
         try:
-            method(query, args)
+            _cursor_execute(self, query, vars)
+        except BaseException:
+            conn._pgops_errors += 1
+            conn._pgops_queries += 1
+            conn._pgops_ms += (time.perf_counter() - start) * 1000.0
+            raise
+        conn._pgops_queries += 1
+        conn._pgops_ms += (time.perf_counter() - start) * 1000.0
+
+    def executemany(self, query: Any, vars_list: Any) -> None:
+        conn: Any = self.connection
+        start = time.perf_counter()
+        try:
+            _cursor_executemany(self, query, vars_list)
         except BaseException:
             conn._pgops_errors += 1
             raise
@@ -596,6 +620,8 @@ class _Connection(psycopg2.extensions.connection):
         self._pgops_queries = 0
         self._pgops_errors = 0
         self._pgops_ms = 0.0
+        self._pgops_poll: Any = select.poll()  # polled at each checkout for the server's goodbye
+        self._pgops_poll.register(self.fileno(), select.POLLIN)
 
 
 class _Waiter:
@@ -771,19 +797,38 @@ class Pool:
 
     def getconn(self, timeout: float | None = None) -> psycopg2.extensions.connection:
         """Take a connection, waiting up to *timeout* (default acquire_timeout) for one to be free."""
-        start = time.monotonic()
+        now = time.monotonic()
+        conn: _Connection | None = None
+        with self._lock:
+            # The common case, kept to one lock and one clock read: an idle connection, no queue.
+            if self._idle and not self._waiters and not self._closed:
+                conn = self._idle.pop()
+                self._in_use.add(conn)
+                self._counters["requests_num"] += 1
+                self._wait_counts[0] += 1
+        if conn is not None:
+            problem = self._check_out_problem(conn, now)
+            if problem is None:
+                return self._lend(conn, now)
+            self._discard(conn, problem)
+        return self._wait_for_connection(now, timeout, first=conn is None)
+
+    def _wait_for_connection(self, start: float, timeout: float | None, first: bool) -> _Connection:
+        """Queue for a connection until the deadline, replacing any that fail their check."""
         deadline = start + (self.config.acquire_timeout if timeout is None else timeout)
-        first = True
         while True:
             conn = self._take(start, deadline, first)
             first = False
-            problem = self._check_out_problem(conn)
+            now = time.monotonic()
+            problem = self._check_out_problem(conn, now)
             if problem is None:
-                break
+                return self._lend(conn, now)
             self._discard(conn, problem)
+
+    def _lend(self, conn: _Connection, now: float) -> _Connection:
+        conn._pgops_checked_out = now
         if self.config.leak_threshold:
-            conn._pgops_stack = traceback.format_stack(limit=12)[:-1]
-        conn._pgops_checked_out = time.monotonic()
+            conn._pgops_stack = traceback.format_stack(limit=12)[:-2]
         return conn
 
     def _take(self, start: float, deadline: float, first: bool) -> _Connection:
@@ -808,7 +853,8 @@ class Pool:
             # A caller whose connection failed its check goes back to the front of the queue.
             self._waiters.append(waiter) if first else self._waiters.appendleft(waiter)
             self._counters["requests_queued"] += first
-            self._wakeup.notify()
+            if self._size < self.config.max_size:
+                self._wakeup.notify()  # the worker can open one more; at max_size a return serves us
         if not waiter.wait(deadline - time.monotonic()):
             with self._lock:
                 # The connection may have been handed over just as the wait timed out: then keep it.
@@ -848,18 +894,19 @@ class Pool:
             text += f"; last connection error: {self._last_error}"
         return text
 
-    def _check_out_problem(self, conn: _Connection) -> str | None:
+    def _check_out_problem(self, conn: _Connection, now: float) -> str | None:
         """Return why *conn* must not be handed out (closed, expired, failed its check), or None."""
         if conn.closed:
             return "lost"
-        now = time.monotonic()
         if now >= conn._pgops_expires:
             return "expired"
         last = conn._pgops_last_used
+        # A server that ends a session (terminate, shutdown, crash) sends an error and closes the
+        # socket: a zero-timeout poll sees that in under a microsecond, without a round trip.
         if (
             last < self._suspect_before
             or (self.config.test_before_acquire and now - last > _RECENTLY_USED)
-            or _has_pending_input(conn)
+            or conn._pgops_poll.poll(0)
         ):
             try:
                 # One round trip: in autocommit the check opens no transaction to roll back.
@@ -880,12 +927,21 @@ class Pool:
                 "this connection does not belong to this pool; return it to the pool that gave it"
             )
         now = time.monotonic()
-        problem = self._return_problem(pooled, now)
+        if self.config.leak_threshold:
+            pooled._pgops_stack = None
+        clean = (
+            not pooled.closed
+            and pooled.get_transaction_status() == _STATUS_IDLE
+            and not pooled.autocommit
+            and now < pooled._pgops_expires
+        )
+        problem = None if clean else self._return_problem(pooled, now)
         with self._lock:
-            if pooled not in self._in_use:
-                raise PoolError("this connection was already returned to the pool")
-            self._in_use.discard(pooled)
-            self._fold_usage(pooled, now)
+            try:
+                self._in_use.remove(pooled)
+            except KeyError:
+                raise PoolError("this connection was already returned to the pool") from None
+            self._times["usage_ms"] += (now - pooled._pgops_checked_out) * 1000.0
             if problem is None and not self._closed:
                 pooled._pgops_last_used = now
                 self._hand_over(pooled)
@@ -898,7 +954,7 @@ class Pool:
         """Bring a returned connection back to a clean idle state, or say why it must be discarded."""
         if conn.closed:
             return "lost"
-        status = conn.info.transaction_status
+        status = conn.get_transaction_status()
         if status != _STATUS_IDLE:
             if status not in _STATUS_IN_TRANSACTION:
                 _logger.warning(
@@ -916,16 +972,26 @@ class Pool:
             return "expired"
         return None
 
-    def _fold_usage(self, conn: _Connection, now: float) -> None:
-        """Move a connection's query counters and usage time into the pool's totals (lock held)."""
-        counters, times = self._counters, self._times
-        counters["queries_num"] += conn._pgops_queries
-        counters["queries_errors"] += conn._pgops_errors
-        times["queries_ms"] += conn._pgops_ms
-        times["usage_ms"] += (now - conn._pgops_checked_out) * 1000.0
+    def _fold_queries(self, conn: _Connection) -> None:
+        """Move a departing connection's query counters into the pool's totals (lock held)."""
+        self._counters["queries_num"] += conn._pgops_queries
+        self._counters["queries_errors"] += conn._pgops_errors
+        self._times["queries_ms"] += conn._pgops_ms
         conn._pgops_queries = conn._pgops_errors = 0
         conn._pgops_ms = 0.0
-        conn._pgops_stack = None
+
+    def _query_totals(self) -> tuple[int, int, float]:
+        """Return (queries, errors, ms) so far (lock held).
+
+        Live connections keep their own counts, so returning one costs no bookkeeping; they are
+        summed here, and folded into the totals when a connection is closed.
+        """
+        live = [*self._idle, *self._in_use]
+        return (
+            self._counters["queries_num"] + sum(c._pgops_queries for c in live),
+            self._counters["queries_errors"] + sum(c._pgops_errors for c in live),
+            self._times["queries_ms"] + sum(c._pgops_ms for c in live),
+        )
 
     def _hand_over(self, conn: _Connection) -> None:
         """Give a ready connection to the first waiter, or keep it idle (lock held)."""
@@ -942,6 +1008,7 @@ class Pool:
         with self._lock:
             if in_use:
                 self._in_use.discard(conn)
+            self._fold_queries(conn)
             self._size -= 1
             if reason == "lost":
                 self._counters["connections_lost"] += 1
@@ -1081,6 +1148,7 @@ class Pool:
                     idle_timeout and surplus and now - conn._pgops_last_used > idle_timeout
                 ):
                     to_close.append(conn)
+                    self._fold_queries(conn)
                 else:
                     keep.append(conn)
             self._idle = keep
@@ -1088,7 +1156,8 @@ class Pool:
             leaks = (
                 [c for c in self._in_use if c._pgops_stack is not None] if self.config.leak_threshold else []
             )
-            self._window.append((now, self._counters["queries_num"], self._counters["queries_errors"]))
+            queries, errors, _ms = self._query_totals()
+            self._window.append((now, queries, errors))
             # Keep one sample at or before the window's start: it is the baseline health() counts from.
             while len(self._window) > 1 and self._window[1][0] <= now - _HEALTH_WINDOW:
                 self._window.popleft()
@@ -1127,20 +1196,18 @@ class Pool:
     def stats(self) -> dict[str, int | float]:
         """Return the pool's gauges and cumulative counters (psycopg_pool's names, units in the key)."""
         with self._lock:
-            in_use = list(self._in_use)
             result: dict[str, int | float] = {
                 "pool_min": self.config.min_size,
                 "pool_max": self.config.max_size,
                 "pool_size": self._size,
                 "pool_available": len(self._idle),
-                "pool_in_use": len(in_use),
+                "pool_in_use": len(self._in_use),
                 "requests_waiting": len(self._waiters),
                 **self._counters,
                 **{k: round(v, 3) for k, v in self._times.items()},
             }
-        # Queries on connections still checked out are counted too (racy reads, good enough).
-        result["queries_num"] += sum(c._pgops_queries for c in in_use)
-        result["queries_errors"] += sum(c._pgops_errors for c in in_use)
+            queries, errors, ms = self._query_totals()
+        result.update(queries_num=queries, queries_errors=errors, queries_ms=round(ms, 3))
         return result
 
     def wait_histogram(self) -> dict[str, Any]:
@@ -1159,7 +1226,7 @@ class Pool:
         """Judge the pool: degraded above 80% use or under 95% query success, unhealthy past 95%/90%."""
         with self._lock:
             utilization = len(self._in_use) / self.config.max_size
-            queries, errors = self._counters["queries_num"], self._counters["queries_errors"]
+            queries, errors, _ms = self._query_totals()
             oldest = self._window[0]
             cannot_connect = self._failures > 0 and not self._idle and not self._in_use
             fatal, last_error = self._fatal, self._last_error
@@ -1213,6 +1280,8 @@ class Pool:
             idle = list(self._idle)
             self._idle.clear()
             self._size -= len(idle)
+            for conn in idle:
+                self._fold_queries(conn)
             while self._waiters:
                 waiter = self._waiters.popleft()
                 waiter.error = PoolClosed("the pool was closed while waiting for a connection")
@@ -1224,17 +1293,6 @@ class Pool:
         if threading.current_thread() is not self._worker:
             self._worker.join(timeout)
         _logger.info("pool closed for %s", redact_dsn(self.config.dsn))
-
-
-def _has_pending_input(conn: psycopg2.extensions.connection) -> bool:
-    """Tell whether an idle connection's socket has something to read: the server's goodbye, usually.
-
-    A server that terminates a session (pg_terminate_backend, shutdown, crash) sends an error and
-    closes the socket; a poll with zero timeout sees that for about a microsecond, without a round trip.
-    """
-    poller = select.poll()
-    poller.register(conn.fileno(), select.POLLIN)
-    return bool(poller.poll(0))
 
 
 def _close_quietly(conn: psycopg2.extensions.connection) -> None:
@@ -1260,7 +1318,8 @@ def _register_vector(conn: psycopg2.extensions.connection) -> None:
 # Migrations
 # ================================================================================================
 
-_MIGRATION_FILE = re.compile(r"^(?P<version>[0-9]+)_(?P<description>[A-Za-z0-9_-]+)(?P<down>\.down)?\.sql$")
+# \Z, not $: a name ending in a newline is not a migration file.
+_MIGRATION_FILE = re.compile(r"^(?P<version>[0-9]+)_(?P<description>[A-Za-z0-9_-]+)(?P<down>\.down)?\.sql\Z")
 _NO_TRANSACTION = re.compile(r"^--\s*pgops:\s*no-transaction\s*$", re.IGNORECASE)
 _MAX_VERSION = 2**63 - 1  # the history table's version column is a bigint
 _LOCK_CLASS = 0x7067_6F70  # "pgop": the first key of every pgops advisory lock
