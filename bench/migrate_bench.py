@@ -74,7 +74,8 @@ def floor(dsn: str, directory: Path) -> None:
         text = path.read_text()
         cur.execute("BEGIN")
         cur.execute(text)
-        cur.execute("INSERT INTO history VALUES (%s, %s)", (int(path.name[:4]), pgops.migration_checksum(text)))
+        checksum = pgops.migration_checksum(text)
+        cur.execute("INSERT INTO history VALUES (%s, %s)", (int(path.name[:4]), checksum))
         cur.execute("COMMIT")
     cur.execute("SELECT pg_advisory_unlock(1)")
     conn.close()
@@ -112,18 +113,20 @@ def bench_workload(server: LocalServer, directory: Path, rounds: int) -> dict[st
         dsn = fresh_database(server, "b_pgops_api")
         runs["pgops API"] = lambda dsn=dsn: pgops.Migrator(dsn, str(directory)).migrate() and None
         cli_dsn = fresh_database(server, "b_pgops_cli")
-        runs["pgops CLI"] = lambda: run_cli(
+        runs["pgops CLI"] = lambda cli_dsn=cli_dsn: run_cli(
             [sys.executable, "-m", "pgops", "migrate", "-q", "--dsn", cli_dsn, "--dir", str(directory)]
         )
         fresh_database(server, "b_yoyo_api")
         runs["yoyo API"] = lambda: yoyo_api(url_of(server, "b_yoyo_api"), directory)
         fresh_database(server, "b_yoyo_cli")
         yoyo_url = url_of(server, "b_yoyo_cli")
-        runs["yoyo CLI"] = lambda: run_cli([yoyo, "apply", "--batch", "--database", yoyo_url, str(directory)])
+        runs["yoyo CLI"] = lambda yoyo_url=yoyo_url: run_cli(
+            [yoyo, "apply", "--batch", "--database", yoyo_url, str(directory)]
+        )
         for name, fn in runs.items():
             times.setdefault(name, []).append(timed(fn))
         noop = {
-            "no-op floor (connect)": lambda: run_cli(
+            "no-op floor (connect)": lambda cli_dsn=cli_dsn: run_cli(
                 [sys.executable, "-c", f"import psycopg2; psycopg2.connect({cli_dsn!r}).close()"]
             ),
             "no-op pgops CLI": runs["pgops CLI"],
