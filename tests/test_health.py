@@ -518,6 +518,8 @@ class BlockingMigrator:
 
 def test_a_hung_check_fails_waiters_without_starting_another(pool: Pool) -> None:
     """A request that outwaits a hung check answers 503 and starts no second check of its own."""
+    with pool.connection():
+        pass  # a connection is open and idle: the leader's 0.1 s ready_timeout need not cover a connect
     migrator = BlockingMigrator()
     app = HealthApp(pool, migrator=migrator, ready_timeout=0.1, clock=frozen)
     first: list[int] = []
