@@ -1324,6 +1324,8 @@ _NO_TRANSACTION = re.compile(r"^--\s*pgops:\s*no-transaction\s*$", re.IGNORECASE
 _MAX_VERSION = 2**63 - 1  # the history table's version column is a bigint
 _LOCK_CLASS = 0x7067_6F70  # "pgop": the first key of every pgops advisory lock
 _ATOMIC = re.compile(r"\s+ATOMIC\b", re.IGNORECASE)
+_SPACES = re.compile(r"\s+")
+_WORD = re.compile(r"[\w$]+")  # what _is_word_char accepts, as a run
 _DOLLAR_TAG = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$")
 _COMMENT_EDGE = re.compile(r"/\*|\*/")
 _QUOTE_OR_ESCAPE = re.compile(r"['\\]")
@@ -1410,10 +1412,11 @@ def _read_sql(path: str) -> str:
         wide = text.count("\x00") * 4 >= len(text)
         remedy = "it looks like UTF-16; save it as UTF-8" if wide else "remove it"
         raise BadMigration(f"migration {path!r} contains a NUL byte at offset {text.index(chr(0))}; {remedy}")
-    if not any(code for _, _, code in _scan_sql(text)):
+    statements = [start for start, _end, code in _scan_sql(text) if code]  # scanned once, used twice
+    if not statements:
         raise BadMigration(f"migration {path!r} has no SQL statement; add one or delete the file")
     if _transactional(text):
-        _refuse_transaction_control(text, path)
+        _refuse_transaction_control(text, path, statements)
     return text
 
 
@@ -1422,7 +1425,7 @@ def _transactional(text: str) -> bool:
     return not any(_NO_TRANSACTION.match(line.strip()) for line in text.split("\n", 5)[:5])
 
 
-def _refuse_transaction_control(text: str, path: str) -> None:
+def _refuse_transaction_control(text: str, path: str, statements: list[int]) -> None:
     """Raise BadMigration naming path:line if a transactional migration begins or ends a transaction.
 
     pgops runs the file and its history row in one transaction: a COMMIT inside would commit part of
@@ -1430,9 +1433,7 @@ def _refuse_transaction_control(text: str, path: str) -> None:
     SAVEPOINT, RELEASE and ROLLBACK TO are fine; PL/pgSQL bodies are in dollar quotes, which the
     scanner skips, and a statement never starts with the BEGIN ATOMIC of a SQL-standard body.
     """
-    for start, _end, code in _scan_sql(text):
-        if not code:
-            continue
+    for start in statements:
         i = _code_start(text, start)
         words = _FIRST_WORDS.match(text, i)
         if words is None:
@@ -1517,7 +1518,8 @@ def _scan_sql(text: str) -> Iterator[tuple[int, int, bool]]:
             i = _skip_comment(text, i)
             continue
         if c.isspace():
-            i += 1
+            spaces = _SPACES.match(text, i)
+            i = spaces.end() if spaces else i + 1
             continue
         code = code or c != ";"  # a semicolon alone ends an empty statement: nothing to run
         prev = text[i - 1] if i else " "
@@ -1534,9 +1536,8 @@ def _scan_sql(text: str) -> Iterator[tuple[int, int, bool]]:
             else:
                 i += 1
         elif _is_word_char(c) and not _is_word_char(prev):
-            word_end = i
-            while word_end < n and _is_word_char(text[word_end]):
-                word_end += 1
+            run = _WORD.match(text, i)
+            word_end = run.end() if run else i + 1
             word = text[i:word_end].upper()
             if (word == "BEGIN" and _ATOMIC.match(text, word_end)) or (atomic and word == "CASE"):
                 atomic += 1
