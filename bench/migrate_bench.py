@@ -92,7 +92,9 @@ def yoyo_api(url: str, directory: Path) -> None:
 
 
 def run_cli(args: list[str]) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Let Python cache pgops' bytecode as an installed package has it; otherwise every run recompiles it.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPATH"] = str(ROOT)
     subprocess.run(args, check=True, env=env, capture_output=True, timeout=900)
 
 
