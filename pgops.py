@@ -1632,9 +1632,10 @@ def _failure(
     # blank lines and comments that the piece starts with.
     offset = offset + position - 1 if position > 0 else _code_start(text, offset)
     line, column = _position(text, min(offset, len(text)))
-    sqlstate = exc.pgcode or "XX000"
+    sqlstate = exc.pgcode
     message = diag.message_primary or _one_line(exc)
-    report = f"{path or migration.path}:{line}:{column}: {sqlstate} {message}"
+    # No SQLSTATE: the connection broke (server gone), which the report should not dress up as SQL.
+    report = f"{path or migration.path}:{line}:{column}: {sqlstate or 'connection lost:'} {message}"
     for label, extra in (("detail", diag.message_detail), ("hint", diag.message_hint)):
         if extra:
             report += f" ({label}: {' '.join(extra.split())})"
