@@ -79,6 +79,31 @@ def wait_until(
         time.sleep(min(interval, remaining))
 
 
+def write(directory: Path, name: str, text: str | bytes) -> Path:
+    """Write one migration file (text as UTF-8 without newline translation, or raw bytes)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8", newline="")
+    return path
+
+
+def scalar(conn: psycopg2.extensions.connection, query: str, args: tuple[Any, ...] = ()) -> Any:
+    """Return the first column of the first row of query."""
+    with conn.cursor() as cur:
+        cur.execute(query, args)
+        row = cur.fetchone()
+        assert row is not None
+        return row[0]
+
+
+def relation_exists(conn: psycopg2.extensions.connection, name: str) -> bool:
+    """Tell whether a table, index or view called name (schema-qualified or not) exists."""
+    return scalar(conn, "SELECT to_regclass(%s) IS NOT NULL", (name,)) is True
+
+
 def _pgserver_bindir() -> Path | None:
     """Return the bin directory of the pgserver wheel without importing it (its import warns)."""
     spec = importlib.util.find_spec("pgserver")

@@ -17,7 +17,7 @@ import psycopg2.sql
 import pytest
 
 import pgops
-from pgtest import PgServer, free_port, wait_until
+from pgtest import PgServer, free_port, relation_exists, scalar, wait_until, write
 
 Conn = psycopg2.extensions.connection
 Run = Callable[..., subprocess.CompletedProcess[str]]
@@ -102,30 +102,6 @@ def cli(pg_server: PgServer, dsn: str, mdir: Path, tmp_path: Path) -> Run:
         )
 
     return run
-
-
-def write(directory: Path, name: str, text: str | bytes) -> Path:
-    """Write one migration file (text as UTF-8 without newline translation, or raw bytes)."""
-    path = directory / name
-    if isinstance(text, bytes):
-        path.write_bytes(text)
-    else:
-        path.write_text(text, encoding="utf-8", newline="")
-    return path
-
-
-def scalar(conn: Conn, query: str, args: tuple[Any, ...] = ()) -> Any:
-    """Return the first column of the first row of query."""
-    with conn.cursor() as cur:
-        cur.execute(query, args)
-        row = cur.fetchone()
-        assert row is not None
-        return row[0]
-
-
-def relation_exists(conn: Conn, name: str) -> bool:
-    """Tell whether a table or index called name exists."""
-    return scalar(conn, "SELECT to_regclass(%s) IS NOT NULL", (name,)) is True
 
 
 def history(conn: Conn) -> list[tuple[int, str]] | None:

@@ -29,7 +29,7 @@ from pgops import (
     parse_migration_name,
     split_sql,
 )
-from pgtest import PgServer, free_port, wait_until
+from pgtest import PgServer, free_port, relation_exists, scalar, wait_until, write
 
 Conn = psycopg2.extensions.connection
 
@@ -55,31 +55,6 @@ DO $do$ BEGIN INSERT INTO "semi;colon" VALUES (4, 'from do;'); END $do$;
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def write(directory: Path, name: str, text: str | bytes) -> Path:
-    """Write one migration file (text as UTF-8 without newline translation, or raw bytes)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / name
-    if isinstance(text, bytes):
-        path.write_bytes(text)
-    else:
-        path.write_text(text, encoding="utf-8", newline="")
-    return path
-
-
-def scalar(conn: Conn, query: str, args: tuple[Any, ...] = ()) -> Any:
-    """Return the first column of the first row of query."""
-    with conn.cursor() as cur:
-        cur.execute(query, args)
-        row = cur.fetchone()
-        assert row is not None
-        return row[0]
-
-
-def relation_exists(conn: Conn, name: str) -> bool:
-    """Tell whether a table, index or view called name (schema-qualified or not) exists."""
-    return scalar(conn, "SELECT to_regclass(%s) IS NOT NULL", (name,)) is True
 
 
 def history(
