@@ -165,7 +165,8 @@ class MigrationFailed(MigrationError):
 # Config
 # ================================================================================================
 
-_URL_PASSWORD = re.compile(r"(?P<head>^[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@]*:)(?P<pw>[^@/?#]*)(?=@)")
+# libpq reads the user info up to the first '@': a password may hold '#' or '?' unencoded.
+_URL_PASSWORD = re.compile(r"(?P<head>^[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@]*:)(?P<pw>[^@/]*)(?=@)")
 # In a URL's query a password ends at '&' (a literal one is %26); in key=value form an unquoted
 # value ends only at whitespace, so '&' may be part of the password there.
 _QUERY_PASSWORD = re.compile(r"(?P<head>[?&]password=)(?P<pw>[^&#]*)", re.IGNORECASE)
@@ -617,6 +618,7 @@ class _Connection(psycopg2.extensions.connection):
         self._pgops_last_used = now
         self._pgops_checked_out = now
         self._pgops_stack: list[str] | None = None
+        self._pgops_lent = False
         self._pgops_queries = 0
         self._pgops_errors = 0
         self._pgops_ms = 0.0
@@ -640,7 +642,7 @@ class _Waiter:
         self._event.release()
 
     def wait(self, timeout: float) -> bool:
-        return self._event.acquire(timeout=max(timeout, 0.0))
+        return self._event.acquire(timeout=min(max(timeout, 0.0), threading.TIMEOUT_MAX))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -826,6 +828,7 @@ class Pool:
             self._discard(conn, problem)
 
     def _lend(self, conn: _Connection, now: float) -> _Connection:
+        conn._pgops_lent = True
         conn._pgops_checked_out = now
         if self.config.leak_threshold:
             conn._pgops_stack = traceback.format_stack(limit=12)[:-2]
@@ -855,7 +858,12 @@ class Pool:
             self._counters["requests_queued"] += first
             if self._size < self.config.max_size:
                 self._wakeup.notify()  # the worker can open one more; at max_size a return serves us
-        if not waiter.wait(deadline - time.monotonic()):
+        try:
+            handed = waiter.wait(deadline - time.monotonic())
+        except BaseException:
+            self._abandon(waiter)  # interrupted (KeyboardInterrupt): leave no ghost in the queue
+            raise
+        if not handed:
             with self._lock:
                 # The connection may have been handed over just as the wait timed out: then keep it.
                 if waiter.conn is None and waiter.error is None:
@@ -873,6 +881,16 @@ class Pool:
         with self._lock:
             self._record_wait(time.monotonic() - start)
         return waiter.conn
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        """Take an interrupted waiter out of the queue, passing on a connection it was given."""
+        with self._lock:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            conn, waiter.conn = waiter.conn, None
+            if conn is not None:
+                self._in_use.discard(conn)
+                self._hand_over(conn)
 
     def _record_wait(self, seconds: float) -> None:
         """Add one acquire wait to the histogram (lock held)."""
@@ -926,6 +944,10 @@ class Pool:
             raise PoolError(
                 "this connection does not belong to this pool; return it to the pool that gave it"
             )
+        if not pooled._pgops_lent:
+            # Checked before anything touches the connection: it may already be lent to someone else.
+            raise PoolError("this connection was already returned to the pool")
+        pooled._pgops_lent = False
         now = time.monotonic()
         if self.config.leak_threshold:
             pooled._pgops_stack = None
@@ -933,14 +955,15 @@ class Pool:
             not pooled.closed
             and pooled.get_transaction_status() == _STATUS_IDLE
             and not pooled.autocommit
+            and pooled.readonly is None
+            and pooled.isolation_level is None
+            and pooled.deferrable is None
+            and pooled.cursor_factory is _Cursor
             and now < pooled._pgops_expires
         )
         problem = None if clean else self._return_problem(pooled, now)
         with self._lock:
-            try:
-                self._in_use.remove(pooled)
-            except KeyError:
-                raise PoolError("this connection was already returned to the pool") from None
+            self._in_use.discard(pooled)
             self._times["usage_ms"] += (now - pooled._pgops_checked_out) * 1000.0
             if problem is None and not self._closed:
                 pooled._pgops_last_used = now
@@ -948,6 +971,7 @@ class Pool:
                 return
             if problem == "bad":
                 self._counters["returns_bad"] += 1
+            self._fold_queries(pooled)  # in this critical section, so counters never step back
         self._discard(pooled, problem or "closed", in_use=False)
 
     def _return_problem(self, conn: _Connection, now: float) -> str | None:
@@ -968,6 +992,10 @@ class Pool:
                 return "lost"
         if conn.autocommit:
             conn.autocommit = False
+        # Session characteristics set through psycopg2 live on the object: the next borrower must
+        # not inherit a read-only or serializable connection. (SET commands are the caller's to undo.)
+        conn.set_session(isolation_level="default", readonly="default", deferrable="default")
+        conn.cursor_factory = _Cursor
         if now >= conn._pgops_expires:
             return "expired"
         return None
@@ -1133,7 +1161,10 @@ class Pool:
                     waiter.wake()
                 return
             delay = min(_RECONNECT_MAX_DELAY, _RECONNECT_FIRST_DELAY * 2 ** min(self._failures - 1, 16))
-            self._wakeup.wait(delay * (0.5 + 0.5 * random.random()))
+            # New waiters notify the worker; that must not cut the backoff short during an outage.
+            until = time.monotonic() + delay * (0.5 + 0.5 * random.random())
+            while not self._closed and (remaining := until - time.monotonic()) > 0:
+                self._wakeup.wait(remaining)
 
     def _maintain(self, now: float) -> None:
         """Close expired and surplus idle connections, warn about leaks, keep the health window."""
@@ -2048,6 +2079,32 @@ class Migrator:
             )
             row = cur.fetchone()
             self._same_backend(int(row[0]) if row else 0)
+        # Session-level here (autocommit has no transaction for SET LOCAL), undone in finally.
+        cur.execute("SET lock_timeout = %s", (f"{int(self.statement_lock_timeout * 1000)}ms",))
+        try:
+            self._run_each(cur, migration, text, path, record=record)
+        finally:
+            if not conn.closed:
+                with contextlib.suppress(psycopg2.Error):
+                    cur.execute("RESET lock_timeout")
+        ms = (time.perf_counter() - started) * 1000.0
+        if record:
+            cur.execute(
+                psycopg2.sql.SQL(
+                    "UPDATE {} SET status = 'applied', execution_ms = %s WHERE version = %s"
+                ).format(self._history),
+                (ms, migration.version),
+            )
+        else:
+            cur.execute(
+                psycopg2.sql.SQL("DELETE FROM {} WHERE version = %s").format(self._history),
+                (migration.version,),
+            )
+
+    def _run_each(
+        self, cur: psycopg2.extensions.cursor, migration: Migration, text: str, path: str, *, record: bool
+    ) -> None:
+        """Run the statements of a no-transaction file; on failure mark its history row failed."""
         done = 0
         for start, end, code in _scan_sql(text):
             if not code:
@@ -2063,12 +2120,14 @@ class Migrator:
                 )
             except psycopg2.Error as exc:
                 failure = _failure(migration, exc, start, path)
-                if record:
+                # Up or down, part of the file has run: the row says so, and migrate refuses until
+                # repair. If the connection is gone the row stays 'running', which is just as dirty.
+                with contextlib.suppress(psycopg2.Error):
                     cur.execute(
                         psycopg2.sql.SQL(
                             "UPDATE {} SET status = 'failed', error = %s WHERE version = %s"
                         ).format(self._history),
-                        (str(failure), migration.version),
+                        (("" if record else "rollback failed: ") + str(failure), migration.version),
                     )
                 raise failure from None
             done += 1
@@ -2077,19 +2136,6 @@ class Migrator:
                     psycopg2.sql.SQL("UPDATE {} SET progress = %s WHERE version = %s").format(self._history),
                     (done, migration.version),
                 )
-        ms = (time.perf_counter() - started) * 1000.0
-        if record:
-            cur.execute(
-                psycopg2.sql.SQL(
-                    "UPDATE {} SET status = 'applied', execution_ms = %s WHERE version = %s"
-                ).format(self._history),
-                (ms, migration.version),
-            )
-        else:
-            cur.execute(
-                psycopg2.sql.SQL("DELETE FROM {} WHERE version = %s").format(self._history),
-                (migration.version,),
-            )
 
     def rollback(
         self, target: int, *, on_reverted: Callable[[Migration, float], None] | None = None

@@ -177,6 +177,8 @@ def test_config_is_frozen_and_replaceable() -> None:
         ("host=db password='Sup3r Secret Pw' dbname=docs", "host=db password=*** dbname=docs"),
         ("host=db PASSWORD = Sup3rSecretPw", "host=db PASSWORD = ***"),
         ("postgresql://app@db/docs", "postgresql://app@db/docs"),
+        ("postgresql://app:ab#cd@db/docs", "postgresql://app:***@db/docs"),
+        ("postgresql://app:ab?cd@db/docs?sslmode=require", "postgresql://app:***@db/docs?sslmode=require"),
     ],
 )
 def test_redact_dsn(dsn: str, expected: str) -> None:

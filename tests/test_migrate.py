@@ -533,14 +533,9 @@ def test_statement_lock_timeout_is_retried_until_the_table_is_free(
 
 
 @pytest.fixture
-def busy_table(dsn: str, dbname: str, admin: Conn) -> Iterator[Conn]:
-    """Table busy, share-locked by an open transaction, in a database with lock_timeout 200ms."""
+def busy_table(dsn: str, admin: Conn) -> Iterator[Conn]:
+    """Table busy, share-locked by an open transaction until the test rolls it back."""
     admin.cursor().execute("CREATE TABLE busy (id int)")
-    admin.cursor().execute(
-        psycopg2.sql.SQL("ALTER DATABASE {} SET lock_timeout = '200ms'").format(
-            psycopg2.sql.Identifier(dbname)
-        )
-    )
     blocker = psycopg2.connect(dsn)
     try:
         blocker.cursor().execute("LOCK TABLE busy IN ACCESS SHARE MODE")  # held until rollback
@@ -560,7 +555,8 @@ def test_blocked_no_transaction_statement_is_retried_alone(
         "-- pgops: no-transaction\nCREATE TABLE side (id int);\nALTER TABLE busy ADD COLUMN note text;\n",
     )
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        future = pool.submit(Migrator(dsn, str(mdir)).migrate)
+        # statement_lock_timeout applies to no-transaction files too (a session SET around them).
+        future = pool.submit(Migrator(dsn, str(mdir), statement_lock_timeout=0.2).migrate)
         wait_until(
             lambda: future.done() or any("55P03" in r.getMessage() for r in caplog.records),
             timeout=30,
@@ -581,7 +577,7 @@ def test_no_transaction_file_still_blocked_after_retries_is_marked_failed(
     path = write(
         mdir, "0001_alter_busy.sql", "-- pgops: no-transaction\nALTER TABLE busy ADD COLUMN note text;\n"
     )
-    migrator = Migrator(dsn, str(mdir))
+    migrator = Migrator(dsn, str(mdir), statement_lock_timeout=0.2)
     pgops.set_testing(True)  # no sleeps between the attempts
     try:
         with pytest.raises(MigrationFailed) as info:
@@ -888,3 +884,21 @@ def test_missing_file_below_the_newest_is_still_refused(dsn: str, tmp_path: Path
     (tmp_path / "0002_table_2.down.sql").unlink()
     with pytest.raises(pgops.ChecksumMismatch, match="applied migration 2"):
         Migrator(dsn, str(tmp_path)).migrate()
+
+
+def test_failed_no_transaction_down_file_marks_the_migration_failed(
+    dsn: str, admin: Conn, mdir: Path
+) -> None:
+    """A down file that fails half-way leaves a 'failed' row, so nobody mistakes it for applied."""
+    write(mdir, "0001_two.sql", "CREATE TABLE a1 (id int);\nCREATE TABLE a2 (id int);\n")
+    down = "-- pgops: no-transaction\nDROP TABLE a1;\nSELECT 1/0;\nDROP TABLE a2;\n"
+    write(mdir, "0001_two.down.sql", down)
+    migrator = Migrator(dsn, str(mdir))
+    migrator.migrate()
+    with pytest.raises(MigrationFailed, match=r"0001_two\.down\.sql:3:"):
+        migrator.rollback(0)
+    assert history(admin) == [(1, "failed")]
+    assert "rollback failed" in scalar(admin, "SELECT error FROM migration_history WHERE version = 1")
+    assert migrator.validate() != []
+    with pytest.raises(DirtyDatabase):
+        migrator.migrate()

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import psycopg2
 import psycopg2.extensions
+import psycopg2.extras
 import psycopg2.pool
 import pytest
 
@@ -401,3 +402,33 @@ def test_password_never_logged_or_shown(
     assert any("pool started" in t for t in texts)
     for text in texts:
         assert password not in text
+
+
+def test_waiting_without_a_deadline(dsn: str) -> None:
+    """getconn(timeout=inf) waits as long as it takes, and is served when a connection returns."""
+    with Pool(dsn, min_size=0, max_size=1) as pool:
+        conn = pool.getconn()
+        got: list[psycopg2.extensions.connection] = []
+        waiter = threading.Thread(target=lambda: got.append(pool.getconn(timeout=float("inf"))))
+        waiter.start()
+        wait_until(lambda: pool.stats()["requests_waiting"] == 1, message="waiter not queued")
+        pool.putconn(conn)
+        waiter.join(10)
+        assert got == [conn]
+        pool.putconn(conn)
+
+
+def test_session_characteristics_do_not_leak_to_the_next_borrower(pool: Pool) -> None:
+    """Read-only, isolation level, deferrable and cursor_factory set by one caller are reset on return."""
+    conn = pool.getconn()
+    conn.set_session(readonly=True, isolation_level="SERIALIZABLE", deferrable=True)
+    conn.cursor_factory = psycopg2.extras.DictCursor
+    pool.putconn(conn)
+    again = pool.getconn()
+    assert (again.readonly, again.isolation_level, again.deferrable) == (None, None, None)
+    with again.cursor() as cur:
+        cur.execute("SHOW transaction_read_only")
+        assert cur.fetchone() == ("off",)
+        assert type(cur).__name__ == "_Cursor"
+    pool.putconn(again)
+
