@@ -2004,22 +2004,18 @@ class Migrator:
         if order:
             raise MigrationError("; ".join(order))
 
-    def _apply(self, conn: psycopg2.extensions.connection, migration: Migration) -> None:
-        if migration.transactional:
-            self._run_in_transaction(conn, migration, migration.sql, migration.path, record=True)
-        else:
-            self._run_statements(conn, migration, migration.sql, migration.path, record=True)
+    def _apply(
+        self, conn: psycopg2.extensions.connection, migration: Migration, path: str = "", record: bool = True
+    ) -> None:
+        """Run a migration's SQL (a down file's with record=False) as its first lines ask."""
+        run = self._run_in_transaction if _transactional(migration.sql) else self._run_statements
+        run(conn, migration, path or migration.path, record)
 
     def _run_in_transaction(
-        self,
-        conn: psycopg2.extensions.connection,
-        migration: Migration,
-        text: str,
-        path: str,
-        *,
-        record: bool,
+        self, conn: psycopg2.extensions.connection, migration: Migration, path: str, record: bool
     ) -> None:
-        """Run *text* and its history change in one transaction; roll everything back on error."""
+        """Run the SQL and its history change in one transaction; roll everything back on error."""
+        text = migration.sql
         cur = conn.cursor()
         started = time.perf_counter()
         # BEGIN, the lock timeout and the pid check share one round trip; so do the history row and COMMIT.
@@ -2058,13 +2054,7 @@ class Migrator:
             raise
 
     def _run_statements(
-        self,
-        conn: psycopg2.extensions.connection,
-        migration: Migration,
-        text: str,
-        path: str,
-        *,
-        record: bool,
+        self, conn: psycopg2.extensions.connection, migration: Migration, path: str, record: bool
     ) -> None:
         """Run a no-transaction file statement by statement, recording progress in the history row."""
         cur = conn.cursor()
@@ -2082,7 +2072,7 @@ class Migrator:
         # Session-level here (autocommit has no transaction for SET LOCAL), undone in finally.
         cur.execute("SET lock_timeout = %s", (f"{int(self.statement_lock_timeout * 1000)}ms",))
         try:
-            self._run_each(cur, migration, text, path, record=record)
+            self._run_each(cur, migration, path, record)
         finally:
             if not conn.closed:
                 with contextlib.suppress(psycopg2.Error):
@@ -2102,9 +2092,10 @@ class Migrator:
             )
 
     def _run_each(
-        self, cur: psycopg2.extensions.cursor, migration: Migration, text: str, path: str, *, record: bool
+        self, cur: psycopg2.extensions.cursor, migration: Migration, path: str, record: bool
     ) -> None:
         """Run the statements of a no-transaction file; on failure mark its history row failed."""
+        text = migration.sql
         done = 0
         for start, end, code in _scan_sql(text):
             if not code:
@@ -2164,18 +2155,9 @@ class Migrator:
             texts = {v: _read_sql(files[v].down_path or "") for v in victims}
             for version in victims:
                 migration = files[version]
-                down_path = migration.down_path
-                assert down_path is not None
-                text = texts[version]
                 started = time.perf_counter()
-                if not _transactional(text):
-                    self._run_statements(
-                        conn, dataclasses.replace(migration, sql=text), text, down_path, record=False
-                    )
-                else:
-                    self._run_in_transaction(
-                        conn, dataclasses.replace(migration, sql=text), text, down_path, record=False
-                    )
+                down = dataclasses.replace(migration, sql=texts[version])
+                self._apply(conn, down, migration.down_path or "", record=False)
                 elapsed = (time.perf_counter() - started) * 1000.0
                 _logger.info("reverted migration %s (%.1f ms)", migration.name, elapsed)
                 reverted.append(migration)

@@ -96,3 +96,11 @@ def own_server(tmp_path: Path) -> Iterator[LocalServer]:
         yield server
     finally:
         server.cleanup()
+
+
+@pytest.fixture
+def mdir(tmp_path: Path) -> Path:
+    """An empty migrations directory for this test."""
+    path = tmp_path / "migrations"
+    path.mkdir()
+    return path

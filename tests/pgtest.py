@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import importlib.util
+import json
 import os
 import secrets
 import shutil
@@ -18,6 +20,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote, urlencode
+from wsgiref.util import setup_testing_defaults
+from wsgiref.validate import validator
 
 import psycopg2
 import psycopg2.extensions
@@ -103,6 +107,42 @@ def relation_exists(conn: psycopg2.extensions.connection, name: str) -> bool:
     """Tell whether a table, index or view called name (schema-qualified or not) exists."""
     return scalar(conn, "SELECT to_regclass(%s) IS NOT NULL", (name,)) is True
 
+
+
+@dataclasses.dataclass
+class Reply:
+    """A response as a test client saw it."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        """Return the body decoded as JSON."""
+        return json.loads(self.body)
+
+
+def wsgi_call(
+    app: Any, path: str, method: str = "GET", headers: dict[str, str] | None = None, query: str = ""
+) -> Reply:
+    """Call a WSGI app in-process through wsgiref.validate and return what it answered."""
+    environ: dict[str, Any] = {}
+    setup_testing_defaults(environ)
+    environ.update(REQUEST_METHOD=method, PATH_INFO=path, QUERY_STRING=query)
+    for name, value in (headers or {}).items():
+        environ["HTTP_" + name.upper().replace("-", "_")] = value
+    seen: dict[str, Any] = {}
+
+    def start_response(status: str, response_headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        seen.update(status=status, headers=response_headers)
+        return lambda data: None
+
+    result: Any = validator(app)(environ, start_response)
+    try:
+        body = b"".join(result)
+    finally:
+        result.close()  # the validator insists
+    return Reply(int(seen["status"].split()[0]), dict(seen["headers"]), body)
 
 def _pgserver_bindir() -> Path | None:
     """Return the bin directory of the pgserver wheel without importing it (its import warns)."""

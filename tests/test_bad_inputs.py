@@ -37,15 +37,13 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from wsgiref.util import setup_testing_defaults
-from wsgiref.validate import validator
 
 import psycopg2.extensions
 import pytest
 from psycopg2 import sql
 
 from pgops import HealthApp, Migrator, Pool
-from pgtest import PgServer
+from pgtest import PgServer, Reply, wsgi_call
 
 Conn = psycopg2.extensions.connection
 
@@ -692,34 +690,10 @@ class Http:
     authorization: str | None = None
 
 
-@dataclasses.dataclass
-class Reply:
-    """A response as the in-process client saw it."""
-
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-
 def call(app: Any, case: Http) -> Reply:
     """Send one request to a WSGI app in-process through wsgiref.validate."""
-    environ: dict[str, Any] = {}
-    setup_testing_defaults(environ)
-    environ.update(REQUEST_METHOD=case.method, PATH_INFO=case.path, QUERY_STRING=case.query)
-    if case.authorization is not None:
-        environ["HTTP_AUTHORIZATION"] = case.authorization
-    seen: dict[str, Any] = {}
-
-    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-        seen.update(status=status, headers=headers)
-        return lambda data: None
-
-    result: Any = validator(app)(environ, start_response)
-    try:
-        body = b"".join(result)
-    finally:
-        result.close()
-    return Reply(int(seen["status"].split()[0]), dict(seen["headers"]), body)
+    headers = {} if case.authorization is None else {"Authorization": case.authorization}
+    return wsgi_call(app, case.path, case.method, headers, case.query)
 
 
 NOT_ALLOWED, NOT_FOUND, NO_TOKEN = "method not allowed", "not found", "Authorization: Bearer"

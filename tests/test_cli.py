@@ -77,14 +77,6 @@ def secrets_of(pg_server: PgServer) -> list[str]:
 
 
 @pytest.fixture
-def mdir(tmp_path: Path) -> Path:
-    """An empty migrations directory for this test."""
-    path = tmp_path / "migrations"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
 def cli(pg_server: PgServer, dsn: str, mdir: Path, tmp_path: Path) -> Run:
     """Run pgops on this test's database (DATABASE_URL) and migrations directory (--dir)."""
 

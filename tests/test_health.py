@@ -17,8 +17,6 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from wsgiref.util import setup_testing_defaults
-from wsgiref.validate import validator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -43,38 +41,7 @@ PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 TOKEN = "s3cret-token-" + secrets.token_hex(4)
 
 
-@dataclasses.dataclass
-class Reply:
-    """A response as the test client saw it."""
-
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        """Return the body decoded as JSON."""
-        return json.loads(self.body)
-
-
-def call(app: Any, path: str, method: str = "GET", headers: dict[str, str] | None = None) -> Reply:
-    """Call a WSGI app in-process through wsgiref.validate and return what it answered."""
-    environ: dict[str, Any] = {}
-    setup_testing_defaults(environ)
-    environ.update(REQUEST_METHOD=method, PATH_INFO=path, QUERY_STRING="")
-    for name, value in (headers or {}).items():
-        environ["HTTP_" + name.upper().replace("-", "_")] = value
-    seen: dict[str, Any] = {}
-
-    def start_response(status: str, response_headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-        seen.update(status=status, headers=response_headers)
-        return lambda data: None
-
-    result: Any = validator(app)(environ, start_response)
-    try:
-        body = b"".join(result)
-    finally:
-        result.close()  # the validator insists
-    return Reply(int(seen["status"].split()[0]), dict(seen["headers"]), body)
+call = pgtest.wsgi_call
 
 
 def metrics(text: str) -> dict[str, Any]:
@@ -564,7 +531,7 @@ def test_outage_fails_ready_and_detailed_until_the_server_is_back(own_server: pg
     dsn = own_server.dsn()
     bodies: list[bytes] = []
 
-    def get(path: str) -> Reply:
+    def get(path: str) -> pgtest.Reply:
         reply = call(app, path)
         bodies.append(reply.body)
         return reply
@@ -701,15 +668,15 @@ def test_health_app_rejects_bad_arguments(pool: Pool, kwargs: dict[str, Any]) ->
 # -- real servers ----------------------------------------------------------------------------------
 
 
-def fetch(url: str, method: str = "GET", headers: dict[str, str] | None = None) -> Reply:
+def fetch(url: str, method: str = "GET", headers: dict[str, str] | None = None) -> pgtest.Reply:
     """Send one HTTP request and return the reply, error statuses included."""
     request = urllib.request.Request(url, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
-            return Reply(response.status, dict(response.headers), response.read())
+            return pgtest.Reply(response.status, dict(response.headers), response.read())
     except urllib.error.HTTPError as exc:
         with exc:
-            return Reply(exc.code, dict(exc.headers), exc.read())
+            return pgtest.Reply(exc.code, dict(exc.headers), exc.read())
 
 
 def test_make_server_serves_http_and_logs_to_the_pgops_logger(

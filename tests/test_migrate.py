@@ -90,14 +90,6 @@ def statements(text: str) -> list[str]:
 
 
 @pytest.fixture
-def mdir(tmp_path: Path) -> Path:
-    """An empty migrations directory for this test."""
-    path = tmp_path / "migrations"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
 def holder(pg_server: PgServer, dbname: str) -> Iterator[Conn]:
     """An autocommit connection with application_name 'holder-app', for holding locks."""
     conn = psycopg2.connect(pg_server.dsn(dbname, application_name="holder-app"))

@@ -30,8 +30,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_plus
-from wsgiref.util import setup_testing_defaults
-from wsgiref.validate import validator
 
 import pytest
 
@@ -49,7 +47,7 @@ from pgops import (
     check_schema,
     create_app,
 )
-from pgtest import ExternalServer, PgServer, free_port, wait_until
+from pgtest import ExternalServer, PgServer, Reply, free_port, wait_until, wsgi_call
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 120.0
@@ -228,34 +226,9 @@ def cli_refused(
 # -- HTTP ------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Reply:
-    """A response: status, headers and body."""
-
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-
 def call(app: Any, path: str, method: str = "GET", authorization: str | None = None) -> Reply:
-    """Call a WSGI app in-process through wsgiref.validate."""
-    environ: dict[str, Any] = {}
-    setup_testing_defaults(environ)
-    environ.update(REQUEST_METHOD=method, PATH_INFO=path, QUERY_STRING="")
-    if authorization is not None:
-        environ["HTTP_AUTHORIZATION"] = authorization
-    seen: dict[str, Any] = {}
-
-    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-        seen.update(status=status, headers=headers)
-        return lambda data: None
-
-    result: Any = validator(app)(environ, start_response)
-    try:
-        body = b"".join(result)
-    finally:
-        result.close()
-    return Reply(int(seen["status"].split()[0]), dict(seen["headers"]), body)
+    """Call a WSGI app in-process, with an Authorization header when one is given."""
+    return wsgi_call(app, path, method, {} if authorization is None else {"Authorization": authorization})
 
 
 ROUTES: list[tuple[str, str, str | None]] = [
