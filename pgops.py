@@ -165,17 +165,40 @@ class MigrationFailed(MigrationError):
 # Config
 # ================================================================================================
 
-# libpq reads the user info up to the first '@': a password may hold '#' or '?' unencoded.
-_URL_PASSWORD = re.compile(r"(?P<head>^[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@]*:)(?P<pw>[^@/]*)(?=@)")
-# In a URL's query a password ends at '&' (a literal one is %26); in key=value form an unquoted
-# value ends only at whitespace, so '&' may be part of the password there.
-_QUERY_PASSWORD = re.compile(r"(?P<head>[?&]password=)(?P<pw>[^&#]*)", re.IGNORECASE)
-_KV_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'|\S*)", re.IGNORECASE)
+# Where a password may sit in a DSN.  Each pattern reads it the way libpq does AND the way a person
+# who forgot to quote or percent-encode it may have meant it: redaction may hide a little more than
+# the password, never less.
+# URL user info: libpq stops it at the first '@' or '/', so an unencoded '@', '/', '#' or '?' in a
+# password splits it into host, port or database; a person meant everything up to the last '@'.
+_URL_PASSWORD = re.compile(r"(?P<head>^\s*[A-Za-z][A-Za-z0-9+.-]*://[^:/@]*:)(?P<pw>.*)(?=@)", re.DOTALL)
+# URL query: libpq ends a value at '&' only ('#' is no fragment to it); a person who wrote '&' in a
+# password meant it to go on up to the next "&key=".
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&]password=)(?P<pw>.*?)(?=&[^&=]*=|\Z)", re.IGNORECASE | re.DOTALL)
+# key=value: a value is quoted ('...', to the end when unterminated), backslash-escaped or plain, and
+# ends at whitespace; a person who wrote a space in it meant it to go on up to the next " key=".
+_KV_PASSWORD = re.compile(
+    r"(?P<head>\bpassword\s*=\s*)"
+    r"(?P<pw>(?:'(?:[^'\\]|\\.)*(?:'|\Z)|\\.|.)*?)(?=(?<!\\)\s+[A-Za-z_]\w*\s*=|\s*\Z)",
+    re.IGNORECASE | re.DOTALL,
+)
+# A person who wrote an unbalanced quote into a password meant it up to the next " key=", not to the end.
+_KV_WORDS = re.compile(
+    r"\bpassword\s*=\s*(?P<pw>.*?)(?=\s+[A-Za-z_]\w*\s*=|\s*\Z)", re.IGNORECASE | re.DOTALL
+)
 _IS_URL = re.compile(r"^\s*[A-Za-z][A-Za-z0-9+.-]*://")
+_QUOTED = re.compile(r"\"(?P<double>[^\"]*)\"|'(?P<single>[^']*)'")  # how libpq and repr() quote values
+_CUTS = re.compile(r"[\s@/:?&=,'\"\\%\[\]]+")  # where libpq may cut a password written unencoded
+_MIN_PIECE = 4  # shorter pieces go only where quoted (see _scrub): "app" or "5432" is no secret alone
+_KV_ESCAPE = re.compile(r"\\(.)|'", re.DOTALL)
 
 
 def _password_patterns(dsn: str) -> tuple[re.Pattern[str], ...]:
     return (_URL_PASSWORD, _QUERY_PASSWORD) if _IS_URL.match(dsn) else (_KV_PASSWORD,)
+
+
+def _password_spans(dsn: str) -> list[tuple[int, int]]:
+    """Return where in *dsn* a password may be written (see the patterns above)."""
+    return [m.span("pw") for pattern in _password_patterns(dsn) for m in pattern.finditer(dsn)]
 
 
 def redact_dsn(dsn: str) -> str:
@@ -186,42 +209,82 @@ def redact_dsn(dsn: str) -> str:
 
 
 def _dsn_secrets(dsn: str) -> list[str]:
-    """Return the password strings found in *dsn*, for scrubbing them out of driver messages."""
-    from urllib.parse import unquote
+    """Return the password strings of *dsn*, as written and as libpq reads them, longest first."""
+    from urllib.parse import quote, unquote
 
-    found = [m.group("pw") for pattern in _password_patterns(dsn) for m in pattern.finditer(dsn)]
-    # Also as libpq reads it: URL-decoded, or unquoted and unescaped.
-    found += [unquote(s) for s in found] + [re.sub(r"\\(.)", r"\1", s[1:-1]) for s in found if s[:1] == "'"]
-    return sorted({s for s in found if len(s) >= 2}, key=len, reverse=True)  # longest first
+    found = [dsn[start:end] for start, end in _password_spans(dsn)]
+    if not _IS_URL.match(dsn):
+        found += [m.group("pw") for m in _KV_WORDS.finditer(dsn)]
+    # As libpq reads them: URL-decoded, or unquoted and unescaped; and exactly what libpq took.
+    found += [unquote(s) for s in found] + [_KV_ESCAPE.sub(lambda m: m.group(1) or "", s) for s in found]
+    with contextlib.suppress(psycopg2.ProgrammingError, UnicodeDecodeError):
+        found.append(psycopg2.extensions.parse_dsn(dsn).get("password") or "")
+    found += [quote(s, safe="") for s in found]  # and URL-encoded, as a URL built from them holds them
+    # libpq may cut an unencoded password at these characters into a host, a port, a database or a
+    # parameter and quote one piece in an error (possibly with a quote mark inside): each longer
+    # piece is a secret of its own.
+    found += [piece for s in found for piece in _CUTS.split(s) if len(piece) >= _MIN_PIECE]
+    return sorted({s for s in found if len(s) >= 2}, key=len, reverse=True)
 
 
 def _scrub(text: str, dsn: str) -> str:
-    """Remove the DSN's password from *text* (a driver message may echo parts of the DSN)."""
-    for secret in _dsn_secrets(dsn):
+    """Return *text* without any piece of *dsn*'s password: the one scrubber of every message.
+
+    Each password string goes (see _dsn_secrets), and so does a shorter quoted value (libpq quotes
+    the host, port or token it complains about) when it overlaps where the DSN may hold a password.
+    """
+    spans = _password_spans(dsn)
+    if not spans:
+        return text
+    secrets = _dsn_secrets(dsn)
+
+    def in_password(value: str) -> bool:
+        if any(value in secret for secret in secrets):
+            return True
+        start = dsn.find(value)
+        while start >= 0:
+            if any(start < end and begin < start + len(value) for begin, end in spans):
+                return True
+            start = dsn.find(value, start + 1)
+        return False
+
+    def hide(match: re.Match[str]) -> str:
+        value = match.group("double") if match.group("double") is not None else match.group("single")
+        quote = match.group(0)[0]
+        return f"{quote}***{quote}" if value and in_password(value) else match.group(0)
+
+    for secret in secrets:  # whole strings first: hiding a quoted piece could break one up
         text = text.replace(secret, "***")
-    return text
+    return _QUOTED.sub(hide, text)
 
 
 def _one_line(exc: BaseException, dsn: str = "") -> str:
     """Return an exception as one scrubbed line, for log lines and error messages."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return _scrub(text, dsn) if dsn else text
+    return " ".join(_scrub(str(exc), dsn).split()) or type(exc).__name__
 
 
 def _check_dsn(dsn: str) -> None:
     """Raise ConfigError unless libpq can parse *dsn*."""
     if not isinstance(dsn, str) or not dsn.strip():
         raise ConfigError("dsn is empty; pass a libpq URL such as postgresql://user@host/dbname")
+    problem: str | None = None
     try:
         params = psycopg2.extensions.parse_dsn(dsn)
     except psycopg2.ProgrammingError as exc:
-        raise ConfigError(
-            f"dsn {redact_dsn(dsn)!r} is not a valid libpq URL or key=value string: {_one_line(exc, dsn)}"
-        ) from None
+        problem = _one_line(exc, dsn)
+    except UnicodeDecodeError:  # a %XX escape decoded to bytes psycopg2 cannot read back as text
+        problem = "a percent-encoded value does not decode to UTF-8"
+    # Raised here, not in the except block: a __context__ would carry libpq's text, which may quote
+    # the password.
+    if problem is not None:
+        raise ConfigError(f"dsn {redact_dsn(dsn)!r} is not a valid libpq URL or key=value string: {problem}")
     # libpq parses but does not check ports until it connects, and then the error looks transient.
     for port in str(params.get("port", "")).split(","):
-        if port.strip() and not (re.fullmatch(r"[0-9]{1,5}", port.strip()) and 1 <= int(port) <= 65535):
-            raise ConfigError(f"dsn {redact_dsn(dsn)!r} has port {port.strip()!r}; a port is 1 to 65535")
+        port = port.strip()
+        if port and not (re.fullmatch(r"[0-9]{1,5}", port) and 1 <= int(port) <= 65535):
+            shown = _scrub(repr(port), dsn)
+            hint = "" if shown == repr(port) else "; percent-encode '/' and '@' in a URL password"
+            raise ConfigError(f"dsn {redact_dsn(dsn)!r} has port {shown}; a port is 1 to 65535{hint}")
 
 
 # Preset numbers come from the original Doc Server: min, max, acquire timeout, max lifetime,
@@ -294,8 +357,9 @@ class PoolConfig:
         return cls(dsn=dsn, **values)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: Any) -> PoolConfig:
-        """Build a config from DATABASE_URL, POOL_* and APP_NAME; a bad value raises ConfigError."""
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> PoolConfig:
+        """Build a config from DATABASE_URL, POOL_* and APP_NAME (*environ*: default os.environ)."""
+        environ = os.environ if environ is None else environ
         dsn = overrides.pop("dsn", None) or environ.get("DATABASE_URL", "").strip()
         if not dsn:
             raise ConfigError(
@@ -319,7 +383,8 @@ class PoolConfig:
         try:
             return cls.preset(preset, dsn=dsn, **values)
         except ConfigError as exc:
-            raise ConfigError(_env_names(str(exc))) from None
+            message = _env_names(str(exc))
+        raise ConfigError(message)  # outside the except block: no __context__ to carry the first error
 
 
 _ENV_OF_FIELD = {
@@ -446,8 +511,9 @@ class RetryPolicy:
             _check_seconds("deadline", self.deadline, positive=True)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: Any) -> RetryPolicy:
-        """Build a policy from DB_RETRY_*; a bad value raises ConfigError naming the variable."""
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> RetryPolicy:
+        """Build a policy from DB_RETRY_* (*environ*: default os.environ); a bad value names the variable."""
+        environ = os.environ if environ is None else environ
         values = _env_values(
             environ,
             ("DB_RETRY_MAX_ATTEMPTS", "max_attempts", _env_int),
@@ -460,7 +526,8 @@ class RetryPolicy:
         try:
             return cls(**values)
         except ConfigError as exc:
-            raise ConfigError(_env_names(str(exc))) from None
+            message = _env_names(str(exc))
+        raise ConfigError(message)  # outside the except block: no __context__ to carry the first error
 
     def backoff(self, retry_number: int, rand: Callable[[], float] = random.random) -> float:
         """Return the sleep before retry *retry_number* (0-based): capped exponential, full jitter."""
@@ -1734,6 +1801,7 @@ class Migrator:
                     conn.rollback()
                 self._source.putconn(conn)
             return
+        failure: str | None = None
         try:
             conn = retry_call(
                 psycopg2.connect,
@@ -1742,9 +1810,9 @@ class Migrator:
                 policy=self.connect_retry,
             )
         except psycopg2.OperationalError as exc:
-            raise CannotConnect(
-                f"cannot connect to {redact_dsn(self._source)!r}: {_one_line(exc, self._source)}"
-            ) from None
+            failure = f"cannot connect to {redact_dsn(self._source)!r}: {_one_line(exc, self._source)}"
+        if failure is not None:  # raised outside the except block: libpq's text stays off __context__
+            raise CannotConnect(failure)
         try:
             yield conn
         finally:
@@ -2385,15 +2453,16 @@ class _Check:
     pending: tuple[str, ...] | None = None  # pending migrations; None when not asked
     migrations_error: str | None = None
 
-    def problems(self) -> list[str]:
-        """Return why the service is not ready (empty when it is)."""
+    def problems(self, *, details: bool = True) -> list[str]:
+        """Return why the service is not ready (empty when it is); without *details*, in generic words."""
         if self.error is not None:
-            return [f"database: {self.error}"]
+            return [f"database: {self.error if details else 'not reachable'}"]
         found = ["database: the server is in recovery (read-only)"] if self.in_recovery else []
         if self.migrations_error is not None:
-            found.append(f"migrations: {self.migrations_error}")
+            found.append(f"migrations: {self.migrations_error if details else 'cannot be checked'}")
         elif self.pending:
-            found.append(f"migrations: {len(self.pending)} pending: {', '.join(self.pending)}")
+            names = f": {', '.join(self.pending)}" if details else ""
+            found.append(f"migrations: {len(self.pending)} pending{names}")
         return found
 
 
@@ -2431,7 +2500,8 @@ class HealthApp:
         _check_seconds("cache_ttl", cache_ttl, positive=False)
         _check_seconds("ready_timeout", ready_timeout, positive=True)
         if token is not None and (not isinstance(token, str) or not token.strip()):
-            raise ConfigError("token must be a non-empty string, or None for no token")
+            # The value is not echoed: a token of the wrong type may still be the secret.
+            raise ConfigError("token must be a non-blank string, or None for no token")
         self.pool, self.migrator, self.token = pool, migrator, token
         self.cache_ttl, self.ready_timeout = cache_ttl, ready_timeout
         self.service, self.version = service, version
@@ -2475,7 +2545,8 @@ class HealthApp:
         rendered = self._ready_response
         # Probes hit ready most: answer from the response rendered for this check, not a new one.
         if rendered is None or rendered[0] is not check:
-            problems = check.problems()
+            # With a token the details (the driver's own words) are for /health/detailed only.
+            problems = check.problems(details=self.token is None)
             body: dict[str, Any] = {"status": "fail" if problems else "pass", "time": check.time}
             if problems:
                 body["reasons"] = problems
@@ -2648,15 +2719,16 @@ def _migration_name(migration: Any) -> str:
 
 def _clean(text: str, dsn: str) -> str:
     """Make *text* fit for a response body: one line, no password, no DSN (not even redacted)."""
-    text = " ".join(_scrub(text, dsn).split())
+    text = _scrub(text, dsn)
     redacted = redact_dsn(dsn)
     for form in (repr(redacted), redacted, dsn):
         text = text.replace(form, "<dsn>")
-    return text[:500]
+    return " ".join(text.split())[:500]
 
 
 def _sanitized(exc: BaseException, dsn: str) -> str:
-    return f"{type(exc).__name__}: {_clean(_one_line(exc, dsn), dsn)}"
+    """Return an error as a response body shows it: its type and its _clean text."""
+    return f"{type(exc).__name__}: {_clean(str(exc), dsn)}"
 
 
 def _respond(
@@ -2763,16 +2835,24 @@ def _default_migrator(pool: Pool, environ: Mapping[str, str]) -> Migrator | None
     return Migrator(pool, directory or "migrations")
 
 
-def create_app(environ: Mapping[str, str] = os.environ) -> HealthApp:
-    """Build a HealthApp from DATABASE_URL, POOL_*, PGOPS_MIGRATIONS_DIR and PGOPS_HEALTH_*."""
+def create_app(environ: Mapping[str, str] | None = None) -> HealthApp:
+    """Build a HealthApp from DATABASE_URL, POOL_*, PGOPS_MIGRATIONS_DIR and PGOPS_HEALTH_* (os.environ)."""
+    environ = os.environ if environ is None else environ
     raw_ttl = environ.get("PGOPS_HEALTH_CACHE_TTL", "").strip()
     cache_ttl = _env_float("PGOPS_HEALTH_CACHE_TTL", raw_ttl) if raw_ttl else 5.0
     if cache_ttl < 0:
         raise ConfigError(f"PGOPS_HEALTH_CACHE_TTL={raw_ttl!r} must be at least 0")
-    token = environ.get("PGOPS_HEALTH_TOKEN", "").strip() or None
+    token = environ.get("PGOPS_HEALTH_TOKEN")
+    if token is not None and not token.strip():
+        # A blank token must not turn authentication off without a word.
+        raise ConfigError(
+            f"PGOPS_HEALTH_TOKEN={token!r} is blank; set it to a secret token, or unset it to serve "
+            "details without one"
+        )
     # The pool connects in the background: a database that is down does not stop start-up.
     pool = Pool(PoolConfig.from_env(environ))
-    return HealthApp(pool, migrator=_default_migrator(pool, environ), cache_ttl=cache_ttl, token=token)
+    migrator = _default_migrator(pool, environ)
+    return HealthApp(pool, migrator=migrator, cache_ttl=cache_ttl, token=token and token.strip())
 
 
 def make_server(app: _WSGIApp, host: str = "127.0.0.1", port: int = 3001) -> WSGIServer:

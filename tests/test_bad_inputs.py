@@ -297,6 +297,15 @@ CLI_CASES = [
         serve(env={"PGOPS_HEALTH_CACHE_TTL": "-5"}, names=("PGOPS_HEALTH_CACHE_TTL", "at least 0")),
         id="env-PGOPS_HEALTH_CACHE_TTL-negative",
     ),
+    # A blank token would otherwise turn authentication off without a word.
+    pytest.param(
+        serve(env={"PGOPS_HEALTH_TOKEN": "   "}, names=("PGOPS_HEALTH_TOKEN", "blank")),
+        id="env-PGOPS_HEALTH_TOKEN-blank",
+    ),
+    pytest.param(
+        serve(env={"PGOPS_HEALTH_TOKEN": ""}, names=("PGOPS_HEALTH_TOKEN", "blank")),
+        id="env-PGOPS_HEALTH_TOKEN-empty",
+    ),
     pytest.param(
         migrate(url="garbage", code=2, names=("DATABASE_URL", "'garbage'")),
         id="env-DATABASE_URL-garbage",
@@ -313,6 +322,10 @@ CLI_CASES = [
     pytest.param(
         migrate(url="host=127.0.0.1 nonsense", code=2, names=("DATABASE_URL", "nonsense")),
         id="dsn-key-value-unparseable",
+    ),
+    pytest.param(
+        migrate(url="postgresql://app:p%99ss@127.0.0.1/db", code=2, names=("DATABASE_URL", "UTF-8")),
+        id="dsn-url-percent-encoded-not-utf8",
     ),
     pytest.param(
         migrate(url="postgresql://[::1/db", code=2, names=("DATABASE_URL", "postgresql://[::1/db")),

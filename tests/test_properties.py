@@ -7,6 +7,7 @@ import re
 from typing import Any
 from urllib.parse import quote
 
+import psycopg2
 import psycopg2.extensions
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
@@ -17,6 +18,7 @@ from pgops import (
     ConfigError,
     PoolConfig,
     RetryPolicy,
+    _scrub,
     migration_checksum,
     parse_migration_name,
     redact_dsn,
@@ -364,3 +366,56 @@ def test_redact_dsn_removes_any_password(password: str, form: str) -> None:
     for secret in forms:
         assert secret not in redacted, redacted
     assert "***" in redacted
+
+
+# Passwords as people write them into DSNs without quoting or percent-encoding them: the characters
+# that libpq reads differently from a person around a core that must never show.  Whatever libpq
+# makes of such a DSN, neither the redacted DSN nor any scrubbed message may keep the core.
+CORE = "Kq7Zebra"
+PASSWORD_EDGE = st.text(alphabet=st.sampled_from("/@#?&= \\'\"%:+ab9"), max_size=8)
+SHAPED: dict[str, Any] = {
+    "url-encoded": lambda pw: f"postgresql://app:{quote(pw, safe='')}@db.internal:5432/docs",
+    "url-raw": lambda pw: f"postgresql://app:{pw}@db.internal:5432/docs",
+    "url-raw-query": lambda pw: f"postgresql://app:{pw}@db.internal/docs?sslmode=disable",
+    "query-encoded": lambda pw: f"postgresql://app@db.internal/docs?password={quote(pw, safe='')}",
+    "query-raw-last": lambda pw: f"postgresql://app@db.internal/docs?sslmode=disable&password={pw}",
+    "query-raw-first": lambda pw: f"postgresql://app@db.internal/docs?password={pw}&sslmode=disable",
+    "kv-quoted": lambda pw: dsn_with(pw, "key=value"),
+    "kv-raw-last": lambda pw: f"host=db.internal user=app dbname=docs password={pw}",
+    "kv-raw-first": lambda pw: f"password={pw} host=db.internal user=app dbname=docs",
+}
+
+
+def ambiguous(shape: str, password: str) -> bool:
+    """Tell whether the raw password reads as a further parameter to a person too ("a b=c", "a&b=c")."""
+    if shape.startswith("query-raw"):
+        return re.search(r"&[^&=]*=", password) is not None
+    if shape.startswith("kv-raw"):
+        return re.search(r"\s[A-Za-z_]\w*\s*=", password) is not None
+    return False
+
+
+@PROPERTY
+@given(before=PASSWORD_EDGE, after=PASSWORD_EDGE, shape=st.sampled_from(sorted(SHAPED)))
+@example(before="Sec/", after="", shape="url-raw")
+@example(before="p@ss#", after="", shape="url-raw")
+@example(before="abc#", after="", shape="query-raw-first")
+@example(before="a\\ ", after="", shape="kv-raw-first")
+@example(before="a ", after="", shape="kv-raw-first")
+@example(before="'abc ", after="", shape="kv-raw-first")
+@example(before="p%zz", after="", shape="url-raw")
+@example(before="", after="%99", shape="query-raw-first")
+def test_no_password_shape_survives_redaction_or_scrubbing(before: str, after: str, shape: str) -> None:
+    """redact_dsn, and _scrub on libpq's own error and on any text holding the password, drop the core."""
+    password = before + CORE + after
+    assume(not ambiguous(shape, password))
+    dsn = SHAPED[shape](password)
+    assert CORE not in redact_dsn(dsn), redact_dsn(dsn)
+    taken = ""
+    try:
+        taken = psycopg2.extensions.parse_dsn(dsn).get("password", "")
+    except (psycopg2.ProgrammingError, UnicodeDecodeError) as exc:  # the latter: %XX that is not UTF-8
+        assert CORE not in _scrub(str(exc), dsn), (str(exc), _scrub(str(exc), dsn))
+    # The DSN itself, the password as meant, as written into the DSN and as libpq took it.
+    text = f"{dsn} | {password} | {quote(password, safe='')} | {taken}"
+    assert CORE not in _scrub(text, dsn), _scrub(text, dsn)

@@ -534,3 +534,149 @@ def test_no_password_shows_in_any_output_log_error_repr_or_response(
     assert any("possible leak" in text for _, text in evidence.items) or not real
     leaks = evidence.leaks(found)
     assert not leaks, f"{len(leaks)} leaks, the first:\n" + "\n".join(leaks[:10])
+
+
+# -- password shapes that libpq and people read differently ----------------------------------------
+#
+# Each shape writes a password the way people do without quoting or percent-encoding it.  libpq may
+# cut such a password into a host, a port, a database or a query parameter and quote that piece in
+# its errors; a person meant all of it.  None of it may show anywhere.
+
+SHAPE_CORE = "Okapi" + secrets.token_hex(4)
+
+# name -> (DSN template, the password as a person meant it, exit code of `status`)
+SHAPES: dict[str, tuple[str, str, int]] = {
+    # libpq stops the user info at '/': host 'app', port 'Sl4sh...', database 'rest@...'.
+    "url-slash": ("postgresql://app:{pw}@{host}:{port}/{db}", f"Sl4sh{SHAPE_CORE}/rest", 2),
+    # ...and with digits before the '/', a port it accepts and a host that does not resolve.
+    "url-slash-digits": ("postgresql://app:{pw}@{host}:{port}/{db}", f"12/{SHAPE_CORE}", 6),
+    # libpq stops the user info at the first '@': host 'ss#...@127.0.0.1', quoted in its error.
+    "url-at-hash": ("postgresql://app:{pw}@{host}:{port}/{db}", f"p@ss#{SHAPE_CORE}", 6),
+    # '#' is no fragment to libpq: it connects with the whole value (and is refused).
+    "query-hash": ("postgresql://app@{host}:{port}/{db}?password={pw}", f"abc#{SHAPE_CORE}", 6),
+    # libpq ends the value at '&' and quotes the rest as a parameter without '='.
+    "query-ampersand": ("postgresql://app@{host}:{port}/{db}?password={pw}", f"abc&{SHAPE_CORE}", 2),
+    # libpq quotes the whole token it cannot decode.
+    "url-bad-percent": ("postgresql://app:{pw}@{host}:{port}/{db}", f"p%zz{SHAPE_CORE}", 2),
+    # libpq decodes it, and psycopg2 cannot read the bytes back as text.
+    "url-not-utf8": ("postgresql://app:{pw}@{host}:{port}/{db}", f"{SHAPE_CORE}%99", 2),
+    "query-bad-percent": ("postgresql://app@{host}:{port}/{db}?password={pw}", f"%zz{SHAPE_CORE}", 2),
+    "kv-escaped-space": (
+        "host={host} port={port} user=app dbname={db} password={pw}",
+        f"a\\ {SHAPE_CORE}",
+        6,
+    ),
+    # libpq takes 'a' and quotes the rest as a keyword without '='.
+    "kv-unquoted-space": ("host={host} port={port} user=app password={pw} dbname={db}", f"a {SHAPE_CORE}", 2),
+    "kv-unterminated-quote-space": (
+        "host={host} port={port} user=app password={pw} dbname={db}",
+        f"'abc {SHAPE_CORE}",
+        2,
+    ),
+}
+
+
+def error_chain(evidence: Evidence, label: str, exc: BaseException) -> None:
+    """Record an error and every error on its __cause__/__context__ chain."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        evidence.error(f"{label} (chain {len(seen)})", link)
+        link = link.__cause__ or link.__context__
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_no_piece_of_an_unencoded_password_shows(
+    pg_server: PgServer, dbname: str, tmp_path: Path, shape: str
+) -> None:
+    """repr, the pool's log lines, errors with their chains, CLI output and health bodies hide every shape."""
+    template, password, code = SHAPES[shape]
+    params = ExternalServer(pg_server.dsn(dbname)).dsn(dbname)
+    server = psycopg2_params(params)
+    if "/" in server["host"]:
+        pytest.skip("the shapes need a TCP host")
+    dsn = template.format(pw=password, host=server["host"], port=server["port"], db=dbname)
+    evidence = Evidence()
+    with capture_logs(evidence):
+        try:
+            config = PoolConfig.preset("testing", dsn=dsn, acquire_timeout=0.5, monitor_interval=0.1)
+        except ConfigError as exc:
+            error_chain(evidence, "PoolConfig", exc)
+            config = None
+        assert (config is None) == (code == 2), f"{shape}: expected exit {code}"
+        migrator_of = functools.partial(
+            Migrator, directory=str(tmp_path), connect_retry=RetryPolicy(max_attempts=1)
+        )
+        for name, build in (
+            ("from_env", lambda: PoolConfig.from_env({"DATABASE_URL": dsn})),
+            ("create_app", lambda: create_app({"DATABASE_URL": dsn, "PGOPS_HEALTH_TOKEN": TOKEN})),
+            ("Migrator", lambda: migrator_of(dsn)),
+        ):
+            if config is None:
+                with pytest.raises(ConfigError) as refused:
+                    build()
+                error_chain(evidence, name, refused.value)
+        if config is not None:
+            migrator = migrator_of(dsn)
+            evidence.add("Migrator", migrator)
+            with pytest.raises(CannotConnect) as refused:
+                migrator.status()
+            error_chain(evidence, "Migrator.status", refused.value)
+            evidence.add("PoolConfig", config)
+            with Pool(config) as pool:
+                evidence.add("Pool", pool)
+                with pytest.raises((CannotConnect, PoolTimeout)) as waited:
+                    pool.getconn()
+                error_chain(evidence, "getconn", waited.value)
+                for token in (TOKEN, None):
+                    app = HealthApp(pool, token=token, cache_ttl=60.0, ready_timeout=0.5)
+                    statuses = probe_app(evidence, f"token {token is not None}", app)
+                    assert statuses[("GET", "/health/ready", None)] == 503
+    assert any("pool started" in text for _, text in evidence.items) or config is None
+    (tmp_path / "migrations").mkdir()
+    proc = run_cli(evidence, shape, ["status", "-v"], dsn, tmp_path, {"DB_RETRY_MAX_ATTEMPTS": "1"})
+    assert proc.returncode == code, proc.stderr
+    leaks = evidence.leaks([Secret(shape, password, SHAPE_CORE)])
+    assert not leaks, f"{len(leaks)} leaks, the first:\n" + "\n".join(leaks[:10])
+
+
+def psycopg2_params(dsn: str) -> dict[str, str]:
+    """Return the host and port of a key=value DSN (127.0.0.1 and 5432 when absent)."""
+    import psycopg2.extensions
+
+    parsed = psycopg2.extensions.parse_dsn(dsn)
+    return {"host": parsed.get("host", "127.0.0.1"), "port": parsed.get("port", "5432")}
+
+
+def test_ready_says_only_what_is_wrong_when_a_token_guards_the_details(
+    pg_server: PgServer, dbname: str
+) -> None:
+    """With a token, /health/ready names what fails in generic words; the driver's text needs the token."""
+    dsn = pg_server.dsn(dbname, password=WRONG, user="app")  # refused with or without password checks
+    with Pool(dsn, min_size=1, max_size=1, acquire_timeout=0.5, monitor_interval=0) as pool:
+        app = HealthApp(pool, token=TOKEN, cache_ttl=60.0, ready_timeout=0.5)
+        ready = call(app, "/health/ready")
+        detailed = call(app, "/health/detailed", authorization=f"Bearer {TOKEN}")
+        open_app = HealthApp(pool, cache_ttl=60.0, ready_timeout=0.5)
+        open_ready = call(open_app, "/health/ready")
+    assert ready.status == 503 and ready.json()["reasons"] == ["database: not reachable"], ready.body
+    assert "FATAL" not in ready.body.decode() and "<dsn>" not in ready.body.decode()
+    # The details stay where the token guards them, and on an app without a token.
+    assert detailed.status == 503 and b"FATAL" in detailed.body, detailed.body
+    assert open_ready.status == 503 and b"FATAL" in open_ready.body, open_ready.body
+
+
+@pytest.mark.parametrize(
+    "documented",
+    [create_app, PoolConfig.from_env, RetryPolicy.from_env],
+    ids=["create_app", "PoolConfig.from_env", "RetryPolicy.from_env"],
+)
+def test_help_does_not_print_the_environment(documented: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """help() on a function that reads the environment shows no variable of it, DATABASE_URL included."""
+    import pydoc
+
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://app:{WRONG_CORE}@db/docs")
+    text = pydoc.render_doc(documented, renderer=pydoc.plaintext)
+    assert "environ" in text  # the parameter is documented...
+    assert WRONG_CORE not in text and "DATABASE_URL': " not in text  # ...its default is not the environment
