@@ -283,7 +283,7 @@ def _check_dsn(dsn: str) -> None:
         port = port.strip()
         if port and not (re.fullmatch(r"[0-9]{1,5}", port) and 1 <= int(port) <= 65535):
             shown = _scrub(repr(port), dsn)
-            hint = "" if shown == repr(port) else "; percent-encode '/' and '@' in a URL password"
+            hint = "" if shown == repr(port) else "; write / and @ in a URL password as %2F and %40"
             raise ConfigError(f"dsn {redact_dsn(dsn)!r} has port {shown}; a port is 1 to 65535{hint}")
 
 

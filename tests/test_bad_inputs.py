@@ -323,6 +323,12 @@ CLI_CASES = [
         migrate(url="host=127.0.0.1 nonsense", code=2, names=("DATABASE_URL", "nonsense")),
         id="dsn-key-value-unparseable",
     ),
+    pytest.param(  # libpq reads 'Sec' as the port: it is not echoed, and the fix is named
+        migrate(
+            url="postgresql://app:Sec/ret@127.0.0.1/db", code=2, names=("DATABASE_URL", "port '***'", "%2F")
+        ),
+        id="dsn-url-slash-in-password",
+    ),
     pytest.param(
         migrate(url="postgresql://app:p%99ss@127.0.0.1/db", code=2, names=("DATABASE_URL", "UTF-8")),
         id="dsn-url-percent-encoded-not-utf8",
