@@ -2827,11 +2827,12 @@ class _Workers:
                 return False
             self._jobs.append(job)
             start = self._threads < self.limit
-            self._threads += start
+            if start:
+                self._threads += 1
         if start:
             try:
                 threading.Thread(target=self._work, name="pgops-http", daemon=True).start()
-            except RuntimeError:  # "can't start new thread": the threads running will take the job
+            except RuntimeError:  # "can't start new thread": a running or later thread takes the job
                 _logger.warning("cannot start a health server thread; %d running", self._threads)
                 self._finished()
         return True
@@ -2842,7 +2843,7 @@ class _Workers:
                 if not self._jobs:
                     break
                 job = self._jobs.popleft()
-            job()  # never raises: see _Connections.answer
+            job()  # never raises: the server's answer() catches and logs
         self._finished()
 
     def _finished(self) -> None:
