@@ -3068,8 +3068,13 @@ def _make_server(
         request_queue_size = backlog
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
+        def __init__(self) -> None:
+            # Before binding: a failed bind() calls server_close(), which closes these.
+            self.connections = _Connections(self.answer, read_timeout=read_timeout, max_threads=max_threads)
+            super().__init__((host, port), RequestHandler)
+
         def process_request(self, request: Any, client_address: Any) -> None:
-            connections.add(request, client_address)  # no thread until its whole head is in
+            self.connections.add(request, client_address)  # no thread until its whole head is in
 
         def answer(self, sock: socket.socket, address: Any, head: bytes) -> None:
             try:
@@ -3084,12 +3089,11 @@ def _make_server(
 
         def server_close(self) -> None:
             super().server_close()
-            connections.close()
+            self.connections.close()
 
-    server = Server((host, port), RequestHandler)
-    connections = _Connections(server.answer, read_timeout=read_timeout, max_threads=max_threads)
+    server = Server()
     server.set_app(app)
-    return server, connections
+    return server, server.connections
 
 
 def serve(

@@ -297,3 +297,14 @@ def test_importing_pgops_leaves_the_http_server_modules_unloaded() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_make_server_on_a_busy_port_raises_oserror_and_leaves_no_thread(app: HealthApp) -> None:
+    """Binding a port in use raises the OSError from bind() and leaves no reader thread running."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        before = threading.active_count()
+        with pytest.raises(OSError):
+            make_server(app, "127.0.0.1", taken.getsockname()[1])
+    assert threading.active_count() == before
