@@ -3110,8 +3110,8 @@ def serve(
     """Serve *app* until SIGTERM or SIGINT (main thread only) or ``server.shutdown()``, then return.
 
     To stop, the server closes its listening socket (new connections are refused), lets the requests
-    in flight finish for up to *stop_timeout* seconds, and returns.  A thread per request on wsgiref,
-    limited as make_server() says: fine for probes, scrapes and a sidecar; for heavy traffic run
+    in flight finish for up to *stop_timeout* seconds, and returns.  wsgiref with the limits
+    make_server() describes: fine for probes, scrapes and a sidecar; for heavy traffic run
     ``create_app`` under gunicorn or waitress.  *ready* is called with the bound server before serving.
     """
     import signal
@@ -3137,7 +3137,11 @@ def serve(
         server.serve_forever()
         server.socket.close()  # refuse new connections while those accepted finish
         if not connections.drain(stop_timeout):
-            _logger.warning("health requests still running %.1f s after the stop; closing them", stop_timeout)
+            _logger.warning(
+                "health requests still running %.1f s after the stop; returning without them "
+                "(a larger stop_timeout waits longer)",
+                stop_timeout,
+            )
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
