@@ -15,6 +15,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import io
 import json
 import logging
 import math
@@ -22,6 +23,8 @@ import os
 import random
 import re
 import select
+import selectors
+import socket
 import sys
 import threading
 import time
@@ -2855,29 +2858,322 @@ def create_app(environ: Mapping[str, str] | None = None) -> HealthApp:
     return HealthApp(pool, migrator=migrator, cache_ttl=cache_ttl, token=token and token.strip())
 
 
-def make_server(app: _WSGIApp, host: str = "127.0.0.1", port: int = 3001) -> WSGIServer:
-    """Return a threaded wsgiref server bound to host:port (port 0 picks one: see server_port)."""
+# The built-in server's limits.  A kubelet probe gives up after 1 s, so a connection must never sit in
+# a short listen queue (socketserver's default of 5 made 200 simultaneous probes time out) and a slow
+# client must never hold a thread: one thread reads the request heads of every connection, and only a
+# complete request is given a handler thread.
+_BACKLOG = 1024  # listen() queue; Linux caps it at net.core.somaxconn (4096 since 5.4)
+_READ_TIMEOUT = 5.0  # seconds a client has to send its request head, then for each read or write
+_MAX_THREADS = 64  # requests answered at once
+_QUEUED_PER_THREAD = 4  # complete requests that may wait for a thread; past that: 503 at once
+_MAX_WAITING = 512  # connections still sending their head; past that the oldest is closed
+_MAX_HEAD = 65536  # bytes of request line and headers
+_STOP_TIMEOUT = 10.0  # seconds serve() lets requests in flight finish after SIGTERM (Kubernetes: 30)
+
+
+class _Replay(io.RawIOBase):
+    """A socket's input with the bytes already read from it put back in front."""
+
+    def __init__(self, head: bytes, sock: socket.socket) -> None:
+        super().__init__()
+        self._head = memoryview(head)
+        self._sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if not self._head:
+            return self._sock.recv_into(buffer)
+        n = min(len(buffer), len(self._head))
+        buffer[:n] = self._head[:n]
+        self._head = self._head[n:]
+        return n
+
+
+class _Workers:
+    """Run jobs on at most *limit* threads, started on demand; up to *queued* more jobs wait in line."""
+
+    def __init__(self, limit: int, queued: int) -> None:
+        self.limit, self.queued = limit, queued
+        self._jobs: collections.deque[Callable[[], None]] = collections.deque()
+        self._threads = 0
+        self._changed = threading.Condition()
+
+    def submit(self, job: Callable[[], None]) -> bool:
+        """Queue *job*, starting a thread for it if fewer than *limit* run; False when the line is full."""
+        with self._changed:
+            if len(self._jobs) >= self.queued:
+                return False
+            self._jobs.append(job)
+            start = self._threads < self.limit
+            if start:
+                self._threads += 1
+        if start:
+            try:
+                threading.Thread(target=self._work, name="pgops-http", daemon=True).start()
+            except RuntimeError:  # "can't start new thread": a running or later thread takes the job
+                _logger.warning("cannot start a health server thread; %d running", self._threads)
+                self._finished()
+        return True
+
+    def _work(self) -> None:
+        while True:
+            with self._changed:
+                if not self._jobs:
+                    break
+                job = self._jobs.popleft()
+            job()  # never raises: the server's answer() catches and logs
+        self._finished()
+
+    def _finished(self) -> None:
+        with self._changed:
+            self._threads -= 1
+            self._changed.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to *timeout* seconds until every job has run; tell whether they all have."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._jobs and not self._threads, timeout)
+
+
+@dataclasses.dataclass
+class _Head:
+    """A connection still sending its request line and headers."""
+
+    address: Any
+    deadline: float
+    data: bytearray = dataclasses.field(default_factory=bytearray)
+
+
+class _Connections:
+    """The accepted connections of one server: their heads read on one thread, requests on _Workers.
+
+    *answer(sock, address, head)* serves one complete request on a worker thread, never raising, and
+    closes the socket.  A connection that has not sent its whole head within *read_timeout* seconds
+    of being accepted is closed, so slow or stalled clients cost a socket each, not a thread.
+    """
+
+    def __init__(
+        self, answer: Callable[[socket.socket, Any, bytes], None], *, read_timeout: float, max_threads: int
+    ) -> None:
+        self._answer, self._read_timeout = answer, read_timeout
+        self.workers = _Workers(max_threads, queued=_QUEUED_PER_THREAD * max_threads)
+        self._lock = threading.Lock()
+        self._accepted: list[tuple[socket.socket, Any]] = []  # from the accept loop, not yet read
+        self._waiting: dict[socket.socket, _Head] = {}  # oldest first: deadlines come in order
+        self._empty = threading.Event()
+        self._empty.set()
+        self.refused = 0  # requests answered 503 for want of a thread
+        self._quiet_until = 0.0
+        self._closing = False
+        self._selector = selectors.DefaultSelector()
+        self._wakeup, self._waker = socket.socketpair()
+        self._wakeup.setblocking(False)
+        self._selector.register(self._wakeup, selectors.EVENT_READ)
+        self._thread = threading.Thread(target=self._run, name="pgops-http-heads", daemon=True)
+        self._thread.start()
+
+    def add(self, sock: socket.socket, address: Any) -> None:
+        """Take an accepted connection (from the accept loop): read its head, then answer it."""
+        with self._lock:
+            self._accepted.append((sock, address))
+            self._empty.clear()
+        self._wake()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait up to *timeout* seconds for every connection to be answered; tell whether they were."""
+        deadline = time.monotonic() + timeout
+        # Heads first: a complete one becomes a worker's job before the connection leaves _waiting.
+        heads_done = self._empty.wait(timeout)
+        return self.workers.wait_idle(max(0.0, deadline - time.monotonic())) and heads_done
+
+    def close(self) -> None:
+        """Stop reading heads and close the connections that have not sent one."""
+        self._closing = True
+        self._wake()
+        self._thread.join()
+        for sock in [*self._waiting, *(sock for sock, _ in self._accepted)]:
+            sock.close()
+        self._waiting.clear()
+        self._accepted.clear()
+        self._selector.close()
+        self._wakeup.close()
+        self._waker.close()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # a full socketpair already holds a wake-up
+            self._waker.send(b"x")
+
+    def _run(self) -> None:
+        while not self._closing:
+            oldest = next(iter(self._waiting.values()), None)
+            timeout = None if oldest is None else max(0.0, oldest.deadline - time.monotonic())
+            for key, _ in self._selector.select(timeout):
+                if key.fileobj is self._wakeup:
+                    with contextlib.suppress(OSError):
+                        self._wakeup.recv(4096)
+                else:
+                    self._read(key.fileobj)  # type: ignore[arg-type]
+            self._take_accepted()
+            self._expire(time.monotonic())
+            with self._lock:
+                if not self._accepted and not self._waiting:
+                    self._empty.set()
+
+    def _take_accepted(self) -> None:
+        with self._lock:
+            accepted, self._accepted = self._accepted, []
+        deadline = time.monotonic() + self._read_timeout
+        for sock, address in accepted:
+            if len(self._waiting) >= _MAX_WAITING:
+                oldest, head = next(iter(self._waiting.items()))
+                _logger.debug("%d heads waiting: closed the oldest, %s", _MAX_WAITING, head.address)
+                self._forget(oldest).close()
+            sock.setblocking(False)
+            self._waiting[sock] = _Head(address, deadline)
+            self._selector.register(sock, selectors.EVENT_READ)
+
+    def _read(self, sock: socket.socket) -> None:
+        head = self._waiting[sock]
+        try:
+            chunk = sock.recv(_MAX_HEAD)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # reset by the client
+            chunk = b""
+        if not chunk:
+            self._forget(sock).close()
+            return
+        start = max(0, len(head.data) - 3)
+        head.data += chunk
+        if head.data.find(b"\n\r\n", start) >= 0 or head.data.find(b"\n\n", start) >= 0:
+            self._forget(sock)
+            self._dispatch(sock, head.address, bytes(head.data))
+        elif len(head.data) > _MAX_HEAD:
+            _logger.debug("closed %s: request head over %d bytes", head.address, _MAX_HEAD)
+            self._forget(sock).close()
+
+    def _dispatch(self, sock: socket.socket, address: Any, head: bytes) -> None:
+        if not self.workers.submit(functools.partial(self._answer, sock, address, head)):
+            self.refused += 1
+            now = time.monotonic()
+            if now >= self._quiet_until:  # one warning a minute, not one per request, under a flood
+                self._quiet_until = now + 60.0
+                _logger.warning(
+                    "health server busy: %d requests running and %d waiting; answered 503 (%d so far)",
+                    self.workers.limit,
+                    self.workers.queued,
+                    self.refused,
+                )
+            with contextlib.suppress(OSError):
+                sock.send(_BUSY_REPLY)  # non-blocking; a few hundred bytes fit in any send buffer
+            sock.close()
+
+    def _expire(self, now: float) -> None:
+        while self._waiting:
+            sock, head = next(iter(self._waiting.items()))
+            if head.deadline > now:
+                break
+            _logger.debug("closed %s: no complete request within %.1f s", head.address, self._read_timeout)
+            self._forget(sock).close()
+
+    def _forget(self, sock: socket.socket) -> socket.socket:
+        del self._waiting[sock]
+        self._selector.unregister(sock)
+        return sock
+
+
+def _busy_reply() -> bytes:
+    """Return the raw HTTP response to a request the server has no thread for."""
+    extra = [("Retry-After", "1"), ("Connection", "close")]
+    status, headers, body = _respond(503, {"status": "fail", "error": "busy; retry later"}, extra=extra)
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers)
+    return f"HTTP/1.0 {status}\r\n{lines}\r\n".encode("latin-1") + body
+
+
+_BUSY_REPLY = _busy_reply()
+
+
+def make_server(
+    app: _WSGIApp,
+    host: str = "127.0.0.1",
+    port: int = 3001,
+    *,
+    backlog: int = _BACKLOG,
+    read_timeout: float = _READ_TIMEOUT,
+    max_threads: int = _MAX_THREADS,
+) -> WSGIServer:
+    """Return a threaded wsgiref server bound to host:port (port 0 picks one: see server_port).
+
+    *backlog* is the listen() queue.  One thread reads the request heads of all connections; a
+    client that has not sent its head *read_timeout* seconds after connecting is closed, and each
+    later read or write has the same timeout.  At most *max_threads* requests run at once, 4 per
+    thread more wait in line, and past that the server answers 503 with ``Retry-After`` at once.
+    """
+    server, _ = _make_server(
+        app, host, port, backlog=backlog, read_timeout=read_timeout, max_threads=max_threads
+    )
+    return server
+
+
+def _make_server(
+    app: _WSGIApp, host: str, port: int, *, backlog: int, read_timeout: float, max_threads: int
+) -> tuple[WSGIServer, _Connections]:
+    """Return make_server()'s server and its connections, which serve() drains on SIGTERM."""
+    _check_int("backlog", backlog, minimum=1)
+    _check_seconds("read_timeout", read_timeout, positive=True)
+    _check_int("max_threads", max_threads, minimum=1)
     # Imported here: http.server and socketserver cost the CLI's other commands ~40 ms at start-up.
-    import socket
-    import socketserver
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
     class RequestHandler(WSGIRequestHandler):
-        """wsgiref's handler, logging requests to the pgops logger instead of stderr."""
+        """wsgiref's handler, reading the head already received and logging to the pgops logger."""
+
+        timeout = read_timeout  # StreamRequestHandler.setup() puts it on the socket
+
+        def __init__(self, request: Any, client_address: Any, server: Any, head: bytes = b"") -> None:
+            self.head = head
+            super().__init__(request, client_address, server)
+
+        def setup(self) -> None:
+            super().setup()
+            self.rfile.close()  # left open, its reference would keep the socket open after close()
+            self.rfile = io.BufferedReader(_Replay(self.head, self.connection))
 
         def log_message(self, format: str, *args: Any) -> None:
             _logger.debug("%s %s", self.address_string(), format % args)
 
-    class Server(socketserver.ThreadingMixIn, WSGIServer):
-        daemon_threads = True
+    class Server(WSGIServer):
+        request_queue_size = backlog
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        def __init__(self) -> None:
+            # Before binding: a failed bind() calls server_close(), which closes these.
+            self.connections = _Connections(self.answer, read_timeout=read_timeout, max_threads=max_threads)
+            super().__init__((host, port), RequestHandler)
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            self.connections.add(request, client_address)  # no thread until its whole head is in
+
+        def answer(self, sock: socket.socket, address: Any, head: bytes) -> None:
+            try:
+                RequestHandler(sock, address, self, head)
+            except Exception:
+                self.handle_error(sock, address)
+            finally:
+                self.shutdown_request(sock)
 
         def handle_error(self, request: Any, client_address: Any) -> None:
             _logger.debug("error serving %s", client_address, exc_info=True)  # mostly clients going away
 
-    server = Server((host, port), RequestHandler)
+        def server_close(self) -> None:
+            super().server_close()
+            self.connections.close()
+
+    server = Server()
     server.set_app(app)
-    return server
+    return server, server.connections
 
 
 def serve(
@@ -2886,15 +3182,24 @@ def serve(
     port: int = 3001,
     *,
     ready: Callable[[WSGIServer], None] | None = None,
+    stop_timeout: float = _STOP_TIMEOUT,
+    backlog: int = _BACKLOG,
+    read_timeout: float = _READ_TIMEOUT,
+    max_threads: int = _MAX_THREADS,
 ) -> None:
     """Serve *app* until SIGTERM or SIGINT (main thread only) or ``server.shutdown()``, then return.
 
-    A thread per request on wsgiref: fine for probes, scrapes and a sidecar; for heavy traffic run
+    To stop, the server closes its listening socket (new connections are refused), lets the requests
+    in flight finish for up to *stop_timeout* seconds, and returns.  wsgiref with the limits
+    make_server() describes: fine for probes, scrapes and a sidecar; for heavy traffic run
     ``create_app`` under gunicorn or waitress.  *ready* is called with the bound server before serving.
     """
     import signal
 
-    server = make_server(app, host, port)
+    _check_seconds("stop_timeout", stop_timeout, positive=False)
+    server, connections = _make_server(
+        app, host, port, backlog=backlog, read_timeout=read_timeout, max_threads=max_threads
+    )
     previous: dict[signal.Signals, Any] = {}
 
     def stop(signum: int, frame: Any) -> None:
@@ -2910,6 +3215,13 @@ def serve(
         if ready is not None:
             ready(server)
         server.serve_forever()
+        server.socket.close()  # refuse new connections while those accepted finish
+        if not connections.drain(stop_timeout):
+            _logger.warning(
+                "health requests still running %.1f s after the stop; returning without them "
+                "(a larger stop_timeout waits longer)",
+                stop_timeout,
+            )
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
