@@ -83,6 +83,9 @@ if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
 _logger = logging.getLogger("pgops")  # a fixed name: under python -m, __name__ is __main__
+# Without it, an application that configures no logging gets pgops' warnings as bare stderr lines
+# from Python's last-resort handler; with logging configured, records propagate as usual.
+_logger.addHandler(logging.NullHandler())
 
 _T = TypeVar("_T")
 
@@ -407,7 +410,8 @@ _RETRY_SQLSTATES = frozenset({"40001", "40P01", "53300", "55P03", "57P01", "57P0
 # Connect-time errors carry no SQLSTATE in psycopg2, so these are recognised by libpq's words.
 _FATAL_CONNECT = re.compile(
     r"password authentication failed|authentication failed|no password supplied|"
-    r"no pg_hba\.conf entry|role \S+ does not exist|database \S+ does not exist|"
+    # The server quotes the name ("no such db"), so a name may hold spaces.
+    r'no pg_hba\.conf entry|(?:role|database) (?:".*"|\S+) does not exist|'
     r"password is required|SSL required|certificate|"
     r"invalid \S+ value|invalid port number|invalid connection option",  # libpq rejecting a DSN option
     re.IGNORECASE,
