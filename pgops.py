@@ -22,6 +22,7 @@ import os
 import random
 import re
 import select
+import socket
 import sys
 import threading
 import time
@@ -568,6 +569,20 @@ _LIFETIME_JITTER = 0.1  # connections expire up to 10% early so that they do not
 _HEALTH_WINDOW = 60.0  # seconds of query counts that health() judges the success rate on
 _HEALTH_MIN_QUERIES = 20
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# A validation check gets at least this long, so that a caller whose wait left almost no time does not
+# cut off, and throw away, a healthy connection; getconn may overrun its timeout by about this much.
+_CHECK_MIN_TIME = 0.25
+# libpq connection defaults (unless the DSN sets them) so that the kernel notices a peer that is gone
+# (a partition, a host that died) within about a minute: keepalive probes after 30 s idle, and data
+# the server has not acknowledged for 30 s ends the connection.  They cannot notice a path whose far
+# side keeps acknowledging (a stalled proxy): the watchdog bounds the pool's own checks for that.
+_TCP_DEFAULTS = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,  # milliseconds
+}
 
 _STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 _STATUS_IN_TRANSACTION = (
@@ -628,6 +643,8 @@ class _Connection(psycopg2.extensions.connection):
         self._pgops_ms = 0.0
         self._pgops_poll: Any = select.poll()  # polled at each checkout for the server's goodbye
         self._pgops_poll.register(self.fileno(), select.POLLIN)
+        self._pgops_guarded = False  # lent under Pool._deadline(): the watchdog holds its deadline
+        self._pgops_stalled = False  # cut off by the watchdog: never hand it out again
 
 
 class _Waiter:
@@ -647,6 +664,73 @@ class _Waiter:
 
     def wait(self, timeout: float) -> bool:
         return self._event.acquire(timeout=min(max(timeout, 0.0), threading.TIMEOUT_MAX))
+
+
+class _Watchdog:
+    """One thread for the whole process that cuts off connections whose deadline passes.
+
+    Once libpq has sent a query it blocks in poll() and recv() with no timeout of its own, and a
+    network path that holds traffic (rather than refusing it) keeps it there for as long as the far
+    side keeps acknowledging: keepalives and tcp_user_timeout never fire.  Shutting the socket down
+    from another thread makes the blocked read return at once with an error, so the caller gets an
+    OperationalError and the pool discards the connection.  A guard costs a dict entry under a lock,
+    and one thread serves every pool, so a bounded check needs no thread of its own.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._deadlines: dict[_Connection, float] = {}
+        self._next = math.inf  # when the thread wakes next
+        self._thread: threading.Thread | None = None
+
+    def guard(self, conn: _Connection, deadline: float) -> None:
+        """Cut *conn* off at *deadline* (time.monotonic()) unless release() comes first."""
+        with self._cond:
+            self._deadlines[conn] = deadline
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pgops-watchdog", daemon=True)
+                self._thread.start()
+            elif deadline < self._next:
+                self._cond.notify()
+
+    def release(self, conn: _Connection) -> bool:
+        """Stop guarding *conn*; tell whether it was cut off (then it must be discarded).
+
+        Once this returns the watchdog never touches *conn* again, so it may be closed or lent.
+        """
+        with self._cond:
+            self._deadlines.pop(conn, None)
+        return conn._pgops_stalled
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for conn in [c for c, deadline in self._deadlines.items() if deadline <= now]:
+                    del self._deadlines[conn]
+                    _cut(conn)  # under the lock: release() waits, so the socket cannot be closed meanwhile
+                self._next = min(self._deadlines.values(), default=math.inf)
+                self._cond.wait(None if self._next == math.inf else self._next - now)
+
+
+def _cut(conn: _Connection) -> None:
+    """Shut down *conn*'s socket, so that a read blocked on it returns, without closing the descriptor."""
+    if conn.closed:
+        return
+    conn._pgops_stalled = True
+    # shutdown() acts on the socket itself, so a duplicate descriptor reaches the one libpq reads from;
+    # libpq keeps its descriptor, which stays valid until the pool closes the connection.
+    duplicate = os.dup(conn.fileno())
+    try:
+        sock = socket.socket(fileno=duplicate)
+    except OSError:
+        os.close(duplicate)
+        return
+    with sock, contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+_watchdog = _Watchdog()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -718,6 +802,7 @@ class Pool:
         self._in_use: set[_Connection] = set()
         self._size = 0  # open connections plus the one being opened
         self._closed = False
+        self._bounds: dict[int, float] = {}  # thread ident -> deadline, set by _deadline()
         self._fatal: CannotConnect | None = None
         self._last_error: str | None = None
         self._failures = 0
@@ -732,6 +817,7 @@ class Pool:
                 "connections_num",
                 "connections_errors",
                 "connections_lost",
+                "connections_stalled",
                 "queries_num",
                 "queries_errors",
             ),
@@ -751,8 +837,11 @@ class Pool:
     @staticmethod
     def _make_connect_kwargs(config: PoolConfig) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"application_name": config.application_name}
-        if "connect_timeout" not in psycopg2.extensions.parse_dsn(config.dsn):
+        given = psycopg2.extensions.parse_dsn(config.dsn)
+        if "connect_timeout" not in given:
             kwargs["connect_timeout"] = max(1, math.ceil(config.connect_timeout))
+        if "service" not in given:  # a service file may set them: an explicit default would override it
+            kwargs.update((k, v) for k, v in _TCP_DEFAULTS.items() if k not in given)
         return kwargs
 
     def __repr__(self) -> str:
@@ -813,7 +902,7 @@ class Pool:
                 self._counters["requests_num"] += 1
                 self._wait_counts[0] += 1
         if conn is not None:
-            problem = self._check_out_problem(conn, now)
+            problem = self._check_out_problem(conn, now, now, timeout)
             if problem is None:
                 return self._lend(conn, now)
             self._discard(conn, problem)
@@ -821,22 +910,48 @@ class Pool:
 
     def _wait_for_connection(self, start: float, timeout: float | None, first: bool) -> _Connection:
         """Queue for a connection until the deadline, replacing any that fail their check."""
-        deadline = start + (self.config.acquire_timeout if timeout is None else timeout)
+        deadline = self._deadline_for(start, timeout)
         while True:
             conn = self._take(start, deadline, first)
             first = False
             now = time.monotonic()
-            problem = self._check_out_problem(conn, now)
+            problem = self._check_out_problem(conn, now, start, timeout)
             if problem is None:
                 return self._lend(conn, now)
             self._discard(conn, problem)
+
+    def _deadline_for(self, start: float, timeout: float | None) -> float:
+        """Return when a request made at *start* runs out of time, _deadline() included."""
+        deadline = start + (self.config.acquire_timeout if timeout is None else timeout)
+        if self._bounds:
+            deadline = min(deadline, self._bounds.get(threading.get_ident(), math.inf))
+        return deadline
 
     def _lend(self, conn: _Connection, now: float) -> _Connection:
         conn._pgops_lent = True
         conn._pgops_checked_out = now
         if self.config.leak_threshold:
             conn._pgops_stack = traceback.format_stack(limit=12)[:-2]
+        if self._bounds:
+            bound = self._bounds.get(threading.get_ident())
+            if bound is not None:
+                conn._pgops_guarded = True
+                _watchdog.guard(conn, bound)
         return conn
+
+    @contextlib.contextmanager
+    def _deadline(self, seconds: float) -> Iterator[None]:
+        """Bound what this thread does with this pool inside the block to *seconds* in total.
+
+        Every getconn() in the block waits at most until the deadline, and every connection it lends
+        is cut off by the watchdog if still in use then, so even a query on a stalled network ends.
+        """
+        ident = threading.get_ident()
+        self._bounds[ident] = time.monotonic() + seconds
+        try:
+            yield
+        finally:
+            del self._bounds[ident]
 
     def _take(self, start: float, deadline: float, first: bool) -> _Connection:
         """Pop an idle connection, or queue and wait for one (first come, first served)."""
@@ -845,6 +960,8 @@ class Pool:
                 raise PoolClosed("the pool is closed")
             if first:
                 self._counters["requests_num"] += 1
+            elif time.monotonic() >= deadline:
+                raise self._timed_out(start)  # a connection failed its check and took the time left
             if self._idle and not self._waiters:
                 conn = self._idle.pop()
                 self._in_use.add(conn)
@@ -872,11 +989,7 @@ class Pool:
                 # The connection may have been handed over just as the wait timed out: then keep it.
                 if waiter.conn is None and waiter.error is None:
                     self._waiters.remove(waiter)
-                    self._counters["requests_errors"] += 1
-                    self._record_wait(time.monotonic() - start)
-                    raise PoolTimeout(
-                        f"no connection available after {time.monotonic() - start:.2f} s; {self._state()}"
-                    )
+                    raise self._timed_out(start)
         if waiter.error is not None:
             with self._lock:
                 self._counters["requests_errors"] += 1
@@ -885,6 +998,13 @@ class Pool:
         with self._lock:
             self._record_wait(time.monotonic() - start)
         return waiter.conn
+
+    def _timed_out(self, start: float) -> PoolTimeout:
+        """Count a request that ran out of time and return its error (lock held)."""
+        waited = time.monotonic() - start
+        self._counters["requests_errors"] += 1
+        self._record_wait(waited)
+        return PoolTimeout(f"no connection available after {waited:.2f} s; {self._state()}")
 
     def _abandon(self, waiter: _Waiter) -> None:
         """Take an interrupted waiter out of the queue, passing on a connection it was given."""
@@ -916,7 +1036,9 @@ class Pool:
             text += f"; last connection error: {self._last_error}"
         return text
 
-    def _check_out_problem(self, conn: _Connection, now: float) -> str | None:
+    def _check_out_problem(
+        self, conn: _Connection, now: float, start: float, timeout: float | None
+    ) -> str | None:
         """Return why *conn* must not be handed out (closed, expired, failed its check), or None."""
         if conn.closed:
             return "lost"
@@ -930,12 +1052,18 @@ class Pool:
             or (self.config.test_before_acquire and now - last > _RECENTLY_USED)
             or conn._pgops_poll.poll(0)
         ):
+            # The check may take half of what is left of the caller's time: a caller whose connection
+            # stalls still has the other half to get another one.
+            left = self._deadline_for(start, timeout) - now
+            deadline = now + max(left / 2, _CHECK_MIN_TIME)
+            _watchdog.guard(conn, deadline)
             try:
-                # One round trip: in autocommit the check opens no transaction to roll back.
-                conn.autocommit = True
-                psycopg2.extensions.cursor(conn).execute("SELECT 1")
-                conn.autocommit = False
-            except psycopg2.Error:
+                answered = _answers(conn)
+            finally:
+                stalled = _watchdog.release(conn)
+            if stalled:
+                return "stalled"
+            if not answered:
                 return "lost"
         return None
 
@@ -955,17 +1083,20 @@ class Pool:
         now = time.monotonic()
         if self.config.leak_threshold:
             pooled._pgops_stack = None
-        clean = (
-            not pooled.closed
-            and pooled.get_transaction_status() == _STATUS_IDLE
-            and not pooled.autocommit
-            and pooled.readonly is None
-            and pooled.isolation_level is None
-            and pooled.deferrable is None
-            and pooled.cursor_factory is _Cursor
-            and now < pooled._pgops_expires
-        )
-        problem = None if clean else self._return_problem(pooled, now)
+        if pooled._pgops_guarded and self._unguard(pooled):
+            problem: str | None = "stalled"
+        else:
+            clean = (
+                not pooled.closed
+                and pooled.get_transaction_status() == _STATUS_IDLE
+                and not pooled.autocommit
+                and pooled.readonly is None
+                and pooled.isolation_level is None
+                and pooled.deferrable is None
+                and pooled.cursor_factory is _Cursor
+                and now < pooled._pgops_expires
+            )
+            problem = None if clean else self._return_problem(pooled, now)
         with self._lock:
             self._in_use.discard(pooled)
             self._times["usage_ms"] += (now - pooled._pgops_checked_out) * 1000.0
@@ -977,6 +1108,12 @@ class Pool:
                 self._counters["returns_bad"] += 1
             self._fold_queries(pooled)  # in this critical section, so counters never step back
         self._discard(pooled, problem or "closed", in_use=False)
+
+    @staticmethod
+    def _unguard(conn: _Connection) -> bool:
+        """Take a connection lent under _deadline() back from the watchdog; tell whether it was cut off."""
+        conn._pgops_guarded = False
+        return _watchdog.release(conn)
 
     def _return_problem(self, conn: _Connection, now: float) -> str | None:
         """Bring a returned connection back to a clean idle state, or say why it must be discarded."""
@@ -1042,13 +1179,19 @@ class Pool:
                 self._in_use.discard(conn)
             self._fold_queries(conn)
             self._size -= 1
-            if reason == "lost":
-                self._counters["connections_lost"] += 1
-                # If one connection died, its siblings may have too (a server restart): check them all.
+            if reason in ("lost", "stalled"):
+                self._counters[f"connections_{reason}"] += 1
+                # If one connection died, its siblings may have too (a server restart, a network
+                # that stalls): check them all.
                 self._suspect_before = time.monotonic()
             self._wakeup.notify()
         if reason == "lost":
             _logger.warning("discarding a broken connection; the pool opens a new one")
+        elif reason == "stalled":
+            _logger.warning(
+                "discarding a connection that did not answer in time (a stalled network?); "
+                "the pool opens a new one"
+            )
         else:
             _logger.debug("closing a connection (%s)", reason)
         _close_quietly(conn)
@@ -1129,7 +1272,16 @@ class Pool:
         conn: _Connection = raw
         try:
             if self.config.register_vector:
-                _register_vector(conn)
+                # Queries after the connect: a network that stalls now must not hold the worker forever.
+                _watchdog.guard(conn, time.monotonic() + self.config.connect_timeout)
+                try:
+                    _register_vector(conn)
+                finally:
+                    stalled = _watchdog.release(conn)
+                if stalled:
+                    raise psycopg2.OperationalError(
+                        f"the server did not answer within connect_timeout={self.config.connect_timeout:g} s"
+                    )
             now = time.monotonic()
             conn._pgops_pool = self
             conn._pgops_last_used = now
@@ -1328,6 +1480,17 @@ class Pool:
         if threading.current_thread() is not self._worker:
             self._worker.join(timeout)
         _logger.info("pool closed for %s", redact_dsn(self.config.dsn))
+
+
+def _answers(conn: _Connection) -> bool:
+    """Tell whether *conn* answers one round trip (in autocommit: no transaction to roll back)."""
+    try:
+        conn.autocommit = True
+        psycopg2.extensions.cursor(conn).execute("SELECT 1")
+        conn.autocommit = False
+    except psycopg2.Error:
+        return False
+    return True
 
 
 def _close_quietly(conn: psycopg2.extensions.connection) -> None:
@@ -2607,24 +2770,30 @@ class HealthApp:
         return flight.result
 
     def _run_check(self) -> _Check:
-        """Ask the server whether it answers and is writable, then ask the migrator what is pending."""
-        dsn, start = self.pool.config.dsn, self._clock()
+        """Ask the server whether it answers and is writable, then ask the migrator what is pending.
+
+        All of it, the migrator's own pool connection included, ends within ready_timeout: the pool
+        cuts off a connection still in use at the deadline, so a stalled network cannot hold the check.
+        """
+        start, began = self._clock(), time.monotonic()
         error, in_recovery = None, False
-        try:
-            with self.pool.connection(timeout=self.ready_timeout) as conn, conn.cursor() as cur:
-                cur.execute("SET LOCAL statement_timeout = %s", (max(1, int(self.ready_timeout * 1000)),))
-                cur.execute("SELECT pg_is_in_recovery()")
-                row = cur.fetchone()
-                in_recovery = bool(row and row[0])
-        except _CHECK_ERRORS as exc:
-            error = _sanitized(exc, dsn)
-        elapsed_ms = (self._clock() - start) * 1000.0
         pending, migrations_error = None, None
-        if error is None and self.migrator is not None:
+        with self.pool._deadline(self.ready_timeout):
             try:
-                pending = tuple(_migration_name(m) for m in self.migrator.pending())
+                with self.pool.connection(timeout=self.ready_timeout) as conn, conn.cursor() as cur:
+                    timeout_ms = max(1, int(self.ready_timeout * 1000))
+                    cur.execute("SET LOCAL statement_timeout = %s", (timeout_ms,))
+                    cur.execute("SELECT pg_is_in_recovery()")
+                    row = cur.fetchone()
+                    in_recovery = bool(row and row[0])
             except _CHECK_ERRORS as exc:
-                migrations_error = _sanitized(exc, dsn)
+                error = self._check_error(exc, began)
+            elapsed_ms = (self._clock() - start) * 1000.0
+            if error is None and self.migrator is not None:
+                try:
+                    pending = tuple(_migration_name(m) for m in self.migrator.pending())
+                except _CHECK_ERRORS as exc:
+                    migrations_error = self._check_error(exc, began)
         # Log changes only: probes arrive every few seconds.
         problem = error or migrations_error
         if problem and not self._failing:
@@ -2634,6 +2803,13 @@ class HealthApp:
         self._failing = bool(problem)
         now = self._clock()
         return _Check(now, _iso(time.time()), error, elapsed_ms, in_recovery, pending, migrations_error)
+
+    def _check_error(self, exc: BaseException, began: float) -> str:
+        """Describe why a check failed; say so when it ran out of time (a cut-off reads as a lost server)."""
+        text = _sanitized(exc, self.pool.config.dsn)
+        if time.monotonic() - began >= self.ready_timeout:
+            return f"no answer within ready_timeout={self.ready_timeout:g} s ({text})"
+        return text
 
 
 def _worst(checks: Mapping[str, list[dict[str, Any]]]) -> str:
@@ -2687,6 +2863,10 @@ _POOL_METRICS = {
     "connections_num": ("pgops_connections_total", "Connection attempts to the server."),
     "connections_errors": ("pgops_connections_errors_total", "Failed connection attempts."),
     "connections_lost": ("pgops_connections_lost_total", "Connections found broken and discarded."),
+    "connections_stalled": (
+        "pgops_connections_stalled_total",
+        "Connections cut off and discarded because they did not answer in time.",
+    ),
     "queries_num": ("pgops_queries_total", "Statements executed on pooled connections."),
     "queries_errors": ("pgops_queries_errors_total", "Statements that failed."),
     "requests_wait_ms": ("pgops_requests_wait_seconds_total", "Time callers spent waiting for a connection."),
