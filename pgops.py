@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -630,6 +631,7 @@ class _Connection(psycopg2.extensions.connection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        _live_connections.add(self)  # at once: a fork from now on must find it
         self.cursor_factory = _Cursor
         now = time.monotonic()
         self._pgops_pool: Pool | None = None
@@ -645,6 +647,21 @@ class _Connection(psycopg2.extensions.connection):
         self._pgops_poll.register(self.fileno(), select.POLLIN)
         self._pgops_guarded = False  # lent under Pool._deadline(): the watchdog holds its deadline
         self._pgops_stalled = False  # cut off by the watchdog: never hand it out again
+        self._pgops_inherited = False  # opened by the parent of this (forked) process: never touch it
+
+
+# Fork safety (see _after_fork_in_child): every pooled connection of this process, so that a forked
+# child finds all of them, including one lent or being handed over when the fork happened; the
+# pools and health apps to reset in a child; and the connections a child inherited, kept referenced
+# for good because freeing one would close it (a Terminate message on the parent's session), and
+# psycopg2 may wait forever there on a lock that a thread of the parent held at the fork.
+_live_connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
+_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+_health_apps: weakref.WeakSet[HealthApp] = weakref.WeakSet()
+_inherited: list[_Connection] = []
+_locked_for_fork: list[Pool] = []  # by _before_fork, until the fork is done
+# How long a fork waits for a connection being opened, whose socket the child could not find.
+_FORK_WAIT = 1.0
 
 
 class _Waiter:
@@ -794,6 +811,15 @@ class Pool:
             config = dataclasses.replace(config, **overrides)
         self.config = config
         self._connect_kwargs = self._make_connect_kwargs(config)
+        self._closed = False
+        self._start()
+        _pools.add(self)
+        _logger.info(
+            "pool started for %s (min %d, max %d)", redact_dsn(config.dsn), config.min_size, config.max_size
+        )
+
+    def _start(self) -> None:
+        """Set up an empty pool with fresh locks and counters, and start its worker (unless closed)."""
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)  # the worker sleeps on it
         self._changed = threading.Condition(self._lock)  # wait() sleeps on it
@@ -801,7 +827,7 @@ class Pool:
         self._waiters: collections.deque[_Waiter] = collections.deque()
         self._in_use: set[_Connection] = set()
         self._size = 0  # open connections plus the one being opened
-        self._closed = False
+        self._connecting = False  # the worker is opening a connection (see _before_fork)
         self._bounds: dict[int, float] = {}  # thread ident -> deadline, set by _deadline()
         self._fatal: CannotConnect | None = None
         self._last_error: str | None = None
@@ -829,10 +855,12 @@ class Pool:
         # (time, queries, errors) samples; the first is the baseline health() counts from.
         self._window = collections.deque([(time.monotonic(), 0, 0)])
         self._worker = threading.Thread(target=self._run_worker, name="pgops-pool", daemon=True)
-        self._worker.start()
-        _logger.info(
-            "pool started for %s (min %d, max %d)", redact_dsn(config.dsn), config.min_size, config.max_size
-        )
+        if not self._closed:
+            self._worker.start()
+
+    def _after_fork(self) -> None:
+        """Start over in a forked child: no connections (the parent's stay the parent's), a new worker."""
+        self._start()
 
     @staticmethod
     def _make_connect_kwargs(config: PoolConfig) -> dict[str, Any]:
@@ -1073,6 +1101,11 @@ class Pool:
         """Give back a connection from getconn(); one in a transaction is rolled back first."""
         pooled: Any = conn
         if getattr(pooled, "_pgops_pool", None) is not self:
+            if getattr(pooled, "_pgops_inherited", False):
+                # Lent when this process was forked: the parent's session, which the child never
+                # touches.  Its descriptor here is /dev/null; the object stays in _inherited.
+                pooled._pgops_lent = False
+                return
             raise PoolError(
                 "this connection does not belong to this pool; return it to the pool that gave it"
             )
@@ -1215,6 +1248,7 @@ class Pool:
                 wants = self._wants_connection()
                 if wants:
                     self._size += 1
+                    self._connecting = True
             if wants:
                 self._add_connection()
             now = time.monotonic()
@@ -1257,12 +1291,13 @@ class Pool:
             self._failures = 0
             self._fatal = None
             self._last_error = None
+            self._connecting = False
             closed = self._closed
             if not closed:
                 self._hand_over(conn)
-                self._changed.notify_all()
             else:
                 self._size -= 1
+            self._changed.notify_all()
         if closed:
             _close_quietly(conn)
 
@@ -1299,6 +1334,8 @@ class Pool:
         fatal = not is_retryable(exc)
         with self._lock:
             self._size -= 1
+            self._connecting = False
+            self._changed.notify_all()  # for _before_fork()
             self._counters["connections_num"] += 1
             self._counters["connections_errors"] += 1
             self._last_error = message
@@ -1510,6 +1547,59 @@ def _register_vector(conn: psycopg2.extensions.connection) -> None:
     with contextlib.suppress(psycopg2.ProgrammingError):
         register_vector(conn)
     conn.rollback()
+
+
+def _before_fork() -> None:
+    """Hold every pool's lock across a fork, once none is opening a connection (waiting up to 1 s).
+
+    A connection that libpq is still opening is in no list yet, so a child could not disown it; and
+    with the locks held no thread is half-way through moving a connection between lists.
+    """
+    for pool in list(_pools):
+        pool._lock.acquire()
+        _locked_for_fork.append(pool)
+        until = time.monotonic() + _FORK_WAIT
+        while pool._connecting and (left := until - time.monotonic()) > 0:
+            pool._changed.wait(left)
+
+
+def _after_fork_in_parent() -> None:
+    while _locked_for_fork:
+        _locked_for_fork.pop()._lock.release()
+
+
+def _after_fork_in_child() -> None:
+    """Disown the parent's connections in a forked child, and give its pools and health apps fresh state.
+
+    Parent and child share every socket after a fork: if both used one, each would read the other's
+    results, and a child closing one would end the parent's session.  So the child points each
+    inherited descriptor at /dev/null (nothing it does reaches the server, and a close writes
+    nowhere), keeps the objects in _inherited, and its pools start empty with a worker of their own.
+    """
+    global _watchdog
+    _locked_for_fork.clear()  # those locks are replaced below, held as they are
+    _watchdog = _Watchdog()  # its thread and whatever it guarded stayed in the parent
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        for conn in list(_live_connections):
+            conn._pgops_inherited = True
+            conn._pgops_pool = None
+            _inherited.append(conn)
+            if not conn.closed:
+                os.dup2(devnull, conn.fileno(), inheritable=False)
+    finally:
+        os.close(devnull)
+    _live_connections.clear()
+    for pool in list(_pools):
+        pool._after_fork()
+    for app in list(_health_apps):
+        app._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(
+        before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+    )
 
 
 # ================================================================================================
@@ -2608,6 +2698,7 @@ class HealthApp:
         self._lock = threading.Lock()
         self._last: _Check | None = None
         self._flight: _Flight | None = None
+        _health_apps.add(self)
         self._ready_response: tuple[_Check, _Response] | None = None
         self._failing = False
         self._max_age = f"max-age={int(cache_ttl)}"
@@ -2617,6 +2708,11 @@ class HealthApp:
             "/health/detailed": self._detailed,
             "/metrics": self._metrics,
         }
+
+    def _after_fork(self) -> None:
+        """Start afresh in a forked child: a thread of the parent may have held the lock or led a check."""
+        self._lock = threading.Lock()
+        self._flight = None
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         """Answer one request (WSGI); HEAD gets the headers of GET and no body."""
