@@ -870,6 +870,8 @@ class Pool:
             kwargs["connect_timeout"] = max(1, math.ceil(config.connect_timeout))
         if "service" not in given:  # a service file may set them: an explicit default would override it
             kwargs.update((k, v) for k, v in _TCP_DEFAULTS.items() if k not in given)
+            if psycopg2.extensions.libpq_version() < 120000:
+                kwargs.pop("tcp_user_timeout", None)  # libpq 12 added it; older ones reject the DSN
         return kwargs
 
     def __repr__(self) -> str:
@@ -1080,10 +1082,11 @@ class Pool:
             or (self.config.test_before_acquire and now - last > _RECENTLY_USED)
             or conn._pgops_poll.poll(0)
         ):
-            # The check may take half of what is left of the caller's time: a caller whose connection
-            # stalls still has the other half to get another one.
+            # The check may take half of what is left of the caller's time, so that a caller whose
+            # connection stalls has the other half to get another one; and no longer than a server
+            # is given to accept a connection, since a new one is what replaces this one.
             left = self._deadline_for(start, timeout) - now
-            deadline = now + max(left / 2, _CHECK_MIN_TIME)
+            deadline = now + max(min(left / 2, self.config.connect_timeout), _CHECK_MIN_TIME)
             _watchdog.guard(conn, deadline)
             try:
                 answered = _answers(conn)
@@ -1556,7 +1559,8 @@ def _before_fork() -> None:
     with the locks held no thread is half-way through moving a connection between lists.
     """
     for pool in list(_pools):
-        pool._lock.acquire()
+        if not pool._lock.acquire(timeout=_FORK_WAIT):
+            continue  # never deadlock a fork (say, from a log handler run under the lock)
         _locked_for_fork.append(pool)
         until = time.monotonic() + _FORK_WAIT
         while pool._connecting and (left := until - time.monotonic()) > 0:
