@@ -645,7 +645,7 @@ class _Connection(psycopg2.extensions.connection):
         self._pgops_ms = 0.0
         self._pgops_poll: Any = select.poll()  # polled at each checkout for the server's goodbye
         self._pgops_poll.register(self.fileno(), select.POLLIN)
-        self._pgops_guarded = False  # lent under Pool._deadline(): the watchdog holds its deadline
+        self._pgops_guarded: Pool | None = None  # lent by this pool under _deadline() (see _lend)
         self._pgops_stalled = False  # cut off by the watchdog: never hand it out again
         self._pgops_inherited = False  # opened by the parent of this (forked) process: never touch it
 
@@ -932,7 +932,7 @@ class Pool:
                 self._counters["requests_num"] += 1
                 self._wait_counts[0] += 1
         if conn is not None:
-            problem = self._check_out_problem(conn, now, now, timeout)
+            problem = self._check_out_problem(conn, now, timeout)
             if problem is None:
                 return self._lend(conn, now)
             self._discard(conn, problem)
@@ -945,7 +945,7 @@ class Pool:
             conn = self._take(start, deadline, first)
             first = False
             now = time.monotonic()
-            problem = self._check_out_problem(conn, now, start, timeout)
+            problem = self._check_out_problem(conn, now, deadline - now)
             if problem is None:
                 return self._lend(conn, now)
             self._discard(conn, problem)
@@ -965,7 +965,10 @@ class Pool:
         if self._bounds:
             bound = self._bounds.get(threading.get_ident())
             if bound is not None:
-                conn._pgops_guarded = True
+                # Off the plain path in putconn, which must take the connection back from the
+                # watchdog first: no test on the hot path for this rare case.
+                conn._pgops_pool = None
+                conn._pgops_guarded = self
                 _watchdog.guard(conn, bound)
         return conn
 
@@ -1066,10 +1069,12 @@ class Pool:
             text += f"; last connection error: {self._last_error}"
         return text
 
-    def _check_out_problem(
-        self, conn: _Connection, now: float, start: float, timeout: float | None
-    ) -> str | None:
-        """Return why *conn* must not be handed out (closed, expired, failed its check), or None."""
+    def _check_out_problem(self, conn: _Connection, now: float, timeout: float | None) -> str | None:
+        """Return why *conn* must not be handed out (closed, expired, failed its check), or None.
+
+        *timeout* is what is left of the caller's time (None: acquire_timeout); the check takes at
+        most half of it.
+        """
         if conn.closed:
             return "lost"
         if now >= conn._pgops_expires:
@@ -1085,7 +1090,7 @@ class Pool:
             # The check may take half of what is left of the caller's time, so that a caller whose
             # connection stalls has the other half to get another one; and no longer than a server
             # is given to accept a connection, since a new one is what replaces this one.
-            left = self._deadline_for(start, timeout) - now
+            left = self._deadline_for(now, timeout) - now
             deadline = now + max(min(left / 2, self.config.connect_timeout), _CHECK_MIN_TIME)
             _watchdog.guard(conn, deadline)
             try:
@@ -1104,14 +1109,8 @@ class Pool:
         """Give back a connection from getconn(); one in a transaction is rolled back first."""
         pooled: Any = conn
         if getattr(pooled, "_pgops_pool", None) is not self:
-            if getattr(pooled, "_pgops_inherited", False):
-                # Lent when this process was forked: the parent's session, which the child never
-                # touches.  Its descriptor here is /dev/null; the object stays in _inherited.
-                pooled._pgops_lent = False
-                return
-            raise PoolError(
-                "this connection does not belong to this pool; return it to the pool that gave it"
-            )
+            self._put_unusual(pooled)
+            return
         if not pooled._pgops_lent:
             # Checked before anything touches the connection: it may already be lent to someone else.
             raise PoolError("this connection was already returned to the pool")
@@ -1119,20 +1118,17 @@ class Pool:
         now = time.monotonic()
         if self.config.leak_threshold:
             pooled._pgops_stack = None
-        if pooled._pgops_guarded and self._unguard(pooled):
-            problem: str | None = "stalled"
-        else:
-            clean = (
-                not pooled.closed
-                and pooled.get_transaction_status() == _STATUS_IDLE
-                and not pooled.autocommit
-                and pooled.readonly is None
-                and pooled.isolation_level is None
-                and pooled.deferrable is None
-                and pooled.cursor_factory is _Cursor
-                and now < pooled._pgops_expires
-            )
-            problem = None if clean else self._return_problem(pooled, now)
+        clean = (
+            not pooled.closed
+            and pooled.get_transaction_status() == _STATUS_IDLE
+            and not pooled.autocommit
+            and pooled.readonly is None
+            and pooled.isolation_level is None
+            and pooled.deferrable is None
+            and pooled.cursor_factory is _Cursor
+            and now < pooled._pgops_expires
+        )
+        problem = None if clean else self._return_problem(pooled, now)
         with self._lock:
             self._in_use.discard(pooled)
             self._times["usage_ms"] += (now - pooled._pgops_checked_out) * 1000.0
@@ -1145,16 +1141,29 @@ class Pool:
             self._fold_queries(pooled)  # in this critical section, so counters never step back
         self._discard(pooled, problem or "closed", in_use=False)
 
-    @staticmethod
-    def _unguard(conn: _Connection) -> bool:
-        """Take a connection lent under _deadline() back from the watchdog; tell whether it was cut off."""
-        conn._pgops_guarded = False
-        return _watchdog.release(conn)
+    def _put_unusual(self, conn: Any) -> None:
+        """Take back a connection that is not plainly this pool's, or refuse it."""
+        if getattr(conn, "_pgops_guarded", None) is self:
+            # Lent under _deadline(): the watchdog lets go first, so that it never cuts off a
+            # connection lent to someone else.
+            conn._pgops_guarded = None
+            conn._pgops_pool = self
+            if _watchdog.release(conn):
+                _close_quietly(conn)  # cut off, perhaps between two queries: discarded as stalled
+            self.putconn(conn)
+        elif getattr(conn, "_pgops_inherited", False):
+            # Lent when this process was forked: the parent's session, which the child never
+            # touches.  Its descriptor here is /dev/null; the object stays in _inherited.
+            conn._pgops_lent = False
+        else:
+            raise PoolError(
+                "this connection does not belong to this pool; return it to the pool that gave it"
+            )
 
     def _return_problem(self, conn: _Connection, now: float) -> str | None:
         """Bring a returned connection back to a clean idle state, or say why it must be discarded."""
         if conn.closed:
-            return "lost"
+            return "stalled" if conn._pgops_stalled else "lost"
         status = conn.get_transaction_status()
         if status != _STATUS_IDLE:
             if status not in _STATUS_IN_TRANSACTION:
