@@ -436,7 +436,6 @@ def test_session_characteristics_do_not_leak_to_the_next_borrower(pool: Pool) ->
     pool.putconn(again)
 
 
-
 @pytest.mark.parametrize("name", ["nosuchdb", "no such db"])
 def test_missing_database_fails_fast_even_with_a_space_in_its_name(pg_server: PgServer, name: str) -> None:
     """A database that does not exist raises CannotConnect at once instead of waiting out the timeout."""
