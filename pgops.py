@@ -1092,15 +1092,7 @@ class Pool:
             # is given to accept a connection, since a new one is what replaces this one.
             left = self._deadline_for(now, timeout) - now
             deadline = now + max(min(left / 2, self.config.connect_timeout), _CHECK_MIN_TIME)
-            _watchdog.guard(conn, deadline)
-            try:
-                answered = _answers(conn)
-            finally:
-                stalled = _watchdog.release(conn)
-            if stalled:
-                return "stalled"
-            if not answered:
-                return "lost"
+            return _bounded(conn, deadline, _select_one)
         return None
 
     # -- return --------------------------------------------------------------------------------
@@ -1172,10 +1164,10 @@ class Pool:
                 )
                 return "bad"
             _logger.warning("rolling back a connection returned inside a transaction")
-            try:
-                conn.rollback()
-            except psycopg2.Error:
-                return "lost"
+            # Bounded like a check: on a stalled network the rollback would never return.
+            problem = _bounded(conn, now + self.config.connect_timeout, _Connection.rollback)
+            if problem is not None:
+                return problem
         if conn.autocommit:
             conn.autocommit = False
         # Session characteristics set through psycopg2 live on the object: the next borrower must
@@ -1531,15 +1523,24 @@ class Pool:
         _logger.info("pool closed for %s", redact_dsn(self.config.dsn))
 
 
-def _answers(conn: _Connection) -> bool:
-    """Tell whether *conn* answers one round trip (in autocommit: no transaction to roll back)."""
+def _bounded(conn: _Connection, deadline: float, action: Callable[[_Connection], object]) -> str | None:
+    """Run ``action(conn)``, cut off by the watchdog at *deadline*; return None, "lost" or "stalled"."""
+    _watchdog.guard(conn, deadline)
     try:
-        conn.autocommit = True
-        psycopg2.extensions.cursor(conn).execute("SELECT 1")
-        conn.autocommit = False
+        action(conn)
+        failed = False
     except psycopg2.Error:
-        return False
-    return True
+        failed = True
+    finally:
+        stalled = _watchdog.release(conn)
+    return "stalled" if stalled else "lost" if failed else None
+
+
+def _select_one(conn: _Connection) -> None:
+    """Make one round trip; in autocommit it opens no transaction to roll back."""
+    conn.autocommit = True
+    psycopg2.extensions.cursor(conn).execute("SELECT 1")
+    conn.autocommit = False
 
 
 def _close_quietly(conn: psycopg2.extensions.connection) -> None:

@@ -123,6 +123,19 @@ def test_health_check_on_a_stalled_query_answers_within_ready_timeout(proxy: Pro
         )
 
 
+def test_returning_a_connection_inside_a_transaction_on_a_stalled_network_ends_in_time(
+    proxy: Proxy, proxied_dsn: str
+) -> None:
+    """putconn's rollback of a connection returned mid-transaction is cut off at connect_timeout."""
+    with Pool(proxied_dsn, min_size=1, max_size=2, connect_timeout=2, monitor_interval=0) as pool:
+        conn = pool.getconn(timeout=30)
+        assert pgtest.scalar(conn, "SELECT 1") == 1  # now inside a transaction
+        proxy.hold()
+        assert run_bounded(lambda: pool.putconn(conn), 2 + MARGIN) is None
+        stats = pool.stats()
+        assert (stats["connections_stalled"], stats["pool_in_use"]) == (1, 0)
+
+
 class HoldingMigrator:
     """A real Migrator whose pending() stalls the network first (a stand-in only for the timing)."""
 
