@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -86,6 +87,9 @@ if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
 _logger = logging.getLogger("pgops")  # a fixed name: under python -m, __name__ is __main__
+# Without it, an application that configures no logging gets pgops' warnings as bare stderr lines
+# from Python's last-resort handler; with logging configured, records propagate as usual.
+_logger.addHandler(logging.NullHandler())
 
 _T = TypeVar("_T")
 
@@ -475,7 +479,8 @@ _RETRY_SQLSTATES = frozenset({"40001", "40P01", "53300", "55P03", "57P01", "57P0
 # Connect-time errors carry no SQLSTATE in psycopg2, so these are recognised by libpq's words.
 _FATAL_CONNECT = re.compile(
     r"password authentication failed|authentication failed|no password supplied|"
-    r"no pg_hba\.conf entry|role \S+ does not exist|database \S+ does not exist|"
+    # The server quotes the name ("no such db"), so a name may hold spaces.
+    r'no pg_hba\.conf entry|(?:role|database) (?:".*"|\S+) does not exist|'
     r"password is required|SSL required|certificate|"
     r"invalid \S+ value|invalid port number|invalid connection option",  # libpq rejecting a DSN option
     re.IGNORECASE,
@@ -634,6 +639,20 @@ _LIFETIME_JITTER = 0.1  # connections expire up to 10% early so that they do not
 _HEALTH_WINDOW = 60.0  # seconds of query counts that health() judges the success rate on
 _HEALTH_MIN_QUERIES = 20
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# A validation check gets at least this long, so that a caller whose wait left almost no time does not
+# cut off, and throw away, a healthy connection; getconn may overrun its timeout by about this much.
+_CHECK_MIN_TIME = 0.25
+# libpq connection defaults (unless the DSN sets them) so that the kernel notices a peer that is gone
+# (a partition, a host that died) within about a minute: keepalive probes after 30 s idle, and data
+# the server has not acknowledged for 30 s ends the connection.  They cannot notice a path whose far
+# side keeps acknowledging (a stalled proxy): the watchdog bounds the pool's own checks for that.
+_TCP_DEFAULTS = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,  # milliseconds
+}
 
 _STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 _STATUS_IN_TRANSACTION = (
@@ -681,6 +700,7 @@ class _Connection(psycopg2.extensions.connection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        _live_connections.add(self)  # at once: a fork from now on must find it
         self.cursor_factory = _Cursor
         now = time.monotonic()
         self._pgops_pool: Pool | None = None
@@ -694,6 +714,23 @@ class _Connection(psycopg2.extensions.connection):
         self._pgops_ms = 0.0
         self._pgops_poll: Any = select.poll()  # polled at each checkout for the server's goodbye
         self._pgops_poll.register(self.fileno(), select.POLLIN)
+        self._pgops_guarded: Pool | None = None  # lent by this pool under _deadline() (see _lend)
+        self._pgops_stalled = False  # cut off by the watchdog: never hand it out again
+        self._pgops_inherited = False  # opened by the parent of this (forked) process: never touch it
+
+
+# Fork safety (see _after_fork_in_child): every pooled connection of this process, so that a forked
+# child finds all of them, including one lent or being handed over when the fork happened; the
+# pools and health apps to reset in a child; and the connections a child inherited, kept referenced
+# for good because freeing one would close it (a Terminate message on the parent's session), and
+# psycopg2 may wait forever there on a lock that a thread of the parent held at the fork.
+_live_connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
+_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+_health_apps: weakref.WeakSet[HealthApp] = weakref.WeakSet()
+_inherited: list[_Connection] = []
+_locked_for_fork: list[Pool] = []  # by _before_fork, until the fork is done
+# How long a fork waits for a connection being opened, whose socket the child could not find.
+_FORK_WAIT = 1.0
 
 
 class _Waiter:
@@ -713,6 +750,73 @@ class _Waiter:
 
     def wait(self, timeout: float) -> bool:
         return self._event.acquire(timeout=min(max(timeout, 0.0), threading.TIMEOUT_MAX))
+
+
+class _Watchdog:
+    """One thread for the whole process that cuts off connections whose deadline passes.
+
+    Once libpq has sent a query it blocks in poll() and recv() with no timeout of its own, and a
+    network path that holds traffic (rather than refusing it) keeps it there for as long as the far
+    side keeps acknowledging: keepalives and tcp_user_timeout never fire.  Shutting the socket down
+    from another thread makes the blocked read return at once with an error, so the caller gets an
+    OperationalError and the pool discards the connection.  A guard costs a dict entry under a lock,
+    and one thread serves every pool, so a bounded check needs no thread of its own.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._deadlines: dict[_Connection, float] = {}
+        self._next = math.inf  # when the thread wakes next
+        self._thread: threading.Thread | None = None
+
+    def guard(self, conn: _Connection, deadline: float) -> None:
+        """Cut *conn* off at *deadline* (time.monotonic()) unless release() comes first."""
+        with self._cond:
+            self._deadlines[conn] = deadline
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pgops-watchdog", daemon=True)
+                self._thread.start()
+            elif deadline < self._next:
+                self._cond.notify()
+
+    def release(self, conn: _Connection) -> bool:
+        """Stop guarding *conn*; tell whether it was cut off (then it must be discarded).
+
+        Once this returns the watchdog never touches *conn* again, so it may be closed or lent.
+        """
+        with self._cond:
+            self._deadlines.pop(conn, None)
+        return conn._pgops_stalled
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for conn in [c for c, deadline in self._deadlines.items() if deadline <= now]:
+                    del self._deadlines[conn]
+                    _cut(conn)  # under the lock: release() waits, so the socket cannot be closed meanwhile
+                self._next = min(self._deadlines.values(), default=math.inf)
+                self._cond.wait(None if self._next == math.inf else self._next - now)
+
+
+def _cut(conn: _Connection) -> None:
+    """Shut down *conn*'s socket, so that a read blocked on it returns, without closing the descriptor."""
+    if conn.closed:
+        return
+    conn._pgops_stalled = True
+    # shutdown() acts on the socket itself, so a duplicate descriptor reaches the one libpq reads from;
+    # libpq keeps its descriptor, which stays valid until the pool closes the connection.
+    duplicate = os.dup(conn.fileno())
+    try:
+        sock = socket.socket(fileno=duplicate)
+    except OSError:
+        os.close(duplicate)
+        return
+    with sock, contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+_watchdog = _Watchdog()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -776,6 +880,15 @@ class Pool:
             config = dataclasses.replace(config, **overrides)
         self.config = config
         self._connect_kwargs = self._make_connect_kwargs(config)
+        self._closed = False
+        self._start()
+        _pools.add(self)
+        _logger.info(
+            "pool started for %s (min %d, max %d)", redact_dsn(config.dsn), config.min_size, config.max_size
+        )
+
+    def _start(self) -> None:
+        """Set up an empty pool with fresh locks and counters, and start its worker (unless closed)."""
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)  # the worker sleeps on it
         self._changed = threading.Condition(self._lock)  # wait() sleeps on it
@@ -783,7 +896,8 @@ class Pool:
         self._waiters: collections.deque[_Waiter] = collections.deque()
         self._in_use: set[_Connection] = set()
         self._size = 0  # open connections plus the one being opened
-        self._closed = False
+        self._connecting = False  # the worker is opening a connection (see _before_fork)
+        self._bounds: dict[int, float] = {}  # thread ident -> deadline, set by _deadline()
         self._fatal: CannotConnect | None = None
         self._last_error: str | None = None
         self._failures = 0
@@ -798,6 +912,7 @@ class Pool:
                 "connections_num",
                 "connections_errors",
                 "connections_lost",
+                "connections_stalled",
                 "queries_num",
                 "queries_errors",
             ),
@@ -809,16 +924,23 @@ class Pool:
         # (time, queries, errors) samples; the first is the baseline health() counts from.
         self._window = collections.deque([(time.monotonic(), 0, 0)])
         self._worker = threading.Thread(target=self._run_worker, name="pgops-pool", daemon=True)
-        self._worker.start()
-        _logger.info(
-            "pool started for %s (min %d, max %d)", redact_dsn(config.dsn), config.min_size, config.max_size
-        )
+        if not self._closed:
+            self._worker.start()
+
+    def _after_fork(self) -> None:
+        """Start over in a forked child: no connections (the parent's stay the parent's), a new worker."""
+        self._start()
 
     @staticmethod
     def _make_connect_kwargs(config: PoolConfig) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"application_name": config.application_name}
-        if "connect_timeout" not in psycopg2.extensions.parse_dsn(config.dsn):
+        given = psycopg2.extensions.parse_dsn(config.dsn)
+        if "connect_timeout" not in given:
             kwargs["connect_timeout"] = max(1, math.ceil(config.connect_timeout))
+        if "service" not in given:  # a service file may set them: an explicit default would override it
+            kwargs.update((k, v) for k, v in _TCP_DEFAULTS.items() if k not in given)
+            if psycopg2.extensions.libpq_version() < 120000:
+                kwargs.pop("tcp_user_timeout", None)  # libpq 12 added it; older ones reject the DSN
         return kwargs
 
     def __repr__(self) -> str:
@@ -879,7 +1001,7 @@ class Pool:
                 self._counters["requests_num"] += 1
                 self._wait_counts[0] += 1
         if conn is not None:
-            problem = self._check_out_problem(conn, now)
+            problem = self._check_out_problem(conn, now, timeout)
             if problem is None:
                 return self._lend(conn, now)
             self._discard(conn, problem)
@@ -887,22 +1009,51 @@ class Pool:
 
     def _wait_for_connection(self, start: float, timeout: float | None, first: bool) -> _Connection:
         """Queue for a connection until the deadline, replacing any that fail their check."""
-        deadline = start + (self.config.acquire_timeout if timeout is None else timeout)
+        deadline = self._deadline_for(start, timeout)
         while True:
             conn = self._take(start, deadline, first)
             first = False
             now = time.monotonic()
-            problem = self._check_out_problem(conn, now)
+            problem = self._check_out_problem(conn, now, deadline - now)
             if problem is None:
                 return self._lend(conn, now)
             self._discard(conn, problem)
+
+    def _deadline_for(self, start: float, timeout: float | None) -> float:
+        """Return when a request made at *start* runs out of time, _deadline() included."""
+        deadline = start + (self.config.acquire_timeout if timeout is None else timeout)
+        if self._bounds:
+            deadline = min(deadline, self._bounds.get(threading.get_ident(), math.inf))
+        return deadline
 
     def _lend(self, conn: _Connection, now: float) -> _Connection:
         conn._pgops_lent = True
         conn._pgops_checked_out = now
         if self.config.leak_threshold:
             conn._pgops_stack = traceback.format_stack(limit=12)[:-2]
+        if self._bounds:
+            bound = self._bounds.get(threading.get_ident())
+            if bound is not None:
+                # Off the plain path in putconn, which must take the connection back from the
+                # watchdog first: no test on the hot path for this rare case.
+                conn._pgops_pool = None
+                conn._pgops_guarded = self
+                _watchdog.guard(conn, bound)
         return conn
+
+    @contextlib.contextmanager
+    def _deadline(self, seconds: float) -> Iterator[None]:
+        """Bound what this thread does with this pool inside the block to *seconds* in total.
+
+        Every getconn() in the block waits at most until the deadline, and every connection it lends
+        is cut off by the watchdog if still in use then, so even a query on a stalled network ends.
+        """
+        ident = threading.get_ident()
+        self._bounds[ident] = time.monotonic() + seconds
+        try:
+            yield
+        finally:
+            del self._bounds[ident]
 
     def _take(self, start: float, deadline: float, first: bool) -> _Connection:
         """Pop an idle connection, or queue and wait for one (first come, first served)."""
@@ -911,6 +1062,8 @@ class Pool:
                 raise PoolClosed("the pool is closed")
             if first:
                 self._counters["requests_num"] += 1
+            elif time.monotonic() >= deadline:
+                raise self._timed_out(start)  # a connection failed its check and took the time left
             if self._idle and not self._waiters:
                 conn = self._idle.pop()
                 self._in_use.add(conn)
@@ -938,11 +1091,7 @@ class Pool:
                 # The connection may have been handed over just as the wait timed out: then keep it.
                 if waiter.conn is None and waiter.error is None:
                     self._waiters.remove(waiter)
-                    self._counters["requests_errors"] += 1
-                    self._record_wait(time.monotonic() - start)
-                    raise PoolTimeout(
-                        f"no connection available after {time.monotonic() - start:.2f} s; {self._state()}"
-                    )
+                    raise self._timed_out(start)
         if waiter.error is not None:
             with self._lock:
                 self._counters["requests_errors"] += 1
@@ -951,6 +1100,13 @@ class Pool:
         with self._lock:
             self._record_wait(time.monotonic() - start)
         return waiter.conn
+
+    def _timed_out(self, start: float) -> PoolTimeout:
+        """Count a request that ran out of time and return its error (lock held)."""
+        waited = time.monotonic() - start
+        self._counters["requests_errors"] += 1
+        self._record_wait(waited)
+        return PoolTimeout(f"no connection available after {waited:.2f} s; {self._state()}")
 
     def _abandon(self, waiter: _Waiter) -> None:
         """Take an interrupted waiter out of the queue, passing on a connection it was given."""
@@ -982,8 +1138,12 @@ class Pool:
             text += f"; last connection error: {self._last_error}"
         return text
 
-    def _check_out_problem(self, conn: _Connection, now: float) -> str | None:
-        """Return why *conn* must not be handed out (closed, expired, failed its check), or None."""
+    def _check_out_problem(self, conn: _Connection, now: float, timeout: float | None) -> str | None:
+        """Return why *conn* must not be handed out (closed, expired, failed its check), or None.
+
+        *timeout* is what is left of the caller's time (None: acquire_timeout); the check takes at
+        most half of it.
+        """
         if conn.closed:
             return "lost"
         if now >= conn._pgops_expires:
@@ -996,13 +1156,12 @@ class Pool:
             or (self.config.test_before_acquire and now - last > _RECENTLY_USED)
             or conn._pgops_poll.poll(0)
         ):
-            try:
-                # One round trip: in autocommit the check opens no transaction to roll back.
-                conn.autocommit = True
-                psycopg2.extensions.cursor(conn).execute("SELECT 1")
-                conn.autocommit = False
-            except psycopg2.Error:
-                return "lost"
+            # The check may take half of what is left of the caller's time, so that a caller whose
+            # connection stalls has the other half to get another one; and no longer than a server
+            # is given to accept a connection, since a new one is what replaces this one.
+            left = self._deadline_for(now, timeout) - now
+            deadline = now + max(min(left / 2, self.config.connect_timeout), _CHECK_MIN_TIME)
+            return _bounded(conn, deadline, _select_one)
         return None
 
     # -- return --------------------------------------------------------------------------------
@@ -1011,9 +1170,8 @@ class Pool:
         """Give back a connection from getconn(); one in a transaction is rolled back first."""
         pooled: Any = conn
         if getattr(pooled, "_pgops_pool", None) is not self:
-            raise PoolError(
-                "this connection does not belong to this pool; return it to the pool that gave it"
-            )
+            self._put_unusual(pooled)
+            return
         if not pooled._pgops_lent:
             # Checked before anything touches the connection: it may already be lent to someone else.
             raise PoolError("this connection was already returned to the pool")
@@ -1044,10 +1202,29 @@ class Pool:
             self._fold_queries(pooled)  # in this critical section, so counters never step back
         self._discard(pooled, problem or "closed", in_use=False)
 
+    def _put_unusual(self, conn: Any) -> None:
+        """Take back a connection that is not plainly this pool's, or refuse it."""
+        if getattr(conn, "_pgops_guarded", None) is self:
+            # Lent under _deadline(): the watchdog lets go first, so that it never cuts off a
+            # connection lent to someone else.
+            conn._pgops_guarded = None
+            conn._pgops_pool = self
+            if _watchdog.release(conn):
+                _close_quietly(conn)  # cut off, perhaps between two queries: discarded as stalled
+            self.putconn(conn)
+        elif getattr(conn, "_pgops_inherited", False):
+            # Lent when this process was forked: the parent's session, which the child never
+            # touches.  Its descriptor here is /dev/null; the object stays in _inherited.
+            conn._pgops_lent = False
+        else:
+            raise PoolError(
+                "this connection does not belong to this pool; return it to the pool that gave it"
+            )
+
     def _return_problem(self, conn: _Connection, now: float) -> str | None:
         """Bring a returned connection back to a clean idle state, or say why it must be discarded."""
         if conn.closed:
-            return "lost"
+            return "stalled" if conn._pgops_stalled else "lost"
         status = conn.get_transaction_status()
         if status != _STATUS_IDLE:
             if status not in _STATUS_IN_TRANSACTION:
@@ -1056,10 +1233,10 @@ class Pool:
                 )
                 return "bad"
             _logger.warning("rolling back a connection returned inside a transaction")
-            try:
-                conn.rollback()
-            except psycopg2.Error:
-                return "lost"
+            # Bounded like a check: on a stalled network the rollback would never return.
+            problem = _bounded(conn, now + self.config.connect_timeout, _Connection.rollback)
+            if problem is not None:
+                return problem
         if conn.autocommit:
             conn.autocommit = False
         # Session characteristics set through psycopg2 live on the object: the next borrower must
@@ -1108,13 +1285,19 @@ class Pool:
                 self._in_use.discard(conn)
             self._fold_queries(conn)
             self._size -= 1
-            if reason == "lost":
-                self._counters["connections_lost"] += 1
-                # If one connection died, its siblings may have too (a server restart): check them all.
+            if reason in ("lost", "stalled"):
+                self._counters[f"connections_{reason}"] += 1
+                # If one connection died, its siblings may have too (a server restart, a network
+                # that stalls): check them all.
                 self._suspect_before = time.monotonic()
             self._wakeup.notify()
         if reason == "lost":
             _logger.warning("discarding a broken connection; the pool opens a new one")
+        elif reason == "stalled":
+            _logger.warning(
+                "discarding a connection that did not answer in time (a stalled network?); "
+                "the pool opens a new one"
+            )
         else:
             _logger.debug("closing a connection (%s)", reason)
         _close_quietly(conn)
@@ -1138,6 +1321,7 @@ class Pool:
                 wants = self._wants_connection()
                 if wants:
                     self._size += 1
+                    self._connecting = True
             if wants:
                 self._add_connection()
             now = time.monotonic()
@@ -1180,12 +1364,13 @@ class Pool:
             self._failures = 0
             self._fatal = None
             self._last_error = None
+            self._connecting = False
             closed = self._closed
             if not closed:
                 self._hand_over(conn)
-                self._changed.notify_all()
             else:
                 self._size -= 1
+            self._changed.notify_all()
         if closed:
             _close_quietly(conn)
 
@@ -1195,7 +1380,16 @@ class Pool:
         conn: _Connection = raw
         try:
             if self.config.register_vector:
-                _register_vector(conn)
+                # Queries after the connect: a network that stalls now must not hold the worker forever.
+                _watchdog.guard(conn, time.monotonic() + self.config.connect_timeout)
+                try:
+                    _register_vector(conn)
+                finally:
+                    stalled = _watchdog.release(conn)
+                if stalled:
+                    raise psycopg2.OperationalError(
+                        f"the server did not answer within connect_timeout={self.config.connect_timeout:g} s"
+                    )
             now = time.monotonic()
             conn._pgops_pool = self
             conn._pgops_last_used = now
@@ -1213,6 +1407,8 @@ class Pool:
         fatal = not is_retryable(exc)
         with self._lock:
             self._size -= 1
+            self._connecting = False
+            self._changed.notify_all()  # for _before_fork()
             self._counters["connections_num"] += 1
             self._counters["connections_errors"] += 1
             self._last_error = message
@@ -1396,6 +1592,26 @@ class Pool:
         _logger.info("pool closed for %s", redact_dsn(self.config.dsn))
 
 
+def _bounded(conn: _Connection, deadline: float, action: Callable[[_Connection], object]) -> str | None:
+    """Run ``action(conn)``, cut off by the watchdog at *deadline*; return None, "lost" or "stalled"."""
+    _watchdog.guard(conn, deadline)
+    try:
+        action(conn)
+        failed = False
+    except psycopg2.Error:
+        failed = True
+    finally:
+        stalled = _watchdog.release(conn)
+    return "stalled" if stalled else "lost" if failed else None
+
+
+def _select_one(conn: _Connection) -> None:
+    """Make one round trip; in autocommit it opens no transaction to roll back."""
+    conn.autocommit = True
+    psycopg2.extensions.cursor(conn).execute("SELECT 1")
+    conn.autocommit = False
+
+
 def _close_quietly(conn: psycopg2.extensions.connection) -> None:
     try:
         conn.close()
@@ -1413,6 +1629,60 @@ def _register_vector(conn: psycopg2.extensions.connection) -> None:
     with contextlib.suppress(psycopg2.ProgrammingError):
         register_vector(conn)
     conn.rollback()
+
+
+def _before_fork() -> None:
+    """Hold every pool's lock across a fork, once none is opening a connection (waiting up to 1 s).
+
+    A connection that libpq is still opening is in no list yet, so a child could not disown it; and
+    with the locks held no thread is half-way through moving a connection between lists.
+    """
+    for pool in list(_pools):
+        if not pool._lock.acquire(timeout=_FORK_WAIT):
+            continue  # never deadlock a fork (say, from a log handler run under the lock)
+        _locked_for_fork.append(pool)
+        until = time.monotonic() + _FORK_WAIT
+        while pool._connecting and (left := until - time.monotonic()) > 0:
+            pool._changed.wait(left)
+
+
+def _after_fork_in_parent() -> None:
+    while _locked_for_fork:
+        _locked_for_fork.pop()._lock.release()
+
+
+def _after_fork_in_child() -> None:
+    """Disown the parent's connections in a forked child, and give its pools and health apps fresh state.
+
+    Parent and child share every socket after a fork: if both used one, each would read the other's
+    results, and a child closing one would end the parent's session.  So the child points each
+    inherited descriptor at /dev/null (nothing it does reaches the server, and a close writes
+    nowhere), keeps the objects in _inherited, and its pools start empty with a worker of their own.
+    """
+    global _watchdog
+    _locked_for_fork.clear()  # those locks are replaced below, held as they are
+    _watchdog = _Watchdog()  # its thread and whatever it guarded stayed in the parent
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        for conn in list(_live_connections):
+            conn._pgops_inherited = True
+            conn._pgops_pool = None
+            _inherited.append(conn)
+            if not conn.closed:
+                os.dup2(devnull, conn.fileno(), inheritable=False)
+    finally:
+        os.close(devnull)
+    _live_connections.clear()
+    for pool in list(_pools):
+        pool._after_fork()
+    for app in list(_health_apps):
+        app._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(
+        before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+    )
 
 
 # ================================================================================================
@@ -2514,6 +2784,7 @@ class HealthApp:
         self._lock = threading.Lock()
         self._last: _Check | None = None
         self._flight: _Flight | None = None
+        _health_apps.add(self)
         self._ready_response: tuple[_Check, _Response] | None = None
         self._failing = False
         self._max_age = f"max-age={int(cache_ttl)}"
@@ -2523,6 +2794,11 @@ class HealthApp:
             "/health/detailed": self._detailed,
             "/metrics": self._metrics,
         }
+
+    def _after_fork(self) -> None:
+        """Start afresh in a forked child: a thread of the parent may have held the lock or led a check."""
+        self._lock = threading.Lock()
+        self._flight = None
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         """Answer one request (WSGI); HEAD gets the headers of GET and no body."""
@@ -2677,24 +2953,30 @@ class HealthApp:
         return flight.result
 
     def _run_check(self) -> _Check:
-        """Ask the server whether it answers and is writable, then ask the migrator what is pending."""
-        dsn, start = self.pool.config.dsn, self._clock()
+        """Ask the server whether it answers and is writable, then ask the migrator what is pending.
+
+        All of it, the migrator's own pool connection included, ends within ready_timeout: the pool
+        cuts off a connection still in use at the deadline, so a stalled network cannot hold the check.
+        """
+        start, began = self._clock(), time.monotonic()
         error, in_recovery = None, False
-        try:
-            with self.pool.connection(timeout=self.ready_timeout) as conn, conn.cursor() as cur:
-                cur.execute("SET LOCAL statement_timeout = %s", (max(1, int(self.ready_timeout * 1000)),))
-                cur.execute("SELECT pg_is_in_recovery()")
-                row = cur.fetchone()
-                in_recovery = bool(row and row[0])
-        except _CHECK_ERRORS as exc:
-            error = _sanitized(exc, dsn)
-        elapsed_ms = (self._clock() - start) * 1000.0
         pending, migrations_error = None, None
-        if error is None and self.migrator is not None:
+        with self.pool._deadline(self.ready_timeout):
             try:
-                pending = tuple(_migration_name(m) for m in self.migrator.pending())
+                with self.pool.connection(timeout=self.ready_timeout) as conn, conn.cursor() as cur:
+                    timeout_ms = max(1, int(self.ready_timeout * 1000))
+                    cur.execute("SET LOCAL statement_timeout = %s", (timeout_ms,))
+                    cur.execute("SELECT pg_is_in_recovery()")
+                    row = cur.fetchone()
+                    in_recovery = bool(row and row[0])
             except _CHECK_ERRORS as exc:
-                migrations_error = _sanitized(exc, dsn)
+                error = self._check_error(exc, began)
+            elapsed_ms = (self._clock() - start) * 1000.0
+            if error is None and self.migrator is not None:
+                try:
+                    pending = tuple(_migration_name(m) for m in self.migrator.pending())
+                except _CHECK_ERRORS as exc:
+                    migrations_error = self._check_error(exc, began)
         # Log changes only: probes arrive every few seconds.
         problem = error or migrations_error
         if problem and not self._failing:
@@ -2704,6 +2986,13 @@ class HealthApp:
         self._failing = bool(problem)
         now = self._clock()
         return _Check(now, _iso(time.time()), error, elapsed_ms, in_recovery, pending, migrations_error)
+
+    def _check_error(self, exc: BaseException, began: float) -> str:
+        """Describe why a check failed; say so when it ran out of time (a cut-off reads as a lost server)."""
+        text = _sanitized(exc, self.pool.config.dsn)
+        if time.monotonic() - began >= self.ready_timeout:
+            return f"no answer within ready_timeout={self.ready_timeout:g} s ({text})"
+        return text
 
 
 def _worst(checks: Mapping[str, list[dict[str, Any]]]) -> str:
@@ -2758,6 +3047,10 @@ _POOL_METRICS = {
     "connections_num": ("pgops_connections_total", "Connection attempts to the server."),
     "connections_errors": ("pgops_connections_errors_total", "Failed connection attempts."),
     "connections_lost": ("pgops_connections_lost_total", "Connections found broken and discarded."),
+    "connections_stalled": (
+        "pgops_connections_stalled_total",
+        "Connections cut off and discarded because they did not answer in time.",
+    ),
     "queries_num": ("pgops_queries_total", "Statements executed on pooled connections."),
     "queries_errors": ("pgops_queries_errors_total", "Statements that failed."),
     "requests_wait_ms": ("pgops_requests_wait_seconds_total", "Time callers spent waiting for a connection."),

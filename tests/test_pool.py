@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,8 +18,8 @@ import psycopg2.pool
 import pytest
 
 import pgops
-from pgops import Pool, PoolClosed, PoolTimeout
-from pgtest import wait_until
+from pgops import CannotConnect, Pool, PoolClosed, PoolTimeout
+from pgtest import PgServer, wait_until
 
 
 @pytest.fixture
@@ -432,3 +435,38 @@ def test_session_characteristics_do_not_leak_to_the_next_borrower(pool: Pool) ->
         assert type(cur).__name__ == "_Cursor"
     pool.putconn(again)
 
+
+@pytest.mark.parametrize("name", ["nosuchdb", "no such db"])
+def test_missing_database_fails_fast_even_with_a_space_in_its_name(pg_server: PgServer, name: str) -> None:
+    """A database that does not exist raises CannotConnect at once instead of waiting out the timeout."""
+    with Pool(pg_server.dsn(name), min_size=0, max_size=1, acquire_timeout=30) as pool:
+        start = time.monotonic()
+        with pytest.raises(CannotConnect, match="does not exist"):
+            pool.getconn()
+        assert time.monotonic() - start < 15  # the defect waited all 30 s
+
+
+_WARN_ONCE = """
+import psycopg2, pgops
+calls = []
+def flaky():
+    calls.append(1)
+    if len(calls) == 1:
+        raise psycopg2.OperationalError("server closed the connection unexpectedly")
+pgops.set_testing()
+pgops.retry_call(flaky, policy=pgops.RetryPolicy(max_attempts=2))
+"""
+
+
+@pytest.mark.parametrize("configured", [False, True])
+def test_warnings_reach_stderr_only_when_the_application_configures_logging(configured: bool) -> None:
+    """Without logging configured a pgops warning prints nothing; with basicConfig it is printed."""
+    script = ("import logging; logging.basicConfig()\n" if configured else "") + _WARN_ONCE
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(pgops.__file__))}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60, check=True
+    )
+    if configured:
+        assert "WARNING:pgops:retrying flaky after attempt 1 of 2" in proc.stderr
+    else:
+        assert proc.stderr == ""
