@@ -1363,8 +1363,26 @@ _QUOTE_OR_ESCAPE = re.compile(r"['\\]")
 # First words of statements that start or end a transaction (PREPARE TRANSACTION is checked apart).
 _TRANSACTION_CONTROL = frozenset({"BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT"})
 _FIRST_WORDS = re.compile(r"([A-Za-z_][\w$]*)(?:\s+([A-Za-z_][\w$]*))?(?:\s+([A-Za-z_][\w$]*))?")
+_COPY_STDIO = re.compile(r"\b(FROM\s+STDIN|TO\s+STDOUT)\b", re.IGNORECASE)
 _LOCK_REPORT_EVERY = 10.0  # seconds between "still waiting for the lock" lines
 _LOCK_RETRY = RetryPolicy(max_attempts=5, initial_delay=0.5, max_delay=5.0)  # for lock_not_available
+_CONNECT_TIMEOUT = 10.0  # seconds; libpq's own default is to wait for ever
+# After each file: is the session's migration lock still held? If a file released it and nobody took
+# it since, take it again; if another session has it, say so. (Advisory locks nest: pg_try_advisory_lock
+# on a held lock would count it twice, hence the look at pg_locks first.)
+_KEEP_LOCK = (
+    "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'advisory' "
+    "AND pid = pg_catalog.pg_backend_pid() AND classid = %s AND objid = %s AND objsubid = 2 AND granted) "
+    "THEN 'held' WHEN pg_catalog.pg_try_advisory_lock(%s, %s) THEN 'retaken' ELSE 'lost' END"
+)
+# What DISCARD ALL does, less pg_advisory_unlock_all(), which would drop the migration lock. Run before
+# every migration file, so that each starts from the session the connection began with, whatever the
+# files before it set (search_path, role, prepared statements, temporary tables) and however runs are
+# batched. RESET ALL goes back to the connection's startup values, which hold pgops' lock_timeout.
+_RESET_SESSION = (
+    "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DEALLOCATE ALL; CLOSE ALL; UNLISTEN *; "
+    "DISCARD PLANS; DISCARD SEQUENCES; DISCARD TEMP"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1695,11 +1713,13 @@ class Migrator:
         allow_out_of_order: bool = False,
         connect_retry: RetryPolicy | None = None,
         application_name: str = "pgops-migrate",
+        connect_timeout: float = _CONNECT_TIMEOUT,
     ) -> None:
         if isinstance(pool_or_dsn, str):
             _check_dsn(pool_or_dsn)
         _check_seconds("lock_timeout", lock_timeout, positive=False)
         _check_seconds("statement_lock_timeout", statement_lock_timeout, positive=True)
+        _check_seconds("connect_timeout", connect_timeout, positive=True)
         self._source = pool_or_dsn
         self.directory = directory
         self.schema, self.table = schema, table
@@ -1708,7 +1728,9 @@ class Migrator:
         self.allow_out_of_order = allow_out_of_order
         self.connect_retry = connect_retry or RetryPolicy(max_attempts=1)
         self.application_name = application_name
+        self.connect_timeout = connect_timeout
         self._history = psycopg2.sql.Identifier(schema, table)
+        self._active: psycopg2.extensions.connection | None = None  # the migration connection, for _cancel
         import zlib
 
         self._lock_key = zlib.crc32(f"{schema}.{table}".encode()) & 0x7FFF_FFFF
@@ -1723,9 +1745,9 @@ class Migrator:
     # -- connections ---------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _connection(self) -> Iterator[psycopg2.extensions.connection]:
-        """Lend a connection: one from the pool, or a new one from the DSN (closed afterwards)."""
-        if isinstance(self._source, Pool):
+    def _connection(self, *, own: bool = False) -> Iterator[psycopg2.extensions.connection]:
+        """Lend a connection: the pool's for reading, else (or with *own*) a new one, closed afterwards."""
+        if isinstance(self._source, Pool) and not own:
             conn = self._source.getconn()
             try:
                 yield conn
@@ -1734,34 +1756,69 @@ class Migrator:
                     conn.rollback()
                 self._source.putconn(conn)
             return
-        try:
-            conn = retry_call(
-                psycopg2.connect,
-                self._source,
-                application_name=self.application_name,
-                policy=self.connect_retry,
-            )
-        except psycopg2.OperationalError as exc:
-            raise CannotConnect(
-                f"cannot connect to {redact_dsn(self._source)!r}: {_one_line(exc, self._source)}"
-            ) from None
+        conn = self._connect()
         try:
             yield conn
         finally:
             _close_quietly(conn)
 
+    def _connect(self) -> psycopg2.extensions.connection:
+        """Open a connection of the migrator's own, with its lock_timeout and connect_timeout."""
+        dsn = self._dsn
+        try:
+            conn: psycopg2.extensions.connection = retry_call(
+                psycopg2.connect, dsn, policy=self.connect_retry, **self._connect_kwargs(dsn)
+            )
+            return conn
+        except psycopg2.OperationalError as exc:
+            message = _one_line(exc, dsn)
+            if "unsupported startup parameter" in message:  # PgBouncer refusing lock_timeout in options
+                message += "; connect to PostgreSQL directly to migrate, not through a connection pooler"
+            raise CannotConnect(f"cannot connect to {redact_dsn(dsn)!r}: {message}") from None
+
+    def _connect_kwargs(self, dsn: str) -> dict[str, Any]:
+        """Return the libpq parameters pgops adds to *dsn*: application_name, timeouts.
+
+        lock_timeout goes in the startup options, which makes it the session's default: the reset
+        before each file (RESET ALL) keeps it, and so does a RESET ALL inside a file. libpq reads
+        PGCONNECT_TIMEOUT and PGOPTIONS only for parameters that are not passed, so pgops passes a
+        connect_timeout only where libpq would otherwise wait for ever, and keeps the user's options.
+        """
+        params = psycopg2.extensions.parse_dsn(dsn)
+        kwargs: dict[str, Any] = {"application_name": self.application_name}
+        if "connect_timeout" not in params and not os.environ.get("PGCONNECT_TIMEOUT", "").strip():
+            kwargs["connect_timeout"] = max(1, math.ceil(self.connect_timeout))
+        options = params.get("options", os.environ.get("PGOPTIONS", ""))
+        lock_timeout_ms = math.ceil(self.statement_lock_timeout * 1000)
+        kwargs["options"] = f"{options} -c lock_timeout={lock_timeout_ms}".strip()
+        return kwargs
+
     @contextlib.contextmanager
     def _locked(self) -> Iterator[psycopg2.extensions.connection]:
-        """Hold the migration advisory lock on one dedicated autocommit connection."""
-        with self._connection() as conn:
+        """Hold the migration advisory lock on a dedicated autocommit connection of the migrator's own.
+
+        Never a pool connection, even with a Pool: what the migrations set in their session must not
+        reach the application, and a pool would hand out the connection that holds the lock.
+        """
+        with self._connection(own=True) as conn:
             conn.autocommit = True
-            cur = conn.cursor()
-            pid = self._acquire_lock(cur)
+            self._active = conn
             try:
-                self._pid = pid
-                yield conn
+                pid = self._acquire_lock(conn.cursor())
+                try:
+                    self._pid = pid
+                    yield conn
+                finally:
+                    self._release_lock(conn)
             finally:
-                self._release_lock(conn)
+                self._active = None
+
+    def _cancel(self) -> None:
+        """Ask the server to cancel the statement running on the migration connection (any thread)."""
+        conn = self._active
+        if conn is not None and not conn.closed:
+            with contextlib.suppress(psycopg2.Error):
+                conn.cancel()
 
     def _acquire_lock(self, cur: psycopg2.extensions.cursor) -> int:
         started = time.monotonic()
@@ -2018,14 +2075,19 @@ class Migrator:
         text = migration.sql
         cur = conn.cursor()
         started = time.perf_counter()
-        # BEGIN, the lock timeout and the pid check share one round trip; so do the history row and COMMIT.
-        cur.execute(
-            "BEGIN; SET LOCAL lock_timeout = %s; SELECT pg_backend_pid()",
-            (f"{int(self.statement_lock_timeout * 1000)}ms",),
-        )
-        row = cur.fetchone()
-        self._same_backend(int(row[0]) if row else 0)
         try:
+            # One round trip: BEGIN, the session reset, the pid check, and the migration lock taken
+            # again for the transaction, a hold that a pg_advisory_unlock_all() in the file cannot
+            # release: no other runner gets in while this file runs, whatever it does.
+            cur.execute(
+                f"BEGIN; {_RESET_SESSION}; "
+                "SELECT pg_catalog.pg_backend_pid(), pg_catalog.pg_try_advisory_xact_lock(%s, %s)",
+                (_LOCK_CLASS, self._lock_key),
+            )
+            pid, locked = cur.fetchone() or (0, False)
+            self._same_backend(int(pid))
+            if not locked:
+                raise self._lock_lost(cur, migration, path, done=False)
             for start, end, code in _scan_sql(text):
                 if code:
                     _logger.debug("%s: %s", migration.name, text[start:end].strip())
@@ -2033,25 +2095,21 @@ class Migrator:
                         cur.execute(text[start:end])
                     except psycopg2.Error as exc:
                         raise _failure(migration, exc, start, path) from None
-            ms = (time.perf_counter() - started) * 1000.0
-            if record:
-                cur.execute(
-                    psycopg2.sql.SQL(
-                        "INSERT INTO {} (version, description, checksum, status, execution_ms) "
-                        "VALUES (%s, %s, %s, 'applied', %s); COMMIT"
-                    ).format(self._history),
-                    (migration.version, migration.description, migration.checksum, ms),
-                )
-            else:
-                cur.execute(
-                    psycopg2.sql.SQL("DELETE FROM {} WHERE version = %s; COMMIT").format(self._history),
-                    (migration.version,),
-                )
+            change, values = self._history_change(migration, record, (time.perf_counter() - started) * 1000.0)
+            # The history change is made as the connecting user, whatever role the file set (SET LOCAL
+            # ends with the transaction); it, COMMIT and the lock check share one round trip.
+            cur.execute(
+                psycopg2.sql.SQL("SET LOCAL SESSION AUTHORIZATION DEFAULT; {}; COMMIT; {}").format(
+                    change, psycopg2.sql.SQL(_KEEP_LOCK)
+                ),
+                (*values, *self._lock_keys()),
+            )
         except BaseException:
             if not conn.closed and conn.info.transaction_status != _STATUS_IDLE:
                 with contextlib.suppress(psycopg2.Error):
                     cur.execute("ROLLBACK")
             raise
+        self._keep_lock(cur, migration, path)
 
     def _run_statements(
         self, conn: psycopg2.extensions.connection, migration: Migration, path: str, record: bool
@@ -2059,37 +2117,70 @@ class Migrator:
         """Run a no-transaction file statement by statement, recording progress in the history row."""
         cur = conn.cursor()
         started = time.perf_counter()
+        cur.execute(f"{_RESET_SESSION}; SELECT pg_catalog.pg_backend_pid()")
+        row = cur.fetchone()
+        self._same_backend(int(row[0]) if row else 0)
         if record:
+            # While this row says 'running', another runner refuses to start (DirtyDatabase), even
+            # if a statement of the file releases the migration lock.
             cur.execute(
                 psycopg2.sql.SQL(
-                    "INSERT INTO {} (version, description, checksum, status) VALUES (%s, %s, %s, 'running') "
-                    "RETURNING pg_backend_pid()"
+                    "INSERT INTO {} (version, description, checksum, status) VALUES (%s, %s, %s, 'running')"
                 ).format(self._history),
                 (migration.version, migration.description, migration.checksum),
             )
-            row = cur.fetchone()
-            self._same_backend(int(row[0]) if row else 0)
-        # Session-level here (autocommit has no transaction for SET LOCAL), undone in finally.
-        cur.execute("SET lock_timeout = %s", (f"{int(self.statement_lock_timeout * 1000)}ms",))
-        try:
-            self._run_each(cur, migration, path, record)
-        finally:
-            if not conn.closed:
-                with contextlib.suppress(psycopg2.Error):
-                    cur.execute("RESET lock_timeout")
+        self._run_each(cur, migration, path, record)
         ms = (time.perf_counter() - started) * 1000.0
-        if record:
-            cur.execute(
-                psycopg2.sql.SQL(
-                    "UPDATE {} SET status = 'applied', execution_ms = %s WHERE version = %s"
-                ).format(self._history),
-                (ms, migration.version),
+        change, values = self._history_change(migration, record, ms, running=True)
+        cur.execute(
+            psycopg2.sql.SQL("{}; {}").format(change, psycopg2.sql.SQL(_KEEP_LOCK)),
+            (*values, *self._lock_keys()),
+        )
+        self._keep_lock(cur, migration, path)
+
+    def _history_change(
+        self, migration: Migration, record: bool, ms: float, *, running: bool = False
+    ) -> tuple[psycopg2.sql.Composable, tuple[Any, ...]]:
+        """Return the statement and parameters that record a migration as applied, or as reverted."""
+        if not record:
+            return psycopg2.sql.SQL("DELETE FROM {} WHERE version = %s").format(self._history), (
+                migration.version,
             )
-        else:
-            cur.execute(
-                psycopg2.sql.SQL("DELETE FROM {} WHERE version = %s").format(self._history),
-                (migration.version,),
+        if running:  # a no-transaction file, whose row says 'running' until now
+            sql = "UPDATE {} SET status = 'applied', execution_ms = %s WHERE version = %s"
+            return psycopg2.sql.SQL(sql).format(self._history), (ms, migration.version)
+        sql = (
+            "INSERT INTO {} (version, description, checksum, status, execution_ms) "
+            "VALUES (%s, %s, %s, 'applied', %s)"
+        )
+        values = (migration.version, migration.description, migration.checksum, ms)
+        return psycopg2.sql.SQL(sql).format(self._history), values
+
+    def _lock_keys(self) -> tuple[int, int, int, int]:
+        return (_LOCK_CLASS, self._lock_key, _LOCK_CLASS, self._lock_key)
+
+    def _keep_lock(self, cur: psycopg2.extensions.cursor, migration: Migration, path: str) -> None:
+        """Read _KEEP_LOCK's answer: go on if the lock is held (or was taken again), else fail loudly."""
+        row = cur.fetchone()
+        state = row[0] if row else "lost"
+        if state == "retaken":
+            _logger.warning(
+                "%s released the migration lock (pg_advisory_unlock_all?); pgops took it again", path
             )
+        elif state != "held":
+            raise self._lock_lost(cur, migration, path, done=True)
+
+    def _lock_lost(
+        self, cur: psycopg2.extensions.cursor, migration: Migration, path: str, *, done: bool
+    ) -> MigrationFailed:
+        """Return the error for a migration lock that a file released and another session took."""
+        where = "this file is done, the rest is left to that run" if done else "this file did not run"
+        return MigrationFailed(
+            f"{path}: the migration lock was released (pg_advisory_unlock or pg_advisory_unlock_all in a "
+            f"migration) and {self._lock_holder(cur)} took it; {where}; remove the unlock call",
+            version=migration.version,
+            path=path,
+        )
 
     def _run_each(
         self, cur: psycopg2.extensions.cursor, migration: Migration, path: str, record: bool
@@ -3106,7 +3197,11 @@ def _parser() -> Any:
     import argparse
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--dsn", help="libpq URL or key=value string (default: $DATABASE_URL)")
+    common.add_argument(
+        "--dsn",
+        help="libpq URL or key=value string (default: $DATABASE_URL); connecting gives up after "
+        f"connect_timeout seconds: the DSN's, else $PGCONNECT_TIMEOUT, else {_CONNECT_TIMEOUT:g}",
+    )
     common.add_argument("--dir", help="migrations folder (default: $PGOPS_MIGRATIONS_DIR or ./migrations)")
     common.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v: SQL too)")
     common.add_argument("-q", "--quiet", action="store_true", help="errors only")
