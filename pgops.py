@@ -1461,9 +1461,10 @@ def _read_sql(path: str) -> str:
         wide = text.count("\x00") * 4 >= len(text)
         remedy = "it looks like UTF-16; save it as UTF-8" if wide else "remove it"
         raise BadMigration(f"migration {path!r} contains a NUL byte at offset {text.index(chr(0))}; {remedy}")
-    statements = [start for start, _end, code in _scan_sql(text) if code]  # scanned once, used twice
+    statements = [(start, end) for start, end, code in _scan_sql(text) if code]  # scanned once, used twice
     if not statements:
         raise BadMigration(f"migration {path!r} has no SQL statement; add one or delete the file")
+    _refuse_copy(text, path, statements)
     if _transactional(text):
         _refuse_transaction_control(text, path, statements)
     return text
@@ -1474,7 +1475,38 @@ def _transactional(text: str) -> bool:
     return not any(_NO_TRANSACTION.match(line.strip()) for line in text.split("\n", 5)[:5])
 
 
-def _refuse_transaction_control(text: str, path: str, statements: list[int]) -> None:
+def _refuse_copy(text: str, path: str, statements: list[tuple[int, int]]) -> None:
+    """Raise BadMigration naming path:line if a statement copies from or to the client.
+
+    COPY FROM STDIN wants the rows sent by the client after the statement (psql reads them from the
+    lines that follow, as in pg_dump's output); pgops sends SQL only, so the server would wait for
+    data that never comes. COPY TO STDOUT would stream rows back to no one.
+    """
+    for start, end in statements:
+        i = _code_start(text, start)
+        if text[i : i + 4].upper() == "COPY" and not _is_word_char(text[i + 4 : i + 5] or " "):
+            stdio = _COPY_STDIO.search(text, i, end)
+            if stdio is not None:
+                line, _ = _position(text, i)
+                what = _SPACES.sub(" ", stdio.group(1)).upper()
+                remedy = (
+                    "load the rows with INSERT statements, or COPY FROM a file on the server"
+                    if what == "FROM STDIN"
+                    else "remove it (a migration's output goes nowhere)"
+                )
+                raise BadMigration(
+                    f"{path}:{line}: {_first_line(text, i)!r} is COPY {what}, which a migration cannot use "
+                    f"(pgops sends the file's SQL, and no data after it); {remedy}"
+                )
+
+
+def _first_line(text: str, i: int) -> str:
+    """Return the line starting at *i*, cut to 60 characters, to quote a statement in a message."""
+    line = text[i:].split("\n", 1)[0].strip()
+    return line if len(line) <= 60 else line[:57] + "..."
+
+
+def _refuse_transaction_control(text: str, path: str, statements: list[tuple[int, int]]) -> None:
     """Raise BadMigration naming path:line if a transactional migration begins or ends a transaction.
 
     pgops runs the file and its history row in one transaction: a COMMIT inside would commit part of
@@ -1482,7 +1514,7 @@ def _refuse_transaction_control(text: str, path: str, statements: list[int]) -> 
     SAVEPOINT, RELEASE and ROLLBACK TO are fine; PL/pgSQL bodies are in dollar quotes, which the
     scanner skips, and a statement never starts with the BEGIN ATOMIC of a SQL-standard body.
     """
-    for start in statements:
+    for start, _end in statements:
         i = _code_start(text, start)
         words = _FIRST_WORDS.match(text, i)
         if words is None:
@@ -1494,11 +1526,9 @@ def _refuse_transaction_control(text: str, path: str, statements: list[int]) -> 
             and not (first == "ROLLBACK" and "TO" in (second, third))
         ):
             line, _ = _position(text, i)
-            statement = text[i:].split("\n", 1)[0].strip()
-            statement = statement if len(statement) <= 60 else statement[:57] + "..."
             raise BadMigration(
-                f"{path}:{line}: {statement!r} is transaction control in a migration that pgops runs in "
-                "one transaction (a COMMIT would commit part of it); remove it, or put "
+                f"{path}:{line}: {_first_line(text, i)!r} is transaction control in a migration that pgops "
+                "runs in one transaction (a COMMIT would commit part of it); remove it, or put "
                 "'-- pgops: no-transaction' in the file's first lines to run it statement by statement"
             )
 
@@ -1514,8 +1544,13 @@ def load_migrations(directory: str) -> list[Migration]:
     downs: dict[int, str] = {}
     for filename in sorted(os.listdir(directory)):
         path = os.path.join(directory, filename)
-        if not filename.lower().endswith(".sql") or not os.path.isfile(path):
+        if not filename.lower().endswith(".sql"):
             continue
+        if not os.path.isfile(path):
+            if _MIGRATION_FILE.match(filename) is None:
+                continue  # a folder such as archive.sql
+            # Skipping it would hide a migration, and a later real file would then look out of order.
+            raise BadMigration(f"migration {path!r} {_not_a_file(path)}; make it a regular file or remove it")
         version, description, is_down = parse_migration_name(filename)
         seen = downs if is_down else ups
         if version in seen:
@@ -1545,6 +1580,13 @@ def load_migrations(directory: str) -> list[Migration]:
             )
         )
     return migrations
+
+
+def _not_a_file(path: str) -> str:
+    """Say what a path that is not a regular file is, for an error message."""
+    if not os.path.exists(path):  # listed but not there: a dangling symbolic link
+        return f"is a symbolic link to {os.readlink(path)!r}, which does not exist"
+    return "is a directory" if os.path.isdir(path) else "is not a regular file"
 
 
 def _scan_sql(text: str) -> Iterator[tuple[int, int, bool]]:
