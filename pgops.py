@@ -1928,7 +1928,20 @@ class Migrator:
     # -- history -------------------------------------------------------------------------------
 
     def _ensure_history(self, cur: psycopg2.extensions.cursor) -> None:
-        if self.schema != "public":
+        """Create the history table, and its schema, if they are missing.
+
+        Only what is missing: CREATE ... IF NOT EXISTS checks the CREATE privilege before it looks,
+        and a migration user rarely has it on the schema (PostgreSQL 15 took it from PUBLIC on public).
+        """
+        cur.execute(
+            "SELECT to_regnamespace(format('%%I', %s::text)) IS NOT NULL, "
+            "to_regclass(format('%%I.%%I', %s::text, %s::text)) IS NOT NULL",
+            (self.schema, self.schema, self.table),
+        )
+        schema_exists, table_exists = cur.fetchone() or (False, False)
+        if table_exists:
+            return
+        if not schema_exists:
             cur.execute(
                 psycopg2.sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
                     psycopg2.sql.Identifier(self.schema)
