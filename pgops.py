@@ -1409,7 +1409,9 @@ class MigrationStatus:
 
     version: int
     description: str
-    state: str  # applied, pending, failed, running, changed (drift), missing (file gone), future (newer)
+    # applied, pending, failed, running, changed (edited since), conflict (another file under its
+    # version), missing (file gone), future (newer than every file)
+    state: str
     applied_at: str | None = None
     execution_ms: float | None = None
     applied_by: str | None = None
@@ -1709,6 +1711,21 @@ def _code_start(text: str, i: int) -> int:
     return i
 
 
+def _applied_state(
+    version: int, description: str, checksum: str, migration: Migration | None, newest_file: int
+) -> str:
+    """Judge an applied history row against the file of its version.
+
+    applied: same text; changed: the applied file was edited; conflict: another migration (another
+    description) took its number; missing: no file; future: newer than every file (a newer deploy).
+    """
+    if migration is None:
+        return "future" if version > newest_file else "missing"
+    if migration.checksum == checksum:
+        return "applied"
+    return "changed" if migration.description == description else "conflict"
+
+
 def _failure(
     migration: Migration, exc: psycopg2.Error, offset: int, path: str | None = None
 ) -> MigrationFailed:
@@ -1979,40 +1996,48 @@ class Migrator:
     # -- reading -------------------------------------------------------------------------------
 
     def _problems(self, files: list[Migration], history: dict[int, tuple[Any, ...]]) -> list[str]:
-        """Return drift problems: changed checksums and applied versions whose file is gone."""
+        """Return drift problems: changed files, other files under applied versions, files gone."""
         by_version = {m.version: m for m in files}
         newest_file = max(by_version, default=0)
         problems = []
         for version, (description, checksum, status, *_rest) in history.items():
-            migration = by_version.get(version)
             if status != "applied":
                 continue
-            if migration is None and version > newest_file:
+            migration = by_version.get(version)
+            state = _applied_state(version, description, checksum, migration, newest_file)
+            if state == "future":
                 # A newer deploy got here first (or this is an older replica during a rollout):
                 # its migrations are not ours to judge. Flyway calls these "future" migrations.
                 _logger.warning(
                     "migration %d (%s) is applied but newer than every file here", version, description
                 )
-            elif migration is None:
+            elif state == "missing":
                 problems.append(
                     f"applied migration {version} ({description}) has no file in {self.directory!r}; "
                     "restore it"
                 )
-            elif migration.checksum != checksum:
+            elif state == "changed" and migration is not None:
                 problems.append(
                     f"migration {migration.path!r} changed after it was applied (checksum "
                     f"{checksum[:12]} in the database, {migration.checksum[:12]} on disk); "
                     "restore the file, or run repair to accept it"
                 )
+            elif state == "conflict" and migration is not None:
+                problems.append(
+                    f"migration {migration.path!r} is a different migration from the one applied as "
+                    f"version {version} ({description!r}, not {migration.description!r}); give the file "
+                    f"a version above {max(history)}, or restore the file of {description!r}"
+                )
         return problems
 
     def status(self) -> list[MigrationStatus]:
-        """Return every known migration and its state: applied, pending, failed, changed, missing, future."""
+        """Return every migration and its state, as MigrationStatus.state lists them."""
         files = load_migrations(self.directory)
         with self._connection() as conn:
             history = self._history_rows(conn.cursor())
         rows: list[MigrationStatus] = []
         by_version = {m.version: m for m in files}
+        newest_file = max(by_version, default=0)
         for version in sorted(set(by_version) | set(history)):
             migration = by_version.get(version)
             if version not in history:
@@ -2020,10 +2045,8 @@ class Migrator:
                 rows.append(MigrationStatus(version, migration.description, "pending"))
                 continue
             description, checksum, state, applied_at, ms, by, error = history[version]
-            if state == "applied" and migration is None:
-                state = "future" if version > max(by_version, default=0) else "missing"
-            elif state == "applied" and migration is not None and migration.checksum != checksum:
-                state = "changed"
+            if state == "applied":
+                state = _applied_state(version, description, checksum, migration, newest_file)
             at = applied_at.isoformat(timespec="seconds") if applied_at is not None else None
             rows.append(MigrationStatus(version, description, state, at, ms, by, error))
         return rows
@@ -2318,7 +2341,17 @@ class Migrator:
         with self._locked() as conn:
             cur = conn.cursor()
             self._ensure_history(cur)
-            for version, (description, checksum, status, *_rest) in self._history_rows(cur).items():
+            history = self._history_rows(cur)
+            states = {
+                version: _applied_state(version, row[0], row[1], files.get(version), max(files, default=0))
+                for version, row in history.items()
+                if row[2] == "applied"
+            }
+            if "conflict" in states.values():
+                # Accepting its checksum would mark another migration applied without running it.
+                problems = self._problems(list(files.values()), history)
+                raise ChecksumMismatch("; ".join(problems) + "; repair accepts edits, not other migrations")
+            for version, (description, _checksum, status, *_rest) in history.items():
                 migration = files.get(version)
                 if status != "applied":
                     cur.execute(
@@ -2326,7 +2359,7 @@ class Migrator:
                         (version,),
                     )
                     actions.append(f"removed the {status} row of migration {version} ({description})")
-                elif migration is not None and migration.checksum != checksum:
+                elif migration is not None and states[version] == "changed":
                     cur.execute(
                         psycopg2.sql.SQL("UPDATE {} SET checksum = %s WHERE version = %s").format(
                             self._history
