@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -2092,6 +2093,10 @@ class Migrator:
         on_applied: Callable[[Migration, float], None] | None = None,
     ) -> list[Migration]:
         """Apply pending migrations up to *target* (all by default) and return those applied."""
+        if target is not None and target < 0:
+            raise ConfigError(
+                f"target version {target} is negative; pass a migration's version, or none for all"
+            )
         files = load_migrations(self.directory)
         if dry_run:
             with self._connection() as conn:
@@ -2301,12 +2306,15 @@ class Migrator:
         self, target: int, *, on_reverted: Callable[[Migration, float], None] | None = None
     ) -> list[Migration]:
         """Revert applied migrations above *target* with their .down.sql files, newest first."""
+        if target < 0:
+            raise ConfigError(f"cannot roll back to version {target}; pass an applied version, or 0 for all")
         files = {m.version: m for m in load_migrations(self.directory)}
         reverted: list[Migration] = []
         with self._locked() as conn:
             cur = conn.cursor()
             history = self._history_rows(cur)
             self._refuse_unsafe(list(files.values()), history)
+            self._check_rollback_target(target, history)
             victims = sorted((v for v in history if v > target), reverse=True)
             unknown = [str(v) for v in victims if v not in files]
             if unknown:
@@ -2333,6 +2341,23 @@ class Migrator:
                 if on_reverted is not None:
                     on_reverted(migration, elapsed)
         return reverted
+
+    @staticmethod
+    def _check_rollback_target(target: int, history: dict[int, tuple[Any, ...]]) -> None:
+        """Raise ConfigError unless *target* is 0 or an applied version: where the rollback would end."""
+        if target == 0 or target in history:
+            return
+        current = max(history, default=0)
+        if target > current:
+            raise ConfigError(
+                f"cannot roll back to version {target}: the database is at version {current}; "
+                "pass an applied version below it, or 0 to revert everything"
+            )
+        below = max((v for v in history if v < target), default=0)
+        raise ConfigError(
+            f"cannot roll back to version {target}: it is not applied; pass an applied version "
+            f"(the nearest below is {below}), or 0 to revert everything"
+        )
 
     def repair(self) -> list[str]:
         """Remove failed and running rows and accept changed checksums; return what was done."""
@@ -3152,9 +3177,18 @@ def _cmd_new(args: Any, environ: Mapping[str, str]) -> int:
     number = max((v for v, _ in versions), default=0) + 1
     width = max((w for _, w in versions), default=4)  # as wide as the widest existing file
     path = os.path.join(args.dir, f"{number:0{width}d}_{args.name}.sql")
-    with open(path, "x", encoding="utf-8") as fh:
-        fh.write(f"-- {args.name}: write the change below; one transaction unless the next line says\n")
-        fh.write("-- otherwise ('-- pgops: no-transaction' as one of the first lines).\n")
+    try:
+        with open(path, "x", encoding="utf-8") as fh:
+            fh.write(f"-- {args.name}: write the change below; one transaction unless the next line says\n")
+            fh.write("-- otherwise ('-- pgops: no-transaction' as one of the first lines).\n")
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        shown = args.name if len(args.name) <= 40 else args.name[:37] + "..."
+        raise ConfigError(
+            f"migration name {shown!r} ({len(args.name)} characters) is too long for a file name in "
+            f"{args.dir!r}; shorten it"
+        ) from None
     print(path)
     return _EXIT_OK
 
