@@ -23,6 +23,7 @@ import os
 import random
 import re
 import select
+import signal
 import sys
 import threading
 import time
@@ -3046,6 +3047,54 @@ def serve(
 # ================================================================================================
 
 _EXIT_OK, _EXIT_FAILED, _EXIT_USAGE, _EXIT_LOCK, _EXIT_INVALID, _EXIT_DIRTY, _EXIT_CONNECT = range(7)
+_EXIT_INTERRUPTED, _EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM  # as a shell reports them
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that the same cleanup runs."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _cancel_on_signals(migrator: Migrator) -> Iterator[None]:
+    """On SIGINT or SIGTERM, cancel the statement the migrator runs, so that it rolls back at once.
+
+    psycopg2 waits for the server inside libpq, where Python runs no signal handler until the
+    statement ends (a pg_sleep(60) would make Ctrl-C wait a minute). The C-level handler still writes
+    the signal's number to the wakeup fd: a thread reading it asks the server to cancel, the statement
+    fails at once, and the KeyboardInterrupt (or _Terminated) raised next rolls back and unlocks.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals are delivered to the main thread only; main() called from a thread has none
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    previous_term = signal.getsignal(signal.SIGTERM)
+    if previous_term == signal.SIG_DFL:  # an ignored SIGTERM stays ignored
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    watcher = threading.Thread(
+        target=_cancel_on_wakeup, args=(read_fd, migrator), name="pgops-signals", daemon=True
+    )
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.set_wakeup_fd(previous_fd)
+        os.close(write_fd)  # the watcher reads end-of-file and returns
+        watcher.join()
+        os.close(read_fd)
+
+
+def _cancel_on_wakeup(read_fd: int, migrator: Migrator) -> None:
+    """Cancel the migrator's statement each time SIGINT or SIGTERM arrives, until the pipe closes."""
+    while data := os.read(read_fd, 64):
+        if signal.SIGINT in data or signal.SIGTERM in data:
+            migrator._cancel()
 
 
 def _exit_code(exc: BaseException) -> int:
@@ -3098,7 +3147,8 @@ def _cmd_migrate(args: Any, environ: Mapping[str, str]) -> int:
             print(f"would apply {migration.name}")
         print(f"dry run: {len(pending)} migration(s) would be applied; nothing was changed")
         return _EXIT_OK
-    applied = migrator.migrate(target=args.target, on_applied=_print_applied("applied"))
+    with _cancel_on_signals(migrator):
+        applied = migrator.migrate(target=args.target, on_applied=_print_applied("applied"))
     total = (time.perf_counter() - started) * 1000.0
     latest = max((m.version for m in applied), default=None)
     where = f"; now at version {latest}" if latest is not None else "; already up to date"
@@ -3150,13 +3200,18 @@ def _cmd_validate(args: Any, environ: Mapping[str, str]) -> int:
 
 
 def _cmd_rollback(args: Any, environ: Mapping[str, str]) -> int:
-    reverted = _migrator(args, environ).rollback(args.to, on_reverted=_print_applied("reverted"))
+    migrator = _migrator(args, environ)
+    with _cancel_on_signals(migrator):
+        reverted = migrator.rollback(args.to, on_reverted=_print_applied("reverted"))
+    # rollback() accepts only 0 or an applied version as the target: that is where the database is now.
     print(f"reverted {len(reverted)} migration(s); now at version {args.to}")
     return _EXIT_OK
 
 
 def _cmd_repair(args: Any, environ: Mapping[str, str]) -> int:
-    actions = _migrator(args, environ).repair()
+    migrator = _migrator(args, environ)
+    with _cancel_on_signals(migrator):
+        actions = migrator.repair()
     for action in actions:
         print(action)
     print(f"repair: {len(actions)} change(s)" if actions else "repair: nothing to do")
@@ -3402,9 +3457,12 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     except (PgOpsError, psycopg2.Error, OSError) as exc:
         print(f"pgops: error: {_one_line(exc, args.dsn or environ.get('DATABASE_URL', ''))}", file=sys.stderr)
         return _exit_code(exc)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # the running statement was cancelled and rolled back
+        if isinstance(exc, _Terminated):
+            print("pgops: terminated", file=sys.stderr)
+            return _EXIT_TERMINATED
         print("pgops: interrupted", file=sys.stderr)
-        return 130
+        return _EXIT_INTERRUPTED
     finally:
         _logger.removeHandler(handler)
 
