@@ -1369,9 +1369,14 @@ _COPY_STDIO = re.compile(r"\b(FROM\s+STDIN|TO\s+STDOUT)\b", re.IGNORECASE)
 _LOCK_REPORT_EVERY = 10.0  # seconds between "still waiting for the lock" lines
 _LOCK_RETRY = RetryPolicy(max_attempts=5, initial_delay=0.5, max_delay=5.0)  # for lock_not_available
 _CONNECT_TIMEOUT = 10.0  # seconds; libpq's own default is to wait for ever
-# After each file: is the session's migration lock still held? If a file released it and nobody took
-# it since, take it again; if another session has it, say so. (Advisory locks nest: pg_try_advisory_lock
-# on a held lock would count it twice, hence the look at pg_locks first.)
+# At the end of a transactional file, before COMMIT: whatever the file did with advisory locks (a
+# pg_advisory_unlock_all(), say), leave the session holding the migration lock exactly once for the
+# files after it. The transaction-level hold taken at BEGIN keeps every other session out meanwhile,
+# and two function calls cost far less than a look at pg_locks. (The unlock warns if it was not held.)
+_RETAKE_LOCK = "SELECT pg_catalog.pg_advisory_unlock(%s, %s); SELECT pg_catalog.pg_advisory_lock(%s, %s)"
+# After a no-transaction file, which has no transaction to hold the lock in: is the session's lock
+# still held? If the file released it and nobody took it since, take it again; if another session has
+# it, say so. (Advisory locks nest: pg_try_advisory_lock on a held lock would count it twice.)
 _KEEP_LOCK = (
     "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'advisory' "
     "AND pid = pg_catalog.pg_backend_pid() AND classid = %s AND objid = %s AND objsubid = 2 AND granted) "
@@ -2181,19 +2186,18 @@ class Migrator:
                         raise _failure(migration, exc, start, path) from None
             change, values = self._history_change(migration, record, (time.perf_counter() - started) * 1000.0)
             # The history change is made as the connecting user, whatever role the file set (SET LOCAL
-            # ends with the transaction); it, COMMIT and the lock check share one round trip.
+            # ends with the transaction); it, the lock taken again, and COMMIT share one round trip.
             cur.execute(
-                psycopg2.sql.SQL("SET LOCAL SESSION AUTHORIZATION DEFAULT; {}; COMMIT; {}").format(
-                    change, psycopg2.sql.SQL(_KEEP_LOCK)
+                psycopg2.sql.SQL("SET LOCAL SESSION AUTHORIZATION DEFAULT; {}; {}; COMMIT").format(
+                    psycopg2.sql.SQL(_RETAKE_LOCK), change
                 ),
-                (*values, *self._lock_keys()),
+                (*self._lock_keys(), *values),
             )
         except BaseException:
             if not conn.closed and conn.info.transaction_status != _STATUS_IDLE:
                 with contextlib.suppress(psycopg2.Error):
                     cur.execute("ROLLBACK")
             raise
-        self._keep_lock(cur, migration, path)
 
     def _run_statements(
         self, conn: psycopg2.extensions.connection, migration: Migration, path: str, record: bool

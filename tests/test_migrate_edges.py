@@ -243,8 +243,22 @@ def test_a_file_that_unlocks_all_still_keeps_other_runners_out(
             gate.rollback()
         assert [m.version for m in future.result(timeout=60)] == [1, 2]
     assert history(admin) == applied(1, 2)
-    assert any("released the migration lock" in r.getMessage() for r in caplog.records)
+    # Taken again after the file: the final unlock found it held (else it logs an error).
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert scalar(admin, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == 0
+
+
+def test_a_no_transaction_file_that_unlocks_all_gets_the_lock_back(
+    dsn: str, admin: Conn, mdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a no-transaction file releases the lock, pgops takes it again (nobody had it) and says so."""
+    caplog.set_level(logging.WARNING, logger="pgops")
+    write(mdir, "0001_unlock.sql", "-- pgops: no-transaction\nSELECT pg_advisory_unlock_all();\n")
+    write(mdir, "0002_after.sql", "CREATE TABLE after_unlock (id int);\n")
+    assert [m.version for m in Migrator(dsn, str(mdir)).migrate()] == [1, 2]
+    assert any("released the migration lock" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert history(admin) == applied(1, 2)
 
 
 def test_a_run_whose_lock_was_taken_by_another_session_stops_loudly(
