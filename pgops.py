@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import errno
 import functools
 import io
 import json
@@ -24,6 +25,7 @@ import random
 import re
 import select
 import selectors
+import signal
 import socket
 import sys
 import threading
@@ -1703,8 +1705,31 @@ _QUOTE_OR_ESCAPE = re.compile(r"['\\]")
 # First words of statements that start or end a transaction (PREPARE TRANSACTION is checked apart).
 _TRANSACTION_CONTROL = frozenset({"BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT"})
 _FIRST_WORDS = re.compile(r"([A-Za-z_][\w$]*)(?:\s+([A-Za-z_][\w$]*))?(?:\s+([A-Za-z_][\w$]*))?")
+_COPY_STDIO = re.compile(r"\b(FROM\s+STDIN|TO\s+STDOUT)\b", re.IGNORECASE)
 _LOCK_REPORT_EVERY = 10.0  # seconds between "still waiting for the lock" lines
 _LOCK_RETRY = RetryPolicy(max_attempts=5, initial_delay=0.5, max_delay=5.0)  # for lock_not_available
+_CONNECT_TIMEOUT = 10.0  # seconds; libpq's own default is to wait for ever
+# At the end of a transactional file, before COMMIT: whatever the file did with advisory locks (a
+# pg_advisory_unlock_all(), say), leave the session holding the migration lock exactly once for the
+# files after it. The transaction-level hold taken at BEGIN keeps every other session out meanwhile,
+# and two function calls cost far less than a look at pg_locks. (The unlock warns if it was not held.)
+_RETAKE_LOCK = "SELECT pg_catalog.pg_advisory_unlock(%s, %s); SELECT pg_catalog.pg_advisory_lock(%s, %s)"
+# After a no-transaction file, which has no transaction to hold the lock in: is the session's lock
+# still held? If the file released it and nobody took it since, take it again; if another session has
+# it, say so. (Advisory locks nest: pg_try_advisory_lock on a held lock would count it twice.)
+_KEEP_LOCK = (
+    "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'advisory' "
+    "AND pid = pg_catalog.pg_backend_pid() AND classid = %s AND objid = %s AND objsubid = 2 AND granted) "
+    "THEN 'held' WHEN pg_catalog.pg_try_advisory_lock(%s, %s) THEN 'retaken' ELSE 'lost' END"
+)
+# What DISCARD ALL does, less pg_advisory_unlock_all(), which would drop the migration lock. Run before
+# every migration file, so that each starts from the session the connection began with, whatever the
+# files before it set (search_path, role, prepared statements, temporary tables) and however runs are
+# batched. RESET ALL goes back to the connection's startup values, which hold pgops' lock_timeout.
+_RESET_SESSION = (
+    "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DEALLOCATE ALL; CLOSE ALL; UNLISTEN *; "
+    "DISCARD PLANS; DISCARD SEQUENCES; DISCARD TEMP"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1731,7 +1756,9 @@ class MigrationStatus:
 
     version: int
     description: str
-    state: str  # applied, pending, failed, running, changed (drift), missing (file gone), future (newer)
+    # applied, pending, failed, running, changed (edited since), conflict (another file under its
+    # version), missing (file gone), future (newer than every file)
+    state: str
     applied_at: str | None = None
     execution_ms: float | None = None
     applied_by: str | None = None
@@ -1783,9 +1810,10 @@ def _read_sql(path: str) -> str:
         wide = text.count("\x00") * 4 >= len(text)
         remedy = "it looks like UTF-16; save it as UTF-8" if wide else "remove it"
         raise BadMigration(f"migration {path!r} contains a NUL byte at offset {text.index(chr(0))}; {remedy}")
-    statements = [start for start, _end, code in _scan_sql(text) if code]  # scanned once, used twice
+    statements = [(start, end) for start, end, code in _scan_sql(text) if code]  # scanned once, used twice
     if not statements:
         raise BadMigration(f"migration {path!r} has no SQL statement; add one or delete the file")
+    _refuse_copy(text, path, statements)
     if _transactional(text):
         _refuse_transaction_control(text, path, statements)
     return text
@@ -1796,7 +1824,38 @@ def _transactional(text: str) -> bool:
     return not any(_NO_TRANSACTION.match(line.strip()) for line in text.split("\n", 5)[:5])
 
 
-def _refuse_transaction_control(text: str, path: str, statements: list[int]) -> None:
+def _refuse_copy(text: str, path: str, statements: list[tuple[int, int]]) -> None:
+    """Raise BadMigration naming path:line if a statement copies from or to the client.
+
+    COPY FROM STDIN wants the rows sent by the client after the statement (psql reads them from the
+    lines that follow, as in pg_dump's output); pgops sends SQL only, so the server would wait for
+    data that never comes. COPY TO STDOUT would stream rows back to no one.
+    """
+    for start, end in statements:
+        i = _code_start(text, start)
+        if text[i : i + 4].upper() == "COPY" and not _is_word_char(text[i + 4 : i + 5] or " "):
+            stdio = _COPY_STDIO.search(text, i, end)
+            if stdio is not None:
+                line, _ = _position(text, i)
+                what = _SPACES.sub(" ", stdio.group(1)).upper()
+                remedy = (
+                    "load the rows with INSERT statements, or COPY FROM a file on the server"
+                    if what == "FROM STDIN"
+                    else "remove it (a migration's output goes nowhere)"
+                )
+                raise BadMigration(
+                    f"{path}:{line}: {_first_line(text, i)!r} is COPY {what}, which a migration cannot use "
+                    f"(pgops sends the file's SQL, and no data after it); {remedy}"
+                )
+
+
+def _first_line(text: str, i: int) -> str:
+    """Return the line starting at *i*, cut to 60 characters, to quote a statement in a message."""
+    line = text[i:].split("\n", 1)[0].strip()
+    return line if len(line) <= 60 else line[:57] + "..."
+
+
+def _refuse_transaction_control(text: str, path: str, statements: list[tuple[int, int]]) -> None:
     """Raise BadMigration naming path:line if a transactional migration begins or ends a transaction.
 
     pgops runs the file and its history row in one transaction: a COMMIT inside would commit part of
@@ -1804,7 +1863,7 @@ def _refuse_transaction_control(text: str, path: str, statements: list[int]) -> 
     SAVEPOINT, RELEASE and ROLLBACK TO are fine; PL/pgSQL bodies are in dollar quotes, which the
     scanner skips, and a statement never starts with the BEGIN ATOMIC of a SQL-standard body.
     """
-    for start in statements:
+    for start, _end in statements:
         i = _code_start(text, start)
         words = _FIRST_WORDS.match(text, i)
         if words is None:
@@ -1816,11 +1875,9 @@ def _refuse_transaction_control(text: str, path: str, statements: list[int]) -> 
             and not (first == "ROLLBACK" and "TO" in (second, third))
         ):
             line, _ = _position(text, i)
-            statement = text[i:].split("\n", 1)[0].strip()
-            statement = statement if len(statement) <= 60 else statement[:57] + "..."
             raise BadMigration(
-                f"{path}:{line}: {statement!r} is transaction control in a migration that pgops runs in "
-                "one transaction (a COMMIT would commit part of it); remove it, or put "
+                f"{path}:{line}: {_first_line(text, i)!r} is transaction control in a migration that pgops "
+                "runs in one transaction (a COMMIT would commit part of it); remove it, or put "
                 "'-- pgops: no-transaction' in the file's first lines to run it statement by statement"
             )
 
@@ -1836,8 +1893,13 @@ def load_migrations(directory: str) -> list[Migration]:
     downs: dict[int, str] = {}
     for filename in sorted(os.listdir(directory)):
         path = os.path.join(directory, filename)
-        if not filename.lower().endswith(".sql") or not os.path.isfile(path):
+        if not filename.lower().endswith(".sql"):
             continue
+        if not os.path.isfile(path):
+            if _MIGRATION_FILE.match(filename) is None:
+                continue  # a folder such as archive.sql
+            # Skipping it would hide a migration, and a later real file would then look out of order.
+            raise BadMigration(f"migration {path!r} {_not_a_file(path)}; make it a regular file or remove it")
         version, description, is_down = parse_migration_name(filename)
         seen = downs if is_down else ups
         if version in seen:
@@ -1867,6 +1929,13 @@ def load_migrations(directory: str) -> list[Migration]:
             )
         )
     return migrations
+
+
+def _not_a_file(path: str) -> str:
+    """Say what a path that is not a regular file is, for an error message."""
+    if not os.path.exists(path):  # listed but not there: a dangling symbolic link
+        return f"is a symbolic link to {os.readlink(path)!r}, which does not exist"
+    return "is a directory" if os.path.isdir(path) else "is not a regular file"
 
 
 def _scan_sql(text: str) -> Iterator[tuple[int, int, bool]]:
@@ -1989,6 +2058,21 @@ def _code_start(text: str, i: int) -> int:
     return i
 
 
+def _applied_state(
+    version: int, description: str, checksum: str, migration: Migration | None, newest_file: int
+) -> str:
+    """Judge an applied history row against the file of its version.
+
+    applied: same text; changed: the applied file was edited; conflict: another migration (another
+    description) took its number; missing: no file; future: newer than every file (a newer deploy).
+    """
+    if migration is None:
+        return "future" if version > newest_file else "missing"
+    if migration.checksum == checksum:
+        return "applied"
+    return "changed" if migration.description == description else "conflict"
+
+
 def _failure(
     migration: Migration, exc: psycopg2.Error, offset: int, path: str | None = None
 ) -> MigrationFailed:
@@ -2035,11 +2119,13 @@ class Migrator:
         allow_out_of_order: bool = False,
         connect_retry: RetryPolicy | None = None,
         application_name: str = "pgops-migrate",
+        connect_timeout: float = _CONNECT_TIMEOUT,
     ) -> None:
         if isinstance(pool_or_dsn, str):
             _check_dsn(pool_or_dsn)
         _check_seconds("lock_timeout", lock_timeout, positive=False)
         _check_seconds("statement_lock_timeout", statement_lock_timeout, positive=True)
+        _check_seconds("connect_timeout", connect_timeout, positive=True)
         self._source = pool_or_dsn
         self.directory = directory
         self.schema, self.table = schema, table
@@ -2048,7 +2134,9 @@ class Migrator:
         self.allow_out_of_order = allow_out_of_order
         self.connect_retry = connect_retry or RetryPolicy(max_attempts=1)
         self.application_name = application_name
+        self.connect_timeout = connect_timeout
         self._history = psycopg2.sql.Identifier(schema, table)
+        self._active: psycopg2.extensions.connection | None = None  # the migration connection, for _cancel
         import zlib
 
         self._lock_key = zlib.crc32(f"{schema}.{table}".encode()) & 0x7FFF_FFFF
@@ -2063,9 +2151,9 @@ class Migrator:
     # -- connections ---------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _connection(self) -> Iterator[psycopg2.extensions.connection]:
-        """Lend a connection: one from the pool, or a new one from the DSN (closed afterwards)."""
-        if isinstance(self._source, Pool):
+    def _connection(self, *, own: bool = False) -> Iterator[psycopg2.extensions.connection]:
+        """Lend a connection: the pool's for reading, else (or with *own*) a new one, closed afterwards."""
+        if isinstance(self._source, Pool) and not own:
             conn = self._source.getconn()
             try:
                 yield conn
@@ -2074,35 +2162,71 @@ class Migrator:
                     conn.rollback()
                 self._source.putconn(conn)
             return
-        failure: str | None = None
-        try:
-            conn = retry_call(
-                psycopg2.connect,
-                self._source,
-                application_name=self.application_name,
-                policy=self.connect_retry,
-            )
-        except psycopg2.OperationalError as exc:
-            failure = f"cannot connect to {redact_dsn(self._source)!r}: {_one_line(exc, self._source)}"
-        if failure is not None:  # raised outside the except block: libpq's text stays off __context__
-            raise CannotConnect(failure)
+        conn = self._connect()
         try:
             yield conn
         finally:
             _close_quietly(conn)
 
+    def _connect(self) -> psycopg2.extensions.connection:
+        """Open a connection of the migrator's own, with its lock_timeout and connect_timeout."""
+        dsn = self._dsn
+        try:
+            conn: psycopg2.extensions.connection = retry_call(
+                psycopg2.connect, dsn, policy=self.connect_retry, **self._connect_kwargs(dsn)
+            )
+            return conn
+        except psycopg2.OperationalError as exc:
+            message = _one_line(exc, dsn)
+            if "unsupported startup parameter" in message:  # PgBouncer refusing lock_timeout in options
+                message += "; connect to PostgreSQL directly to migrate, not through a connection pooler"
+        # Raised outside the except block: libpq's text (which may quote the password) stays off
+        # __context__.
+        raise CannotConnect(f"cannot connect to {redact_dsn(dsn)!r}: {message}")
+
+    def _connect_kwargs(self, dsn: str) -> dict[str, Any]:
+        """Return the libpq parameters pgops adds to *dsn*: application_name, timeouts.
+
+        lock_timeout goes in the startup options, which makes it the session's default: the reset
+        before each file (RESET ALL) keeps it, and so does a RESET ALL inside a file. libpq reads
+        PGCONNECT_TIMEOUT and PGOPTIONS only for parameters that are not passed, so pgops passes a
+        connect_timeout only where libpq would otherwise wait for ever, and keeps the user's options.
+        """
+        params = psycopg2.extensions.parse_dsn(dsn)
+        kwargs: dict[str, Any] = {"application_name": self.application_name}
+        if "connect_timeout" not in params and not os.environ.get("PGCONNECT_TIMEOUT", "").strip():
+            kwargs["connect_timeout"] = max(1, math.ceil(self.connect_timeout))
+        options = params.get("options", os.environ.get("PGOPTIONS", ""))
+        lock_timeout_ms = math.ceil(self.statement_lock_timeout * 1000)
+        kwargs["options"] = f"{options} -c lock_timeout={lock_timeout_ms}".strip()
+        return kwargs
+
     @contextlib.contextmanager
     def _locked(self) -> Iterator[psycopg2.extensions.connection]:
-        """Hold the migration advisory lock on one dedicated autocommit connection."""
-        with self._connection() as conn:
+        """Hold the migration advisory lock on a dedicated autocommit connection of the migrator's own.
+
+        Never a pool connection, even with a Pool: what the migrations set in their session must not
+        reach the application, and a pool would hand out the connection that holds the lock.
+        """
+        with self._connection(own=True) as conn:
             conn.autocommit = True
-            cur = conn.cursor()
-            pid = self._acquire_lock(cur)
+            self._active = conn
             try:
-                self._pid = pid
-                yield conn
+                pid = self._acquire_lock(conn.cursor())
+                try:
+                    self._pid = pid
+                    yield conn
+                finally:
+                    self._release_lock(conn)
             finally:
-                self._release_lock(conn)
+                self._active = None
+
+    def _cancel(self) -> None:
+        """Ask the server to cancel the statement running on the migration connection (any thread)."""
+        conn = self._active
+        if conn is not None and not conn.closed:
+            with contextlib.suppress(psycopg2.Error):
+                conn.cancel()
 
     def _acquire_lock(self, cur: psycopg2.extensions.cursor) -> int:
         started = time.monotonic()
@@ -2170,7 +2294,20 @@ class Migrator:
     # -- history -------------------------------------------------------------------------------
 
     def _ensure_history(self, cur: psycopg2.extensions.cursor) -> None:
-        if self.schema != "public":
+        """Create the history table, and its schema, if they are missing.
+
+        Only what is missing: CREATE ... IF NOT EXISTS checks the CREATE privilege before it looks,
+        and a migration user rarely has it on the schema (PostgreSQL 15 took it from PUBLIC on public).
+        """
+        cur.execute(
+            "SELECT to_regnamespace(format('%%I', %s::text)) IS NOT NULL, "
+            "to_regclass(format('%%I.%%I', %s::text, %s::text)) IS NOT NULL",
+            (self.schema, self.schema, self.table),
+        )
+        schema_exists, table_exists = cur.fetchone() or (False, False)
+        if table_exists:
+            return
+        if not schema_exists:
             cur.execute(
                 psycopg2.sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
                     psycopg2.sql.Identifier(self.schema)
@@ -2208,40 +2345,48 @@ class Migrator:
     # -- reading -------------------------------------------------------------------------------
 
     def _problems(self, files: list[Migration], history: dict[int, tuple[Any, ...]]) -> list[str]:
-        """Return drift problems: changed checksums and applied versions whose file is gone."""
+        """Return drift problems: changed files, other files under applied versions, files gone."""
         by_version = {m.version: m for m in files}
         newest_file = max(by_version, default=0)
         problems = []
         for version, (description, checksum, status, *_rest) in history.items():
-            migration = by_version.get(version)
             if status != "applied":
                 continue
-            if migration is None and version > newest_file:
+            migration = by_version.get(version)
+            state = _applied_state(version, description, checksum, migration, newest_file)
+            if state == "future":
                 # A newer deploy got here first (or this is an older replica during a rollout):
                 # its migrations are not ours to judge. Flyway calls these "future" migrations.
                 _logger.warning(
                     "migration %d (%s) is applied but newer than every file here", version, description
                 )
-            elif migration is None:
+            elif state == "missing":
                 problems.append(
                     f"applied migration {version} ({description}) has no file in {self.directory!r}; "
                     "restore it"
                 )
-            elif migration.checksum != checksum:
+            elif state == "changed" and migration is not None:
                 problems.append(
                     f"migration {migration.path!r} changed after it was applied (checksum "
                     f"{checksum[:12]} in the database, {migration.checksum[:12]} on disk); "
                     "restore the file, or run repair to accept it"
                 )
+            elif state == "conflict" and migration is not None:
+                problems.append(
+                    f"migration {migration.path!r} is a different migration from the one applied as "
+                    f"version {version} ({description!r}, not {migration.description!r}); give the file "
+                    f"a version above {max(history)}, or restore the file of {description!r}"
+                )
         return problems
 
     def status(self) -> list[MigrationStatus]:
-        """Return every known migration and its state: applied, pending, failed, changed, missing, future."""
+        """Return every migration and its state, as MigrationStatus.state lists them."""
         files = load_migrations(self.directory)
         with self._connection() as conn:
             history = self._history_rows(conn.cursor())
         rows: list[MigrationStatus] = []
         by_version = {m.version: m for m in files}
+        newest_file = max(by_version, default=0)
         for version in sorted(set(by_version) | set(history)):
             migration = by_version.get(version)
             if version not in history:
@@ -2249,10 +2394,8 @@ class Migrator:
                 rows.append(MigrationStatus(version, migration.description, "pending"))
                 continue
             description, checksum, state, applied_at, ms, by, error = history[version]
-            if state == "applied" and migration is None:
-                state = "future" if version > max(by_version, default=0) else "missing"
-            elif state == "applied" and migration is not None and migration.checksum != checksum:
-                state = "changed"
+            if state == "applied":
+                state = _applied_state(version, description, checksum, migration, newest_file)
             at = applied_at.isoformat(timespec="seconds") if applied_at is not None else None
             rows.append(MigrationStatus(version, description, state, at, ms, by, error))
         return rows
@@ -2298,6 +2441,10 @@ class Migrator:
         on_applied: Callable[[Migration, float], None] | None = None,
     ) -> list[Migration]:
         """Apply pending migrations up to *target* (all by default) and return those applied."""
+        if target is not None and target < 0:
+            raise ConfigError(
+                f"target version {target} is negative; pass a migration's version, or none for all"
+            )
         files = load_migrations(self.directory)
         if dry_run:
             with self._connection() as conn:
@@ -2359,14 +2506,19 @@ class Migrator:
         text = migration.sql
         cur = conn.cursor()
         started = time.perf_counter()
-        # BEGIN, the lock timeout and the pid check share one round trip; so do the history row and COMMIT.
-        cur.execute(
-            "BEGIN; SET LOCAL lock_timeout = %s; SELECT pg_backend_pid()",
-            (f"{int(self.statement_lock_timeout * 1000)}ms",),
-        )
-        row = cur.fetchone()
-        self._same_backend(int(row[0]) if row else 0)
         try:
+            # One round trip: BEGIN, the session reset, the pid check, and the migration lock taken
+            # again for the transaction, a hold that a pg_advisory_unlock_all() in the file cannot
+            # release: no other runner gets in while this file runs, whatever it does.
+            cur.execute(
+                f"BEGIN; {_RESET_SESSION}; "
+                "SELECT pg_catalog.pg_backend_pid(), pg_catalog.pg_try_advisory_xact_lock(%s, %s)",
+                (_LOCK_CLASS, self._lock_key),
+            )
+            pid, locked = cur.fetchone() or (0, False)
+            self._same_backend(int(pid))
+            if not locked:
+                raise self._lock_lost(cur, migration, path, done=False)
             for start, end, code in _scan_sql(text):
                 if code:
                     _logger.debug("%s: %s", migration.name, text[start:end].strip())
@@ -2374,20 +2526,15 @@ class Migrator:
                         cur.execute(text[start:end])
                     except psycopg2.Error as exc:
                         raise _failure(migration, exc, start, path) from None
-            ms = (time.perf_counter() - started) * 1000.0
-            if record:
-                cur.execute(
-                    psycopg2.sql.SQL(
-                        "INSERT INTO {} (version, description, checksum, status, execution_ms) "
-                        "VALUES (%s, %s, %s, 'applied', %s); COMMIT"
-                    ).format(self._history),
-                    (migration.version, migration.description, migration.checksum, ms),
-                )
-            else:
-                cur.execute(
-                    psycopg2.sql.SQL("DELETE FROM {} WHERE version = %s; COMMIT").format(self._history),
-                    (migration.version,),
-                )
+            change, values = self._history_change(migration, record, (time.perf_counter() - started) * 1000.0)
+            # The history change is made as the connecting user, whatever role the file set (SET LOCAL
+            # ends with the transaction); it, the lock taken again, and COMMIT share one round trip.
+            cur.execute(
+                psycopg2.sql.SQL("SET LOCAL SESSION AUTHORIZATION DEFAULT; {}; {}; COMMIT").format(
+                    psycopg2.sql.SQL(_RETAKE_LOCK), change
+                ),
+                (*self._lock_keys(), *values),
+            )
         except BaseException:
             if not conn.closed and conn.info.transaction_status != _STATUS_IDLE:
                 with contextlib.suppress(psycopg2.Error):
@@ -2400,37 +2547,70 @@ class Migrator:
         """Run a no-transaction file statement by statement, recording progress in the history row."""
         cur = conn.cursor()
         started = time.perf_counter()
+        cur.execute(f"{_RESET_SESSION}; SELECT pg_catalog.pg_backend_pid()")
+        row = cur.fetchone()
+        self._same_backend(int(row[0]) if row else 0)
         if record:
+            # While this row says 'running', another runner refuses to start (DirtyDatabase), even
+            # if a statement of the file releases the migration lock.
             cur.execute(
                 psycopg2.sql.SQL(
-                    "INSERT INTO {} (version, description, checksum, status) VALUES (%s, %s, %s, 'running') "
-                    "RETURNING pg_backend_pid()"
+                    "INSERT INTO {} (version, description, checksum, status) VALUES (%s, %s, %s, 'running')"
                 ).format(self._history),
                 (migration.version, migration.description, migration.checksum),
             )
-            row = cur.fetchone()
-            self._same_backend(int(row[0]) if row else 0)
-        # Session-level here (autocommit has no transaction for SET LOCAL), undone in finally.
-        cur.execute("SET lock_timeout = %s", (f"{int(self.statement_lock_timeout * 1000)}ms",))
-        try:
-            self._run_each(cur, migration, path, record)
-        finally:
-            if not conn.closed:
-                with contextlib.suppress(psycopg2.Error):
-                    cur.execute("RESET lock_timeout")
+        self._run_each(cur, migration, path, record)
         ms = (time.perf_counter() - started) * 1000.0
-        if record:
-            cur.execute(
-                psycopg2.sql.SQL(
-                    "UPDATE {} SET status = 'applied', execution_ms = %s WHERE version = %s"
-                ).format(self._history),
-                (ms, migration.version),
+        change, values = self._history_change(migration, record, ms, running=True)
+        cur.execute(
+            psycopg2.sql.SQL("{}; {}").format(change, psycopg2.sql.SQL(_KEEP_LOCK)),
+            (*values, *self._lock_keys()),
+        )
+        self._keep_lock(cur, migration, path)
+
+    def _history_change(
+        self, migration: Migration, record: bool, ms: float, *, running: bool = False
+    ) -> tuple[psycopg2.sql.Composable, tuple[Any, ...]]:
+        """Return the statement and parameters that record a migration as applied, or as reverted."""
+        if not record:
+            return psycopg2.sql.SQL("DELETE FROM {} WHERE version = %s").format(self._history), (
+                migration.version,
             )
-        else:
-            cur.execute(
-                psycopg2.sql.SQL("DELETE FROM {} WHERE version = %s").format(self._history),
-                (migration.version,),
+        if running:  # a no-transaction file, whose row says 'running' until now
+            sql = "UPDATE {} SET status = 'applied', execution_ms = %s WHERE version = %s"
+            return psycopg2.sql.SQL(sql).format(self._history), (ms, migration.version)
+        sql = (
+            "INSERT INTO {} (version, description, checksum, status, execution_ms) "
+            "VALUES (%s, %s, %s, 'applied', %s)"
+        )
+        values = (migration.version, migration.description, migration.checksum, ms)
+        return psycopg2.sql.SQL(sql).format(self._history), values
+
+    def _lock_keys(self) -> tuple[int, int, int, int]:
+        return (_LOCK_CLASS, self._lock_key, _LOCK_CLASS, self._lock_key)
+
+    def _keep_lock(self, cur: psycopg2.extensions.cursor, migration: Migration, path: str) -> None:
+        """Read _KEEP_LOCK's answer: go on if the lock is held (or was taken again), else fail loudly."""
+        row = cur.fetchone()
+        state = row[0] if row else "lost"
+        if state == "retaken":
+            _logger.warning(
+                "%s released the migration lock (pg_advisory_unlock_all?); pgops took it again", path
             )
+        elif state != "held":
+            raise self._lock_lost(cur, migration, path, done=True)
+
+    def _lock_lost(
+        self, cur: psycopg2.extensions.cursor, migration: Migration, path: str, *, done: bool
+    ) -> MigrationFailed:
+        """Return the error for a migration lock that a file released and another session took."""
+        where = "this file is done, the rest is left to that run" if done else "this file did not run"
+        return MigrationFailed(
+            f"{path}: the migration lock was released (pg_advisory_unlock or pg_advisory_unlock_all in a "
+            f"migration) and {self._lock_holder(cur)} took it; {where}; remove the unlock call",
+            version=migration.version,
+            path=path,
+        )
 
     def _run_each(
         self, cur: psycopg2.extensions.cursor, migration: Migration, path: str, record: bool
@@ -2473,12 +2653,15 @@ class Migrator:
         self, target: int, *, on_reverted: Callable[[Migration, float], None] | None = None
     ) -> list[Migration]:
         """Revert applied migrations above *target* with their .down.sql files, newest first."""
+        if target < 0:
+            raise ConfigError(f"cannot roll back to version {target}; pass an applied version, or 0 for all")
         files = {m.version: m for m in load_migrations(self.directory)}
         reverted: list[Migration] = []
         with self._locked() as conn:
             cur = conn.cursor()
             history = self._history_rows(cur)
             self._refuse_unsafe(list(files.values()), history)
+            self._check_rollback_target(target, history)
             victims = sorted((v for v in history if v > target), reverse=True)
             unknown = [str(v) for v in victims if v not in files]
             if unknown:
@@ -2506,6 +2689,23 @@ class Migrator:
                     on_reverted(migration, elapsed)
         return reverted
 
+    @staticmethod
+    def _check_rollback_target(target: int, history: dict[int, tuple[Any, ...]]) -> None:
+        """Raise ConfigError unless *target* is 0 or an applied version: where the rollback would end."""
+        if target == 0 or target in history:
+            return
+        current = max(history, default=0)
+        if target > current:
+            raise ConfigError(
+                f"cannot roll back to version {target}: the database is at version {current}; "
+                "pass an applied version below it, or 0 to revert everything"
+            )
+        below = max((v for v in history if v < target), default=0)
+        raise ConfigError(
+            f"cannot roll back to version {target}: it is not applied; pass an applied version "
+            f"(the nearest below is {below}), or 0 to revert everything"
+        )
+
     def repair(self) -> list[str]:
         """Remove failed and running rows and accept changed checksums; return what was done."""
         files = {m.version: m for m in load_migrations(self.directory)}
@@ -2513,7 +2713,17 @@ class Migrator:
         with self._locked() as conn:
             cur = conn.cursor()
             self._ensure_history(cur)
-            for version, (description, checksum, status, *_rest) in self._history_rows(cur).items():
+            history = self._history_rows(cur)
+            states = {
+                version: _applied_state(version, row[0], row[1], files.get(version), max(files, default=0))
+                for version, row in history.items()
+                if row[2] == "applied"
+            }
+            if "conflict" in states.values():
+                # Accepting its checksum would mark another migration applied without running it.
+                problems = self._problems(list(files.values()), history)
+                raise ChecksumMismatch("; ".join(problems) + "; repair accepts edits, not other migrations")
+            for version, (description, _checksum, status, *_rest) in history.items():
                 migration = files.get(version)
                 if status != "applied":
                     cur.execute(
@@ -2521,7 +2731,7 @@ class Migrator:
                         (version,),
                     )
                     actions.append(f"removed the {status} row of migration {version} ({description})")
-                elif migration is not None and migration.checksum != checksum:
+                elif migration is not None and states[version] == "changed":
                     cur.execute(
                         psycopg2.sql.SQL("UPDATE {} SET checksum = %s WHERE version = %s").format(
                             self._history
@@ -3527,6 +3737,54 @@ def serve(
 # ================================================================================================
 
 _EXIT_OK, _EXIT_FAILED, _EXIT_USAGE, _EXIT_LOCK, _EXIT_INVALID, _EXIT_DIRTY, _EXIT_CONNECT = range(7)
+_EXIT_INTERRUPTED, _EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM  # as a shell reports them
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that the same cleanup runs."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _cancel_on_signals(migrator: Migrator) -> Iterator[None]:
+    """On SIGINT or SIGTERM, cancel the statement the migrator runs, so that it rolls back at once.
+
+    psycopg2 waits for the server inside libpq, where Python runs no signal handler until the
+    statement ends (a pg_sleep(60) would make Ctrl-C wait a minute). The C-level handler still writes
+    the signal's number to the wakeup fd: a thread reading it asks the server to cancel, the statement
+    fails at once, and the KeyboardInterrupt (or _Terminated) raised next rolls back and unlocks.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals are delivered to the main thread only; main() called from a thread has none
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    previous_term = signal.getsignal(signal.SIGTERM)
+    if previous_term == signal.SIG_DFL:  # an ignored SIGTERM stays ignored
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    watcher = threading.Thread(
+        target=_cancel_on_wakeup, args=(read_fd, migrator), name="pgops-signals", daemon=True
+    )
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.set_wakeup_fd(previous_fd)
+        os.close(write_fd)  # the watcher reads end-of-file and returns
+        watcher.join()
+        os.close(read_fd)
+
+
+def _cancel_on_wakeup(read_fd: int, migrator: Migrator) -> None:
+    """Cancel the migrator's statement each time SIGINT or SIGTERM arrives, until the pipe closes."""
+    while data := os.read(read_fd, 64):
+        if signal.SIGINT in data or signal.SIGTERM in data:
+            migrator._cancel()
 
 
 def _exit_code(exc: BaseException) -> int:
@@ -3579,7 +3837,8 @@ def _cmd_migrate(args: Any, environ: Mapping[str, str]) -> int:
             print(f"would apply {migration.name}")
         print(f"dry run: {len(pending)} migration(s) would be applied; nothing was changed")
         return _EXIT_OK
-    applied = migrator.migrate(target=args.target, on_applied=_print_applied("applied"))
+    with _cancel_on_signals(migrator):
+        applied = migrator.migrate(target=args.target, on_applied=_print_applied("applied"))
     total = (time.perf_counter() - started) * 1000.0
     latest = max((m.version for m in applied), default=None)
     where = f"; now at version {latest}" if latest is not None else "; already up to date"
@@ -3631,13 +3890,18 @@ def _cmd_validate(args: Any, environ: Mapping[str, str]) -> int:
 
 
 def _cmd_rollback(args: Any, environ: Mapping[str, str]) -> int:
-    reverted = _migrator(args, environ).rollback(args.to, on_reverted=_print_applied("reverted"))
+    migrator = _migrator(args, environ)
+    with _cancel_on_signals(migrator):
+        reverted = migrator.rollback(args.to, on_reverted=_print_applied("reverted"))
+    # rollback() accepts only 0 or an applied version as the target: that is where the database is now.
     print(f"reverted {len(reverted)} migration(s); now at version {args.to}")
     return _EXIT_OK
 
 
 def _cmd_repair(args: Any, environ: Mapping[str, str]) -> int:
-    actions = _migrator(args, environ).repair()
+    migrator = _migrator(args, environ)
+    with _cancel_on_signals(migrator):
+        actions = migrator.repair()
     for action in actions:
         print(action)
     print(f"repair: {len(actions)} change(s)" if actions else "repair: nothing to do")
@@ -3658,9 +3922,18 @@ def _cmd_new(args: Any, environ: Mapping[str, str]) -> int:
     number = max((v for v, _ in versions), default=0) + 1
     width = max((w for _, w in versions), default=4)  # as wide as the widest existing file
     path = os.path.join(args.dir, f"{number:0{width}d}_{args.name}.sql")
-    with open(path, "x", encoding="utf-8") as fh:
-        fh.write(f"-- {args.name}: write the change below; one transaction unless the next line says\n")
-        fh.write("-- otherwise ('-- pgops: no-transaction' as one of the first lines).\n")
+    try:
+        with open(path, "x", encoding="utf-8") as fh:
+            fh.write(f"-- {args.name}: write the change below; one transaction unless the next line says\n")
+            fh.write("-- otherwise ('-- pgops: no-transaction' as one of the first lines).\n")
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        shown = args.name if len(args.name) <= 40 else args.name[:37] + "..."
+        raise ConfigError(
+            f"migration name {shown!r} ({len(args.name)} characters) is too long for a file name in "
+            f"{args.dir!r}; shorten it"
+        ) from None
     print(path)
     return _EXIT_OK
 
@@ -3791,7 +4064,11 @@ def _parser() -> Any:
     import argparse
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--dsn", help="libpq URL or key=value string (default: $DATABASE_URL)")
+    common.add_argument(
+        "--dsn",
+        help="libpq URL or key=value string (default: $DATABASE_URL); connecting gives up after "
+        f"connect_timeout seconds: the DSN's, else $PGCONNECT_TIMEOUT, else {_CONNECT_TIMEOUT:g}",
+    )
     common.add_argument("--dir", help="migrations folder (default: $PGOPS_MIGRATIONS_DIR or ./migrations)")
     common.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v: SQL too)")
     common.add_argument("-q", "--quiet", action="store_true", help="errors only")
@@ -3870,9 +4147,12 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     except (PgOpsError, psycopg2.Error, OSError) as exc:
         print(f"pgops: error: {_one_line(exc, args.dsn or environ.get('DATABASE_URL', ''))}", file=sys.stderr)
         return _exit_code(exc)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # the running statement was cancelled and rolled back
+        if isinstance(exc, _Terminated):
+            print("pgops: terminated", file=sys.stderr)
+            return _EXIT_TERMINATED
         print("pgops: interrupted", file=sys.stderr)
-        return 130
+        return _EXIT_INTERRUPTED
     finally:
         _logger.removeHandler(handler)
 

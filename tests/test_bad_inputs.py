@@ -226,6 +226,22 @@ def fifty_mb_comment(directory: Path) -> None:
         fh.write("*/\n")
 
 
+def dangling_symlink(directory: Path) -> None:
+    """Add a symbolic link named like a migration whose target does not exist."""
+    (directory / "0002_link.sql").symlink_to("nowhere.sql")
+
+
+def folder_like_a_migration(directory: Path) -> None:
+    """Add a directory named like a migration."""
+    (directory / "0002_folder.sql").mkdir()
+
+
+def other_file_under_version_1(directory: Path) -> None:
+    """Replace the applied 0001_base.sql with another migration under the same version."""
+    (directory / "0001_base.sql").unlink()
+    write(directory, "0001_other.sql", "CREATE TABLE other (id int);\n")
+
+
 WRAPPED = "BEGIN;\nCREATE TABLE wrapped (id int);\nINSERT INTO base (note) VALUES ('wrapped');\nCOMMIT;\n"
 
 CLI_CASES = [
@@ -483,6 +499,32 @@ CLI_CASES = [
         id="file-prepare-transaction",
     ),
     pytest.param(
+        migrate(make=dangling_symlink, names=("0002_link.sql", "symbolic link", "'nowhere.sql'")),
+        id="file-dangling-symlink",
+    ),
+    pytest.param(
+        migrate(make=folder_like_a_migration, names=("0002_folder.sql", "is a directory")),
+        id="file-directory-named-like-a-migration",
+    ),
+    pytest.param(
+        migrate(
+            files={"0002_load.sql": "-- from pg_dump\nCOPY base (note) FROM stdin;\nfour\nfive\n\\.\n"},
+            names=("0002_load.sql:2:", "COPY FROM STDIN", "INSERT"),
+        ),
+        id="file-copy-from-stdin",
+    ),
+    pytest.param(
+        migrate(
+            files={"0002_dump.sql": "SELECT 1;\ncopy base to stdout;\n"},
+            names=("0002_dump.sql:2:", "COPY TO STDOUT"),
+        ),
+        id="file-copy-to-stdout",
+    ),
+    pytest.param(
+        migrate(make=other_file_under_version_1, names=("0001_other.sql", "different migration", "'base'")),
+        id="file-other-migration-under-an-applied-version",
+    ),
+    pytest.param(
         Cli(
             ("rollback", "--to", "0", "--dir", "{dir}"),
             files={"0001_base.down.sql": "DROP FUNCTION base_count();\nCOMMIT;\nDROP TABLE base;\n"},
@@ -528,6 +570,18 @@ CLI_CASES = [
     pytest.param(
         Cli(("rollback", "--dir", "{dir}", "--to", "last"), code=2, names=("--to", "'last'"), usage=True),
         id="cli-rollback-to-word",
+    ),
+    pytest.param(
+        Cli(("migrate", "--dir", "{dir}", "--target", "-5"), code=2, names=("-5", "negative")),
+        id="cli-target-negative",
+    ),
+    pytest.param(
+        Cli(("rollback", "--dir", "{dir}", "--to", "-1"), code=2, names=("-1", "0 for all")),
+        id="cli-rollback-to-negative",
+    ),
+    pytest.param(
+        Cli(("rollback", "--dir", "{dir}", "--to", "99"), code=2, names=("99", "at version 1")),
+        id="cli-rollback-to-above-the-current-version",
     ),
     pytest.param(
         Cli(
@@ -577,6 +631,10 @@ CLI_CASES = [
         id="cli-new-name-with-space",
     ),
     pytest.param(
+        Cli(("new", "n" * 300, "--dir", "{dir}"), code=2, names=("300 characters", "too long", "shorten")),
+        id="cli-new-name-300-characters",
+    ),
+    pytest.param(
         Cli(("new", "x", "--dir", "{file}"), code=2, names=("{file}", "not a directory")),
         id="cli-new-dir-is-a-file",
     ),
@@ -592,8 +650,8 @@ CLI_CASES = [
 
 
 def snapshot(directory: Path) -> dict[str, int]:
-    """Return the migrations folder's file names and sizes."""
-    return {p.name: p.stat().st_size for p in directory.iterdir()}
+    """Return the migrations folder's file names and sizes (of links, not their targets)."""
+    return {p.name: p.lstat().st_size for p in directory.iterdir()}
 
 
 @pytest.mark.parametrize("case", CLI_CASES)
