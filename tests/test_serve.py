@@ -284,6 +284,8 @@ def refused(port: int) -> bool:
         socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT).close()
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        return False  # caught while the listening socket closes: ask again, it is refused next time
     return False
 
 
