@@ -796,9 +796,29 @@ class _Watchdog:
                 now = time.monotonic()
                 for conn in [c for c, deadline in self._deadlines.items() if deadline <= now]:
                     del self._deadlines[conn]
-                    _cut(conn)  # under the lock: release() waits, so the socket cannot be closed meanwhile
+                    try:
+                        _cut(conn)  # under the lock: release() waits, so the socket cannot close meanwhile
+                    except Exception:  # one odd connection must not end the thread that bounds them all
+                        _logger.exception("could not cut off a stalled connection")
                 self._next = min(self._deadlines.values(), default=math.inf)
                 self._cond.wait(None if self._next == math.inf else self._next - now)
+
+
+def _libpq_defaults(dsn: str, application_name: str, connect_timeout: float) -> dict[str, Any]:
+    """Return the libpq parameters pgops adds to *dsn*: application_name, connect_timeout, TCP defaults.
+
+    Only what the DSN does not set: an explicit default would override the DSN, and for
+    connect_timeout also PGCONNECT_TIMEOUT, which libpq reads only for a parameter not passed.
+    """
+    given = psycopg2.extensions.parse_dsn(dsn)
+    kwargs: dict[str, Any] = {"application_name": application_name}
+    if "connect_timeout" not in given and not os.environ.get("PGCONNECT_TIMEOUT", "").strip():
+        kwargs["connect_timeout"] = max(1, math.ceil(connect_timeout))
+    if "service" not in given:  # a service file may set them: an explicit default would override it
+        kwargs.update((k, v) for k, v in _TCP_DEFAULTS.items() if k not in given)
+        if psycopg2.extensions.libpq_version() < 120000:
+            kwargs.pop("tcp_user_timeout", None)  # libpq 12 added it; older ones reject the DSN
+    return kwargs
 
 
 def _cut(conn: _Connection) -> None:
@@ -807,8 +827,12 @@ def _cut(conn: _Connection) -> None:
         return
     conn._pgops_stalled = True
     # shutdown() acts on the socket itself, so a duplicate descriptor reaches the one libpq reads from;
-    # libpq keeps its descriptor, which stays valid until the pool closes the connection.
-    duplicate = os.dup(conn.fileno())
+    # libpq keeps its descriptor, which stays valid until the pool closes the connection.  A server
+    # that ended the session just now may have left libpq without one: nothing to cut then.
+    try:
+        duplicate = os.dup(conn.fileno())
+    except (OSError, psycopg2.Error):
+        return
     try:
         sock = socket.socket(fileno=duplicate)
     except OSError:
@@ -884,6 +908,7 @@ class Pool:
         self._connect_kwargs = self._make_connect_kwargs(config)
         self._closed = False
         self._start()
+        self._start_worker()
         _pools.add(self)
         _logger.info(
             "pool started for %s (min %d, max %d)", redact_dsn(config.dsn), config.min_size, config.max_size
@@ -926,24 +951,24 @@ class Pool:
         # (time, queries, errors) samples; the first is the baseline health() counts from.
         self._window = collections.deque([(time.monotonic(), 0, 0)])
         self._worker = threading.Thread(target=self._run_worker, name="pgops-pool", daemon=True)
-        if not self._closed:
+
+    def _start_worker(self) -> None:
+        """Start the worker unless it runs or the pool is closed (lock held, or before sharing the pool)."""
+        if not self._closed and self._worker.ident is None:
             self._worker.start()
 
     def _after_fork(self) -> None:
-        """Start over in a forked child: no connections (the parent's stay the parent's), a new worker."""
+        """Start over in a forked child: no connections (the parent's stay the parent's).
+
+        The worker starts on the child's first request (or wait()), not here: a child that never
+        uses the pool (a multiprocessing worker, a preexec_fn before exec) opens no connections and
+        starts no thread inside the fork hook.
+        """
         self._start()
 
     @staticmethod
     def _make_connect_kwargs(config: PoolConfig) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"application_name": config.application_name}
-        given = psycopg2.extensions.parse_dsn(config.dsn)
-        if "connect_timeout" not in given:
-            kwargs["connect_timeout"] = max(1, math.ceil(config.connect_timeout))
-        if "service" not in given:  # a service file may set them: an explicit default would override it
-            kwargs.update((k, v) for k, v in _TCP_DEFAULTS.items() if k not in given)
-            if psycopg2.extensions.libpq_version() < 120000:
-                kwargs.pop("tcp_user_timeout", None)  # libpq 12 added it; older ones reject the DSN
-        return kwargs
+        return _libpq_defaults(config.dsn, config.application_name, config.connect_timeout)
 
     def __repr__(self) -> str:
         return (
@@ -1062,6 +1087,7 @@ class Pool:
         with self._lock:
             if self._closed:
                 raise PoolClosed("the pool is closed")
+            self._start_worker()  # the first request of a forked child
             if first:
                 self._counters["requests_num"] += 1
             elif time.monotonic() >= deadline:
@@ -1206,7 +1232,11 @@ class Pool:
 
     def _put_unusual(self, conn: Any) -> None:
         """Take back a connection that is not plainly this pool's, or refuse it."""
-        if getattr(conn, "_pgops_guarded", None) is self:
+        if getattr(conn, "_pgops_inherited", False):
+            # Lent when this process was forked (under _deadline() or not): the parent's session,
+            # which the child never touches.  Its descriptor here is /dev/null; it stays in _inherited.
+            conn._pgops_lent = False
+        elif getattr(conn, "_pgops_guarded", None) is self:
             # Lent under _deadline(): the watchdog lets go first, so that it never cuts off a
             # connection lent to someone else.
             conn._pgops_guarded = None
@@ -1214,10 +1244,6 @@ class Pool:
             if _watchdog.release(conn):
                 _close_quietly(conn)  # cut off, perhaps between two queries: discarded as stalled
             self.putconn(conn)
-        elif getattr(conn, "_pgops_inherited", False):
-            # Lent when this process was forked: the parent's session, which the child never
-            # touches.  Its descriptor here is /dev/null; the object stays in _inherited.
-            conn._pgops_lent = False
         else:
             raise PoolError(
                 "this connection does not belong to this pool; return it to the pool that gave it"
@@ -1560,6 +1586,7 @@ class Pool:
         """Block until min_size connections are open; raise PoolTimeout (or CannotConnect) if not."""
         deadline = time.monotonic() + (self.config.acquire_timeout if timeout is None else timeout)
         with self._lock:
+            self._start_worker()  # a forked child's pool starts it on first use
             while len(self._idle) + len(self._in_use) < self.config.min_size:
                 if self._closed:
                     raise PoolClosed("the pool is closed")
@@ -1589,7 +1616,7 @@ class Pool:
             self._changed.notify_all()
         for conn in idle:
             _close_quietly(conn)
-        if threading.current_thread() is not self._worker:
+        if self._worker.ident is not None and threading.current_thread() is not self._worker:
             self._worker.join(timeout)
         _logger.info("pool closed for %s", redact_dsn(self.config.dsn))
 
@@ -1670,8 +1697,11 @@ def _after_fork_in_child() -> None:
             conn._pgops_inherited = True
             conn._pgops_pool = None
             _inherited.append(conn)
-            if not conn.closed:
-                os.dup2(devnull, conn.fileno(), inheritable=False)
+            # One connection that cannot be disowned (no descriptor left) must not keep the pools
+            # below from being reset.
+            with contextlib.suppress(OSError, psycopg2.Error):
+                if not conn.closed:
+                    os.dup2(devnull, conn.fileno(), inheritable=False)
     finally:
         os.close(devnull)
     _live_connections.clear()
@@ -2185,17 +2215,14 @@ class Migrator:
         raise CannotConnect(f"cannot connect to {redact_dsn(dsn)!r}: {message}")
 
     def _connect_kwargs(self, dsn: str) -> dict[str, Any]:
-        """Return the libpq parameters pgops adds to *dsn*: application_name, timeouts.
+        """Return the libpq parameters pgops adds to *dsn*: _libpq_defaults and lock_timeout.
 
         lock_timeout goes in the startup options, which makes it the session's default: the reset
         before each file (RESET ALL) keeps it, and so does a RESET ALL inside a file. libpq reads
-        PGCONNECT_TIMEOUT and PGOPTIONS only for parameters that are not passed, so pgops passes a
-        connect_timeout only where libpq would otherwise wait for ever, and keeps the user's options.
+        PGOPTIONS only when options is not passed, so pgops keeps the user's options ahead of its own.
         """
         params = psycopg2.extensions.parse_dsn(dsn)
-        kwargs: dict[str, Any] = {"application_name": self.application_name}
-        if "connect_timeout" not in params and not os.environ.get("PGCONNECT_TIMEOUT", "").strip():
-            kwargs["connect_timeout"] = max(1, math.ceil(self.connect_timeout))
+        kwargs = _libpq_defaults(dsn, self.application_name, self.connect_timeout)
         options = params.get("options", os.environ.get("PGOPTIONS", ""))
         lock_timeout_ms = math.ceil(self.statement_lock_timeout * 1000)
         kwargs["options"] = f"{options} -c lock_timeout={lock_timeout_ms}".strip()
@@ -3697,8 +3724,6 @@ def serve(
     make_server() describes: fine for probes, scrapes and a sidecar; for heavy traffic run
     ``create_app`` under gunicorn or waitress.  *ready* is called with the bound server before serving.
     """
-    import signal
-
     _check_seconds("stop_timeout", stop_timeout, positive=False)
     server, connections = _make_server(
         app, host, port, backlog=backlog, read_timeout=read_timeout, max_threads=max_threads

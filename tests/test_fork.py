@@ -83,6 +83,12 @@ def test_child_opens_its_own_connections_and_never_touches_the_parents(dsn: str)
         lent_pid = backend_pid(lent)
 
         def child() -> dict[str, object]:
+            # Nothing is opened and no worker runs until the child asks: a child that never uses
+            # the pool costs the server nothing.
+            idle = {
+                "size": pool.stats()["pool_size"],
+                "workers": sum(t.name == "pgops-pool" for t in threading.enumerate()),
+            }
             try:
                 backend_pid(lent)
                 used = "answered"
@@ -93,10 +99,17 @@ def test_child_opens_its_own_connections_and_never_touches_the_parents(dsn: str)
             pids = [pool.run(backend_pid) for _ in range(3)]
             stats = pool.stats()
             pool.close()
-            return {"used": used, "pids": pids, "size": stats["pool_size"], "lost": stats["connections_lost"]}
+            return {
+                "idle": idle,
+                "used": used,
+                "pids": pids,
+                "lost": stats["connections_lost"],
+                "size": stats["pool_size"],
+            }
 
         result = run_in_child(child)
         assert result["exit"] == 0, result
+        assert result["idle"] == {"size": 0, "workers": 0}
         assert result["used"] == "refused"
         child_pids = set(result["pids"])  # type: ignore[arg-type]
         assert child_pids and not child_pids & (before | {lent_pid})
