@@ -283,6 +283,26 @@ def has_pgvector(conn: psycopg2.extensions.connection) -> bool:
 
 
 @contextlib.contextmanager
+def temporary_role(
+    admin: psycopg2.extensions.connection, prefix: str, *, password: str | None = None
+) -> Iterator[str]:
+    """Create a role (a login role when given a password), yield its name, then drop it and what it owns."""
+    name = f"{prefix}{secrets.token_hex(4)}"
+    ident = psycopg2.sql.Identifier(name)
+    with admin.cursor() as cur:
+        if password is None:
+            cur.execute(psycopg2.sql.SQL("CREATE ROLE {}").format(ident))
+        else:
+            cur.execute(psycopg2.sql.SQL("CREATE ROLE {} LOGIN PASSWORD %s").format(ident), (password,))
+    try:
+        yield name
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(psycopg2.sql.SQL("DROP OWNED BY {}").format(ident))
+            cur.execute(psycopg2.sql.SQL("DROP ROLE {}").format(ident))
+
+
+@contextlib.contextmanager
 def temporary_database(server: PgServer, prefix: str = "pgops_test_") -> Iterator[str]:
     """Create an empty database on server, yield its name, and drop it (forcefully) afterwards."""
     name = f"{prefix}{secrets.token_hex(6)}"

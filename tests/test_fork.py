@@ -20,6 +20,7 @@ import pytest
 import pgtest
 from pgops import Pool, create_app
 from pgtest import wait_until
+from test_health import running
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULE = create_app.__module__  # what gunicorn loads: follows the import above
@@ -223,8 +224,7 @@ def gunicorn_preload(dsn: str, tmp_path: Path) -> Iterator[tuple[str, subprocess
     port = pgtest.free_port()
     app_name = f"pgops-fork-{os.getpid()}"
     (tmp_path / "migrations").mkdir()  # empty: ready also runs the migrator's query on a pool connection
-    env = {
-        **os.environ,
+    environ = {
         "DATABASE_URL": dsn,
         "POOL_PRESET": "testing",
         "POOL_MIN_CONNECTIONS": "1",
@@ -232,21 +232,11 @@ def gunicorn_preload(dsn: str, tmp_path: Path) -> Iterator[tuple[str, subprocess
         "PGOPS_HEALTH_CACHE_TTL": "0",  # every request runs a database check
         "PGOPS_MIGRATIONS_DIR": str(tmp_path / "migrations"),
     }
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     cmd = [sys.executable, "-m", "gunicorn", "--preload", "--workers", "4", "--timeout", "20",
            "--bind", f"127.0.0.1:{port}", f"{MODULE}:create_app()"]  # fmt: skip
     log = tmp_path / "gunicorn.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
-    try:
+    with running(cmd, environ, log) as proc:
         yield f"http://127.0.0.1:{port}", proc, log, app_name
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads socket owners from Linux /proc")

@@ -34,7 +34,7 @@ from pgops import (
     Migrator,
     load_migrations,
 )
-from pgtest import PgServer, relation_exists, scalar, wait_until, write
+from pgtest import PgServer, relation_exists, scalar, temporary_role, wait_until, write
 from test_cli import FAKE_PASSWORD, applied, base_env, history, run_pgops, simple_set
 
 Conn = psycopg2.extensions.connection
@@ -147,19 +147,13 @@ def test_a_non_file_named_like_a_migration_is_an_error(dsn: str, admin: Conn, md
 @pytest.fixture
 def migration_user(pg_server: PgServer, admin: Conn, dbname: str) -> Iterator[str]:
     """A login role with a password and no CREATE anywhere, owner of schema app; yields its TCP DSN."""
-    name = f"pgops_deployer_{secrets.token_hex(4)}"
     password = secrets.token_urlsafe(12)
-    ident = psycopg2.sql.Identifier(name)
-    with admin.cursor() as cur:
-        cur.execute(psycopg2.sql.SQL("CREATE ROLE {} LOGIN PASSWORD %s").format(ident), (password,))
+    with temporary_role(admin, "pgops_deployer_", password=password) as name, admin.cursor() as cur:
         cur.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")  # PostgreSQL 15's default, everywhere
-        cur.execute(psycopg2.sql.SQL("CREATE SCHEMA app AUTHORIZATION {}").format(ident))
-    try:
+        cur.execute(
+            psycopg2.sql.SQL("CREATE SCHEMA app AUTHORIZATION {}").format(psycopg2.sql.Identifier(name))
+        )
         yield pg_server.dsn(dbname, user=name, password=password)
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(psycopg2.sql.SQL("DROP OWNED BY {}").format(ident))
-            cur.execute(psycopg2.sql.SQL("DROP ROLE {}").format(ident))
 
 
 @pytest.mark.parametrize("schema", ["public", "ops"])

@@ -9,7 +9,6 @@ nothing a migration sets may reach the connections an application gets from its 
 from __future__ import annotations
 
 import concurrent.futures
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import psycopg2.sql
 import pytest
 
 import pgops
+import pgtest
 from pgops import MigrationFailed, Migrator
 from pgtest import PgServer, scalar, write
 
@@ -79,16 +79,8 @@ def test_every_file_starts_from_the_same_session_however_runs_are_batched(
 @pytest.fixture
 def role(pg_server: PgServer, admin: Conn) -> Iterator[str]:
     """A role without login for this test, dropped with what it owns afterwards."""
-    name = f"pgops_owner_{secrets.token_hex(4)}"
-    ident = psycopg2.sql.Identifier(name)
-    with admin.cursor() as cur:
-        cur.execute(psycopg2.sql.SQL("CREATE ROLE {}").format(ident))
-    try:
+    with pgtest.temporary_role(admin, "pgops_owner_") as name:
         yield name
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(psycopg2.sql.SQL("DROP OWNED BY {}").format(ident))
-            cur.execute(psycopg2.sql.SQL("DROP ROLE {}").format(ident))
 
 
 @pytest.mark.parametrize("source", ["dsn", "pool"])
