@@ -556,7 +556,7 @@ class RetryPolicy:
 
 
 def _sqlstate(exc: BaseException) -> str | None:
-    code = getattr(exc, "pgcode", None)
+    code = getattr(exc, "pgcode", None) or getattr(exc, "sqlstate", None)  # psycopg2's, or MigrationFailed's
     return code if isinstance(code, str) and code else None
 
 
@@ -1736,30 +1736,28 @@ _QUOTE_OR_ESCAPE = re.compile(r"['\\]")
 _TRANSACTION_CONTROL = frozenset({"BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT"})
 _FIRST_WORDS = re.compile(r"([A-Za-z_][\w$]*)(?:\s+([A-Za-z_][\w$]*))?(?:\s+([A-Za-z_][\w$]*))?")
 _COPY_STDIO = re.compile(r"\b(FROM\s+STDIN|TO\s+STDOUT)\b", re.IGNORECASE)
-_LOCK_REPORT_EVERY = 10.0  # seconds between "still waiting for the lock" lines
+_LOCK_REPORT_EVERY = 10.0  # seconds between "waiting for ..." lines
+# Seconds of waiting logged at INFO, not WARNING: replicas that start together wait for each other as a
+# matter of course, and twenty warnings per deploy would teach operators to ignore them.
+_LOCK_QUIET = 10.0
 _LOCK_RETRY = RetryPolicy(max_attempts=5, initial_delay=0.5, max_delay=5.0)  # for lock_not_available
 _CONNECT_TIMEOUT = 10.0  # seconds; libpq's own default is to wait for ever
-# At the end of a transactional file, before COMMIT: whatever the file did with advisory locks (a
-# pg_advisory_unlock_all(), say), leave the session holding the migration lock exactly once for the
-# files after it. The transaction-level hold taken at BEGIN keeps every other session out meanwhile,
-# and two function calls cost far less than a look at pg_locks. (The unlock warns if it was not held.)
-_RETAKE_LOCK = "SELECT pg_catalog.pg_advisory_unlock(%s, %s); SELECT pg_catalog.pg_advisory_lock(%s, %s)"
-# After a no-transaction file, which has no transaction to hold the lock in: is the session's lock
-# still held? If the file released it and nobody took it since, take it again; if another session has
-# it, say so. (Advisory locks nest: pg_try_advisory_lock on a held lock would count it twice.)
-_KEEP_LOCK = (
-    "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'advisory' "
-    "AND pid = pg_catalog.pg_backend_pid() AND classid = %s AND objid = %s AND objsubid = 2 AND granted) "
-    "THEN 'held' WHEN pg_catalog.pg_try_advisory_lock(%s, %s) THEN 'retaken' ELSE 'lost' END"
-)
-# What DISCARD ALL does, less pg_advisory_unlock_all(), which would drop the migration lock. Run before
-# every migration file, so that each starts from the session the connection began with, whatever the
+_ANNOUNCE_AFTER = 1.0  # seconds: a migration still running then is announced ("applying ... ...")
+_LEASE_TIMEOUT = 30.0  # seconds a claim on a no-transaction file lives unless its runner renews it
+_progress = logging.getLogger("pgops.progress")  # "applying ...": the CLI shows it by default
+# What DISCARD ALL does, less pg_advisory_unlock_all() (harmless now that the lock is transaction-level,
+# but a user's session lock is not ours to drop). Run in the transaction of every migration file on a
+# direct connection, so that each starts from the session the connection began with, whatever the
 # files before it set (search_path, role, prepared statements, temporary tables) and however runs are
 # batched. RESET ALL goes back to the connection's startup values, which hold pgops' lock_timeout.
 _RESET_SESSION = (
     "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DEALLOCATE ALL; CLOSE ALL; UNLISTEN *; "
     "DISCARD PLANS; DISCARD SEQUENCES; DISCARD TEMP"
 )
+# Behind a connection pooler the server session is shared with other clients: only what puts it back
+# to its defaults, inside the file's transaction. DEALLOCATE ALL would drop statements the pooler
+# prepared for others, DISCARD TEMP their temporary tables.
+_RESET_POOLED = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2134,8 +2132,99 @@ def _failure(
     )
 
 
+class _Wait:
+    """A runner's wait for other runners: quiet at first, and bounded by the time they show no progress."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.started = self.progressed = time.monotonic()
+        self.seen: object = None
+        self.reported = -math.inf
+
+    def pause(self, what: str, progress: object) -> None:
+        """Sleep a little before the next try, or raise LockTimeout once *progress* stood still too long.
+
+        *progress* is what the other runner shows of its work (its transaction, its statement count):
+        while it changes, that runner is getting on, and a fleet waiting behind it waits on.
+        """
+        now = time.monotonic()
+        if progress != self.seen:
+            self.seen, self.progressed = progress, now
+        waited, stalled = now - self.started, now - self.progressed
+        if stalled >= self.timeout:
+            raise LockTimeout(
+                f"gave up after {waited:.1f} s waiting for {what}, {stalled:.1f} s of it without progress; "
+                "wait for that run to finish, or raise --lock-timeout"
+            )
+        if waited - self.reported >= _LOCK_REPORT_EVERY:
+            level = logging.WARNING if waited >= _LOCK_QUIET else logging.INFO
+            _logger.log(level, "waiting for %s (%.0f s so far)", what, waited)
+            self.reported = waited
+        time.sleep(min(0.05 + random.random() * 0.25, max(self.timeout - stalled, 0.01)))
+
+
+class _Announcer:
+    """Announce a migration still running after _ANNOUNCE_AFTER seconds, from one thread started on demand.
+
+    An operator reading a Job's log then sees what it is waiting on; quick migrations stay quiet.
+    """
+
+    def __init__(self, verb: str) -> None:
+        self._verb = verb
+        self._cond = threading.Condition()
+        self._current: tuple[str, float] | None = None  # name, when to announce it
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _Announcer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    @contextlib.contextmanager
+    def running(self, name: str) -> Iterator[None]:
+        """Announce *name* if the block is still running after _ANNOUNCE_AFTER seconds."""
+        with self._cond:
+            self._current = (name, time.monotonic() + _ANNOUNCE_AFTER)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pgops-progress", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._current = None
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                if self._current is None:
+                    self._cond.wait()
+                    continue
+                name, due = self._current
+                if time.monotonic() < due:
+                    self._cond.wait(due - time.monotonic())
+                    continue
+                _progress.info("%s %s ...", self._verb, name)
+                self._current = None
+
+
 class Migrator:
-    """Apply numbered SQL files once each, under an advisory lock, each in its own transaction."""
+    """Apply numbered SQL files once each and in order, each in its own transaction under an advisory lock.
+
+    Correct through a transaction pooler (PgBouncer) by construction: each migration's transaction
+    takes a transaction-level advisory lock and reads the history again before it applies anything,
+    so nothing depends on a server session lasting from one transaction to the next, and no lock can
+    be left behind on a pooled server connection. A file that cannot run in a transaction
+    (``-- pgops: no-transaction``) is claimed by its history row, with a lease that its runner renews:
+    other runners wait while the lease lives and refuse to go on (dirty) once it has run out.
+    """
 
     def __init__(
         self,
@@ -2150,12 +2239,14 @@ class Migrator:
         connect_retry: RetryPolicy | None = None,
         application_name: str = "pgops-migrate",
         connect_timeout: float = _CONNECT_TIMEOUT,
+        lease_timeout: float = _LEASE_TIMEOUT,
     ) -> None:
         if isinstance(pool_or_dsn, str):
             _check_dsn(pool_or_dsn)
         _check_seconds("lock_timeout", lock_timeout, positive=False)
         _check_seconds("statement_lock_timeout", statement_lock_timeout, positive=True)
         _check_seconds("connect_timeout", connect_timeout, positive=True)
+        _check_seconds("lease_timeout", lease_timeout, positive=True)
         self._source = pool_or_dsn
         self.directory = directory
         self.schema, self.table = schema, table
@@ -2165,8 +2256,14 @@ class Migrator:
         self.connect_retry = connect_retry or RetryPolicy(max_attempts=1)
         self.application_name = application_name
         self.connect_timeout = connect_timeout
+        self.lease_timeout = lease_timeout
         self._history = psycopg2.sql.Identifier(schema, table)
         self._active: psycopg2.extensions.connection | None = None  # the migration connection, for _cancel
+        # Per session (_session): a pooler between pgops and the server; the history table checked;
+        # this run's name in the history's runner column.
+        self._pooled = False
+        self._history_ready = False
+        self._runner = ""
         import zlib
 
         self._lock_key = zlib.crc32(f"{schema}.{table}".encode()) & 0x7FFF_FFFF
@@ -2201,18 +2298,36 @@ class Migrator:
     def _connect(self) -> psycopg2.extensions.connection:
         """Open a connection of the migrator's own, with its lock_timeout and connect_timeout."""
         dsn = self._dsn
+        kwargs = self._connect_kwargs(dsn)
+        opened = self._open(dsn, kwargs)
+        if isinstance(opened, str) and "unsupported startup parameter" in opened:
+            # PgBouncer refuses startup options it is not told to ignore. Every migration's transaction
+            # sets lock_timeout itself (SET LOCAL): the startup option is only a second line of defence.
+            _logger.debug("the server refused pgops' startup options (a pooler?); retrying without")
+            kwargs.pop("options", None)
+            opened = self._open(dsn, kwargs)
+        if not isinstance(opened, str):
+            return opened
+        if "unsupported startup parameter" in opened:
+            opened += (
+                "; add it to the pooler's ignore_startup_parameters, or set PGOPS_MIGRATE_URL to a direct "
+                "connection"
+            )
+        raise CannotConnect(f"cannot connect to {redact_dsn(dsn)!r}: {opened}")
+
+    def _open(self, dsn: str, kwargs: dict[str, Any]) -> psycopg2.extensions.connection | str:
+        """Connect, or return why not: one line with no password in it.
+
+        A string, not an exception: the caller raises its error outside any except block, so that
+        libpq's text (which may quote the password) is not kept in __context__.
+        """
         try:
             conn: psycopg2.extensions.connection = retry_call(
-                psycopg2.connect, dsn, policy=self.connect_retry, **self._connect_kwargs(dsn)
+                psycopg2.connect, dsn, policy=self.connect_retry, **kwargs
             )
             return conn
         except psycopg2.OperationalError as exc:
-            message = _one_line(exc, dsn)
-            if "unsupported startup parameter" in message:  # PgBouncer refusing lock_timeout in options
-                message += "; connect to PostgreSQL directly to migrate, not through a connection pooler"
-        # Raised outside the except block: libpq's text (which may quote the password) stays off
-        # __context__.
-        raise CannotConnect(f"cannot connect to {redact_dsn(dsn)!r}: {message}")
+            return _one_line(exc, dsn)
 
     def _connect_kwargs(self, dsn: str) -> dict[str, Any]:
         """Return the libpq parameters pgops adds to *dsn*: _libpq_defaults and lock_timeout.
@@ -2229,22 +2344,26 @@ class Migrator:
         return kwargs
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[psycopg2.extensions.connection]:
-        """Hold the migration advisory lock on a dedicated autocommit connection of the migrator's own.
+    def _session(self) -> Iterator[psycopg2.extensions.cursor]:
+        """Lend a cursor on an autocommit connection of the migrator's own, for migrate, rollback, repair.
 
         Never a pool connection, even with a Pool: what the migrations set in their session must not
-        reach the application, and a pool would hand out the connection that holds the lock.
+        reach the application. A pooler between pgops and PostgreSQL shows itself here: the backend
+        pid that libpq was given at connect time (PgBouncer makes one up) is not the server's.
         """
         with self._connection(own=True) as conn:
             conn.autocommit = True
+            cur = conn.cursor()
+            cur.execute("SELECT pg_catalog.pg_backend_pid()")
+            row = cur.fetchone()
+            self._pooled = row is None or int(row[0]) != conn.info.backend_pid
+            if self._pooled:
+                _logger.info("a connection pooler sits between pgops and PostgreSQL")
+            self._history_ready = False
+            self._runner = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(16):04x}"
             self._active = conn
             try:
-                pid = self._acquire_lock(conn.cursor())
-                try:
-                    self._pid = pid
-                    yield conn
-                finally:
-                    self._release_lock(conn)
+                yield cur
             finally:
                 self._active = None
 
@@ -2255,112 +2374,164 @@ class Migrator:
             with contextlib.suppress(psycopg2.Error):
                 conn.cancel()
 
-    def _acquire_lock(self, cur: psycopg2.extensions.cursor) -> int:
-        started = time.monotonic()
-        reported = -math.inf
+    # -- the lock ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _transaction(
+        self, cur: psycopg2.extensions.cursor, wait: _Wait
+    ) -> Iterator[dict[int, tuple[Any, ...]]]:
+        """Run a block in a transaction that holds the migration lock, with the history read inside it.
+
+        The block may COMMIT itself (a migration folds it into its last round trip); what is still
+        open at the end is committed, and an error rolls all of it back.
+        """
+        try:
+            yield self._locked_history(cur, wait)
+        except BaseException:
+            self._rollback(cur)
+            raise
+        if cur.connection.info.transaction_status != _STATUS_IDLE:
+            cur.execute("COMMIT")
+
+    def _rollback(self, cur: psycopg2.extensions.cursor) -> None:
+        conn = cur.connection
+        if not conn.closed and conn.info.transaction_status != _STATUS_IDLE:
+            with contextlib.suppress(psycopg2.Error):
+                cur.execute("ROLLBACK")
+
+    def _locked_history(self, cur: psycopg2.extensions.cursor, wait: _Wait) -> dict[int, tuple[Any, ...]]:
+        """BEGIN, take the migration lock for the transaction, and read the history, waiting for others.
+
+        It waits while another transaction holds the lock, and while another runner's no-transaction
+        file holds a live lease. The session reset and lock_timeout come in the same round trip.
+        """
+        reset = _RESET_POOLED if self._pooled else _RESET_SESSION
+        timeout = f"{math.ceil(self.statement_lock_timeout * 1000)}ms"
         while True:
             cur.execute(
-                "SELECT pg_try_advisory_lock(%s, %s), pg_backend_pid()", (_LOCK_CLASS, self._lock_key)
+                f"BEGIN; {reset}; SET LOCAL lock_timeout = %s; "
+                "SELECT pg_catalog.pg_try_advisory_xact_lock(%s, %s)",
+                (timeout, _LOCK_CLASS, self._lock_key),
             )
-            got, pid = cur.fetchone() or (False, 0)
-            if got:
-                _logger.debug("migration lock taken by backend pid %s", pid)
-                return int(pid)
-            waited = time.monotonic() - started
-            holder = self._lock_holder(cur)
-            if waited >= self.lock_timeout:
-                raise LockTimeout(
-                    f"migration lock on {self.schema}.{self.table} still held after {waited:.1f} s "
-                    f"by {holder}; "
-                    "wait for that run to finish, or raise --lock-timeout"
-                )
-            if waited - reported >= _LOCK_REPORT_EVERY:
-                _logger.warning("waiting for the migration lock, held by %s", holder)
-                reported = waited
-            time.sleep(min(0.05 + random.random() * 0.25, max(self.lock_timeout - waited, 0.01)))
+            row = cur.fetchone()
+            busy: tuple[str, object] | None
+            if row is not None and row[0]:
+                if self._ensure_history(cur):
+                    cur.execute("COMMIT")  # the table stays, whatever becomes of the first migration
+                    continue
+                history = self._history_rows(cur, known=True)
+                busy = self._live_lease(cur, history)
+                if busy is None:
+                    return history
+            else:
+                busy = self._lock_holder(cur)
+            cur.execute("ROLLBACK")
+            wait.pause(*busy)
 
-    def _lock_holder(self, cur: psycopg2.extensions.cursor) -> str:
+    def _lock_holder(self, cur: psycopg2.extensions.cursor) -> tuple[str, object]:
+        """Describe the session that holds the migration lock in this database, and its progress."""
         cur.execute(
-            "SELECT a.pid, a.application_name, a.backend_start FROM pg_locks l "
-            "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
-            "AND l.classid = %s AND l.objid = %s AND l.objsubid = 2",
+            "SELECT a.pid, a.application_name, a.backend_start, l.virtualtransaction "
+            "FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s AND l.objid = %s "
+            "AND l.objsubid = 2 AND l.database = "
+            "(SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())",
             (_LOCK_CLASS, self._lock_key),
         )
         row = cur.fetchone()
+        lock = f"the migration lock on {self.schema}.{self.table}"
         if row is None:
-            return "another session (it has just released it)"
+            return f"{lock} (another session has just released it)", None
         since = row[2].isoformat(timespec="seconds") if row[2] is not None else "unknown"
-        return f"pid {row[0]} (application_name {row[1]!r}, connected since {since})"
+        holder = f"pid {row[0]} (application_name {row[1]!r}, connected since {since})"
+        return f"{lock}, held by {holder}", (row[0], row[3])
 
-    def _release_lock(self, conn: psycopg2.extensions.connection) -> None:
-        if conn.closed:
-            return  # the session is gone, and its lock with it
-        try:
-            if conn.info.transaction_status != _STATUS_IDLE:
-                conn.cursor().execute("ROLLBACK")
-            cur = conn.cursor()
-            cur.execute("SELECT pg_advisory_unlock(%s, %s)", (_LOCK_CLASS, self._lock_key))
-            row = cur.fetchone()
-            if not row or not row[0]:
-                _logger.error("the migration lock was not held at unlock; closing the connection to be sure")
-                conn.close()
-        except psycopg2.Error as exc:
-            # Usually the server went away, and the session's lock with it.
-            _logger.warning(
-                "could not release the migration lock (%s); closing the connection", _one_line(exc)
-            )
-            conn.close()
-
-    def _same_backend(self, pid: int) -> None:
-        if pid != self._pid:
-            raise MigrationError(
-                f"the server session changed during migration (backend pid {self._pid} then {pid}): a "
-                "transaction pooler such as PgBouncer is in the way; migrate over a direct connection"
-            )
+    def _live_lease(
+        self, cur: psycopg2.extensions.cursor, history: dict[int, tuple[Any, ...]]
+    ) -> tuple[str, object] | None:
+        """Describe another runner's no-transaction file whose lease is live, and its progress; or None."""
+        if not any(row[2] == "running" for row in history.values()):
+            return None
+        cur.execute(
+            psycopg2.sql.SQL(
+                "SELECT version, description, runner, progress FROM {} "
+                "WHERE status = 'running' AND lease_until > pg_catalog.clock_timestamp() "
+                "ORDER BY version LIMIT 1"
+            ).format(self._history)
+        )
+        row = cur.fetchone()
+        if row is None:
+            return None
+        version, description, runner, progress = row
+        what = f"migration {version} ({description}), running without a transaction in {runner}"
+        return what, (version, runner, progress)
 
     # -- history -------------------------------------------------------------------------------
 
-    def _ensure_history(self, cur: psycopg2.extensions.cursor) -> None:
-        """Create the history table, and its schema, if they are missing.
+    def _ensure_history(self, cur: psycopg2.extensions.cursor) -> bool:
+        """Create the history table, and its schema, if missing; give an older table the lease columns.
 
         Only what is missing: CREATE ... IF NOT EXISTS checks the CREATE privilege before it looks,
         and a migration user rarely has it on the schema (PostgreSQL 15 took it from PUBLIC on public).
+        Once per session, under the migration lock; return whether anything was changed.
         """
+        if self._history_ready:
+            return False
         cur.execute(
-            "SELECT to_regnamespace(format('%%I', %s::text)) IS NOT NULL, "
-            "to_regclass(format('%%I.%%I', %s::text, %s::text)) IS NOT NULL",
+            "SELECT to_regnamespace(format('%%I', %s::text)) IS NOT NULL, t IS NOT NULL, "
+            "(SELECT count(*) FROM pg_catalog.pg_attribute WHERE attrelid = t "
+            "AND attname IN ('runner', 'lease_until') AND NOT attisdropped) "
+            "FROM to_regclass(format('%%I.%%I', %s::text, %s::text)) AS t",
             (self.schema, self.schema, self.table),
         )
-        schema_exists, table_exists = cur.fetchone() or (False, False)
-        if table_exists:
-            return
-        if not schema_exists:
-            cur.execute(
-                psycopg2.sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
-                    psycopg2.sql.Identifier(self.schema)
+        schema_exists, table_exists, lease_columns = cur.fetchone() or (False, False, 0)
+        if not table_exists:
+            if not schema_exists:
+                cur.execute(
+                    psycopg2.sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
+                        psycopg2.sql.Identifier(self.schema)
+                    )
                 )
+            cur.execute(
+                psycopg2.sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} ("
+                    " version bigint PRIMARY KEY,"
+                    " description text NOT NULL,"
+                    " checksum text NOT NULL,"
+                    " status text NOT NULL CHECK (status IN ('applied', 'failed', 'running')),"
+                    " applied_at timestamptz NOT NULL DEFAULT now(),"
+                    " execution_ms double precision,"
+                    " applied_by text NOT NULL DEFAULT current_user,"
+                    " error text,"
+                    " progress integer NOT NULL DEFAULT 0,"
+                    " runner text,"
+                    " lease_until timestamptz)"
+                ).format(self._history)
             )
-        cur.execute(
-            psycopg2.sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {} ("
-                " version bigint PRIMARY KEY,"
-                " description text NOT NULL,"
-                " checksum text NOT NULL,"
-                " status text NOT NULL CHECK (status IN ('applied', 'failed', 'running')),"
-                " applied_at timestamptz NOT NULL DEFAULT now(),"
-                " execution_ms double precision,"
-                " applied_by text NOT NULL DEFAULT current_user,"
-                " error text,"
-                " progress integer NOT NULL DEFAULT 0)"
-            ).format(self._history)
-        )
+        elif lease_columns < 2:  # a table made by pgops 0.1, before no-transaction files were leased
+            cur.execute(
+                psycopg2.sql.SQL(
+                    "ALTER TABLE {} ADD COLUMN IF NOT EXISTS runner text, "
+                    "ADD COLUMN IF NOT EXISTS lease_until timestamptz"
+                ).format(self._history)
+            )
+        self._history_ready = True
+        return not table_exists or lease_columns < 2
 
-    def _history_rows(self, cur: psycopg2.extensions.cursor) -> dict[int, tuple[Any, ...]]:
-        """Return history rows by version: (description, checksum, status, applied_at, ms, by, error)."""
-        cur.execute("SELECT to_regclass(format('%%I.%%I', %s::text, %s::text))", (self.schema, self.table))
-        row = cur.fetchone()
-        if row is None or row[0] is None:
-            return {}
+    def _history_rows(
+        self, cur: psycopg2.extensions.cursor, *, known: bool = False
+    ) -> dict[int, tuple[Any, ...]]:
+        """Return history rows by version: (description, checksum, status, applied_at, ms, by, error).
+
+        Without *known*, an absent table reads as an empty history.
+        """
+        if not known:
+            cur.execute(
+                "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text))", (self.schema, self.table)
+            )
+            row = cur.fetchone()
+            if row is None or row[0] is None:
+                return {}
         cur.execute(
             psycopg2.sql.SQL(
                 "SELECT version, description, checksum, status, applied_at, execution_ms, applied_by, error "
@@ -2478,36 +2649,65 @@ class Migrator:
                 history = self._history_rows(conn.cursor())
             self._refuse_unsafe(files, history)
             return [m for m in files if m.version not in history and (target is None or m.version <= target)]
+        by_version = {m.version: m for m in files}
+
+        def rolled_back_whole(exc: BaseException) -> bool:
+            # A transactional file that timed out waiting for a table lock left nothing behind: run it
+            # again. A no-transaction file retries its blocked statement itself.
+            migration = by_version.get(getattr(exc, "version", None) or 0)
+            return (
+                isinstance(exc, MigrationFailed)
+                and exc.sqlstate == "55P03"
+                and bool(migration and migration.transactional)
+            )
+
         applied: list[Migration] = []
-        with self._locked() as conn:
-            cur = conn.cursor()
-            self._ensure_history(cur)
-            history = self._history_rows(cur)
-            self._refuse_unsafe(files, history)
-            for migration in files:
-                if migration.version in history or (target is not None and migration.version > target):
-                    continue
-                started = time.perf_counter()
-                retry_call(
-                    self._apply,
-                    conn,
-                    migration,
-                    # A no-transaction file retries its blocked statement itself; re-running the whole
-                    # file would repeat statements that already ran (and trip over its failed row).
-                    policy=_LOCK_RETRY if migration.transactional else RetryPolicy(max_attempts=1),
-                    retry_on=lambda exc: isinstance(exc, MigrationFailed) and exc.sqlstate == "55P03",
-                )
-                elapsed = (time.perf_counter() - started) * 1000.0
+        with self._session() as cur, _Announcer("applying") as announcer:
+            wait = _Wait(self.lock_timeout)
+            while True:
+                done = retry_call(
+                    self._migrate_one, cur, files, target, wait, announcer,
+                    policy=_LOCK_RETRY, retry_on=rolled_back_whole,
+                )  # fmt: skip
+                if done is None:
+                    break
+                migration, elapsed = done
                 _logger.info("applied migration %s (%.1f ms)", migration.name, elapsed)
                 applied.append(migration)
                 if on_applied is not None:
                     on_applied(migration, elapsed)
         return applied
 
+    def _migrate_one(
+        self,
+        cur: psycopg2.extensions.cursor,
+        files: list[Migration],
+        target: int | None,
+        wait: _Wait,
+        announcer: _Announcer,
+    ) -> tuple[Migration, float] | None:
+        """Apply the next pending migration in one locked transaction; None when nothing is pending."""
+        with self._transaction(cur, wait) as history:
+            self._refuse_unsafe(files, history)
+            pending = [m for m in files if m.version not in history]
+            migration = next((m for m in pending if target is None or m.version <= target), None)
+            if migration is None:
+                return None
+            started = time.perf_counter()
+            with announcer.running(migration.name):
+                self._apply(cur, migration, record=True)
+            return migration, (time.perf_counter() - started) * 1000.0
+
     def _refuse_unsafe(self, files: list[Migration], history: dict[int, tuple[Any, ...]]) -> None:
         dirty = [(v, row) for v, row in history.items() if row[2] != "applied"]
         if dirty:
             version, row = dirty[0]
+            if row[2] == "running":
+                raise DirtyDatabase(
+                    f"migration {version} ({row[0]}) is marked running in {self.schema}.{self.table}, "
+                    "but no runner holds it: it ran without a transaction and was cut off part-way; "
+                    "check what it did, then run repair"
+                )
             raise DirtyDatabase(
                 f"migration {version} ({row[0]}) is {row[2]} in {self.schema}.{self.table}"
                 f"{': ' + row[6] if row[6] else ''}; fix its SQL, undo what it did, then run repair"
@@ -2519,135 +2719,187 @@ class Migrator:
         if order:
             raise MigrationError("; ".join(order))
 
-    def _apply(
-        self, conn: psycopg2.extensions.connection, migration: Migration, path: str = "", record: bool = True
-    ) -> None:
+    def _apply(self, cur: psycopg2.extensions.cursor, migration: Migration, *, record: bool) -> None:
         """Run a migration's SQL (a down file's with record=False) as its first lines ask."""
-        run = self._run_in_transaction if _transactional(migration.sql) else self._run_statements
-        run(conn, migration, path or migration.path, record)
+        run = self._run_in_transaction if migration.transactional else self._run_statements
+        run(cur, migration, record)
 
     def _run_in_transaction(
-        self, conn: psycopg2.extensions.connection, migration: Migration, path: str, record: bool
+        self, cur: psycopg2.extensions.cursor, migration: Migration, record: bool
     ) -> None:
-        """Run the SQL and its history change in one transaction; roll everything back on error."""
+        """Run the SQL in the locked transaction, record it, and COMMIT; an error rolls all of it back."""
         text = migration.sql
-        cur = conn.cursor()
         started = time.perf_counter()
+        for start, end, code in _scan_sql(text):
+            if code:
+                _logger.debug("%s: %s", migration.name, text[start:end].strip())
+                try:
+                    cur.execute(text[start:end])
+                except psycopg2.Error as exc:
+                    raise _failure(migration, exc, start) from None
+        change, values = self._history_change(migration, record, (time.perf_counter() - started) * 1000.0)
+        # The history change is made as the connecting user, whatever role the file set (SET LOCAL ends
+        # with the transaction); it and COMMIT share one round trip.
+        cur.execute(
+            psycopg2.sql.SQL("SET LOCAL SESSION AUTHORIZATION DEFAULT; {}; COMMIT").format(change), values
+        )
+
+    def _run_statements(self, cur: psycopg2.extensions.cursor, migration: Migration, record: bool) -> None:
+        """Claim a no-transaction file, then run it statement by statement, outside the lock.
+
+        The claim, a 'running' history row naming this runner with a lease that a thread renews, is
+        committed in the locked transaction that read the history: one runner claims a file, and the
+        others wait while its lease lives. Before each statement and at the end the runner checks
+        that the claim is still its own, a fencing token: if repair removed it, nothing more runs.
+        """
+        started = time.perf_counter()
+        if record:
+            claim = (
+                "INSERT INTO {} (version, description, checksum, status, runner, lease_until) VALUES "
+                "(%s, %s, %s, 'running', %s, pg_catalog.clock_timestamp() + %s * interval '1 second')"
+            )
+            values: tuple[Any, ...] = (migration.version, migration.description, migration.checksum)
+            values += (self._runner, self.lease_timeout)
+        else:
+            claim = (
+                "UPDATE {} SET status = 'running', runner = %s, progress = 0, error = NULL, "
+                "lease_until = pg_catalog.clock_timestamp() + %s * interval '1 second' WHERE version = %s"
+            )
+            values = (self._runner, self.lease_timeout, migration.version)
+        cur.execute(psycopg2.sql.SQL(claim + "; COMMIT").format(self._history), values)
         try:
-            # One round trip: BEGIN, the session reset, the pid check, and the migration lock taken
-            # again for the transaction, a hold that a pg_advisory_unlock_all() in the file cannot
-            # release: no other runner gets in while this file runs, whatever it does.
-            cur.execute(
-                f"BEGIN; {_RESET_SESSION}; "
-                "SELECT pg_catalog.pg_backend_pid(), pg_catalog.pg_try_advisory_xact_lock(%s, %s)",
-                (_LOCK_CLASS, self._lock_key),
-            )
-            pid, locked = cur.fetchone() or (0, False)
-            self._same_backend(int(pid))
-            if not locked:
-                raise self._lock_lost(cur, migration, path, done=False)
-            for start, end, code in _scan_sql(text):
-                if code:
-                    _logger.debug("%s: %s", migration.name, text[start:end].strip())
-                    try:
-                        cur.execute(text[start:end])
-                    except psycopg2.Error as exc:
-                        raise _failure(migration, exc, start, path) from None
-            change, values = self._history_change(migration, record, (time.perf_counter() - started) * 1000.0)
-            # The history change is made as the connecting user, whatever role the file set (SET LOCAL
-            # ends with the transaction); it, the lock taken again, and COMMIT share one round trip.
-            cur.execute(
-                psycopg2.sql.SQL("SET LOCAL SESSION AUTHORIZATION DEFAULT; {}; {}; COMMIT").format(
-                    psycopg2.sql.SQL(_RETAKE_LOCK), change
-                ),
-                (*self._lock_keys(), *values),
-            )
-        except BaseException:
-            if not conn.closed and conn.info.transaction_status != _STATUS_IDLE:
-                with contextlib.suppress(psycopg2.Error):
-                    cur.execute("ROLLBACK")
+            with self._renewing(migration.version):
+                if not self._pooled:  # outside a transaction, a pooled session would be someone else's
+                    cur.execute(_RESET_SESSION)
+                self._run_each(cur, migration, record)
+                ms = (time.perf_counter() - started) * 1000.0
+                change, values = self._history_change(migration, record, ms, claimed=True)
+                cur.execute(change, values)
+                if cur.rowcount != 1:
+                    raise self._claim_lost(migration)
+        except BaseException as exc:
+            self._abandon(cur, migration, exc)
             raise
 
-    def _run_statements(
-        self, conn: psycopg2.extensions.connection, migration: Migration, path: str, record: bool
-    ) -> None:
-        """Run a no-transaction file statement by statement, recording progress in the history row."""
-        cur = conn.cursor()
-        started = time.perf_counter()
-        cur.execute(f"{_RESET_SESSION}; SELECT pg_catalog.pg_backend_pid()")
-        row = cur.fetchone()
-        self._same_backend(int(row[0]) if row else 0)
-        if record:
-            # While this row says 'running', another runner refuses to start (DirtyDatabase), even
-            # if a statement of the file releases the migration lock.
+    def _history_change(
+        self, migration: Migration, record: bool, ms: float, *, claimed: bool = False
+    ) -> tuple[psycopg2.sql.Composable, tuple[Any, ...]]:
+        """Return the statement and parameters that record a migration as applied, or as reverted.
+
+        *claimed*: a no-transaction file, whose row this runner claimed; the change needs the claim.
+        """
+        mine = " AND runner = %s AND status = 'running'" if claimed else ""
+        if not record:
+            sql = "DELETE FROM {} WHERE version = %s" + mine
+            values: tuple[Any, ...] = (migration.version,)
+        elif claimed:
+            sql = "UPDATE {} SET status = 'applied', execution_ms = %s, lease_until = NULL WHERE version = %s"
+            sql += mine
+            values = (ms, migration.version)
+        else:
+            sql = (
+                "INSERT INTO {} (version, description, checksum, status, execution_ms, runner) "
+                "VALUES (%s, %s, %s, 'applied', %s, %s)"
+            )
+            values = (migration.version, migration.description, migration.checksum, ms, self._runner)
+        return psycopg2.sql.SQL(sql).format(self._history), values + ((self._runner,) if claimed else ())
+
+    @contextlib.contextmanager
+    def _renewing(self, version: int) -> Iterator[None]:
+        """Renew this runner's lease on *version* from a thread of its own while the block runs."""
+        stop = threading.Event()
+        thread = threading.Thread(target=self._renew, args=(version, stop), name="pgops-lease", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def _renew(self, version: int, stop: threading.Event) -> None:
+        """Extend the lease every third of lease_timeout; if the claim is gone, cancel the statement."""
+        conn: psycopg2.extensions.connection | None = None
+        renew = psycopg2.sql.SQL(
+            "UPDATE {} SET lease_until = pg_catalog.clock_timestamp() + %s * interval '1 second' "
+            "WHERE version = %s AND runner = %s AND status = 'running'"
+        ).format(self._history)
+        try:
+            while not stop.wait(self.lease_timeout / 3):
+                try:
+                    if conn is None or conn.closed:
+                        conn = self._connect()  # only for a file that outlives a third of the lease
+                        conn.autocommit = True
+                    cur = conn.cursor()
+                    cur.execute(renew, (self.lease_timeout, version, self._runner))
+                    if cur.rowcount == 0 and not stop.is_set():
+                        _logger.error("the claim on migration %d is gone (repair?); cancelling it", version)
+                        self._cancel()
+                        return
+                except (psycopg2.Error, PgOpsError) as exc:
+                    _logger.warning("could not renew the claim on migration %d: %s", version, _one_line(exc))
+                    if conn is not None:
+                        _close_quietly(conn)
+                    conn = None
+        finally:
+            if conn is not None:
+                _close_quietly(conn)
+
+    def _fence(self, cur: psycopg2.extensions.cursor, migration: Migration, done: int) -> None:
+        """Check that this runner still holds its claim on *migration*, and record its progress."""
+        cur.execute(
+            psycopg2.sql.SQL(
+                "UPDATE {} SET progress = %s, lease_until = pg_catalog.clock_timestamp() + %s * interval "
+                "'1 second' WHERE version = %s AND runner = %s AND status = 'running'"
+            ).format(self._history),
+            (done, self.lease_timeout, migration.version, self._runner),
+        )
+        if cur.rowcount != 1:
+            raise self._claim_lost(migration)
+
+    def _claim_lost(self, migration: Migration) -> MigrationFailed:
+        return MigrationFailed(
+            f"{migration.path}: this run's claim on migration {migration.version} is gone (repair removed "
+            "it, or its lease ran out while the run was cut off); it stopped part-way: check what it did, "
+            "then run repair",
+            version=migration.version,
+            path=migration.path,
+        )
+
+    def _abandon(self, cur: psycopg2.extensions.cursor, migration: Migration, exc: BaseException) -> None:
+        """After a no-transaction file stopped part-way: end its lease at once, and say what is left.
+
+        Other runners then stop waiting and refuse to go on (dirty) rather than run it again.
+        """
+        state = "running"
+        with contextlib.suppress(psycopg2.Error):
             cur.execute(
                 psycopg2.sql.SQL(
-                    "INSERT INTO {} (version, description, checksum, status) VALUES (%s, %s, %s, 'running')"
+                    "UPDATE {} SET lease_until = pg_catalog.clock_timestamp() "
+                    "WHERE version = %s AND runner = %s RETURNING status"
                 ).format(self._history),
-                (migration.version, migration.description, migration.checksum),
+                (migration.version, self._runner),
             )
-        self._run_each(cur, migration, path, record)
-        ms = (time.perf_counter() - started) * 1000.0
-        change, values = self._history_change(migration, record, ms, running=True)
-        cur.execute(
-            psycopg2.sql.SQL("{}; {}").format(change, psycopg2.sql.SQL(_KEEP_LOCK)),
-            (*values, *self._lock_keys()),
-        )
-        self._keep_lock(cur, migration, path)
-
-    def _history_change(
-        self, migration: Migration, record: bool, ms: float, *, running: bool = False
-    ) -> tuple[psycopg2.sql.Composable, tuple[Any, ...]]:
-        """Return the statement and parameters that record a migration as applied, or as reverted."""
-        if not record:
-            return psycopg2.sql.SQL("DELETE FROM {} WHERE version = %s").format(self._history), (
-                migration.version,
-            )
-        if running:  # a no-transaction file, whose row says 'running' until now
-            sql = "UPDATE {} SET status = 'applied', execution_ms = %s WHERE version = %s"
-            return psycopg2.sql.SQL(sql).format(self._history), (ms, migration.version)
-        sql = (
-            "INSERT INTO {} (version, description, checksum, status, execution_ms) "
-            "VALUES (%s, %s, %s, 'applied', %s)"
-        )
-        values = (migration.version, migration.description, migration.checksum, ms)
-        return psycopg2.sql.SQL(sql).format(self._history), values
-
-    def _lock_keys(self) -> tuple[int, int, int, int]:
-        return (_LOCK_CLASS, self._lock_key, _LOCK_CLASS, self._lock_key)
-
-    def _keep_lock(self, cur: psycopg2.extensions.cursor, migration: Migration, path: str) -> None:
-        """Read _KEEP_LOCK's answer: go on if the lock is held (or was taken again), else fail loudly."""
-        row = cur.fetchone()
-        state = row[0] if row else "lost"
-        if state == "retaken":
-            _logger.warning(
-                "%s released the migration lock (pg_advisory_unlock_all?); pgops took it again", path
-            )
-        elif state != "held":
-            raise self._lock_lost(cur, migration, path, done=True)
-
-    def _lock_lost(
-        self, cur: psycopg2.extensions.cursor, migration: Migration, path: str, *, done: bool
-    ) -> MigrationFailed:
-        """Return the error for a migration lock that a file released and another session took."""
-        where = "this file is done, the rest is left to that run" if done else "this file did not run"
-        return MigrationFailed(
-            f"{path}: the migration lock was released (pg_advisory_unlock or pg_advisory_unlock_all in a "
-            f"migration) and {self._lock_holder(cur)} took it; {where}; remove the unlock call",
-            version=migration.version,
-            path=path,
+            row = cur.fetchone()
+            state = row[0] if row else state
+        if isinstance(exc, MigrationFailed) and exc.sqlstate not in (None, "57014"):
+            return  # a statement failed: its report says so, and the row says 'failed'
+        _logger.error(
+            "%s ran without a transaction and was cut off part-way; it is left %s in %s.%s: check what "
+            "it did, then run repair",
+            migration.path,
+            state,
+            self.schema,
+            self.table,
         )
 
-    def _run_each(
-        self, cur: psycopg2.extensions.cursor, migration: Migration, path: str, record: bool
-    ) -> None:
+    def _run_each(self, cur: psycopg2.extensions.cursor, migration: Migration, record: bool) -> None:
         """Run the statements of a no-transaction file; on failure mark its history row failed."""
         text = migration.sql
         done = 0
         for start, end, code in _scan_sql(text):
             if not code:
                 continue
+            self._fence(cur, migration, done)
             try:
                 _logger.debug("%s: %s", migration.name, text[start:end].strip())
                 # In autocommit a statement that timed out waiting for a lock did nothing: retry it.
@@ -2658,23 +2910,22 @@ class Migrator:
                     retry_on=lambda exc: _sqlstate(exc) == "55P03",
                 )
             except psycopg2.Error as exc:
-                failure = _failure(migration, exc, start, path)
+                failure = _failure(migration, exc, start)
                 # Up or down, part of the file has run: the row says so, and migrate refuses until
                 # repair. If the connection is gone the row stays 'running', which is just as dirty.
                 with contextlib.suppress(psycopg2.Error):
                     cur.execute(
                         psycopg2.sql.SQL(
-                            "UPDATE {} SET status = 'failed', error = %s WHERE version = %s"
+                            "UPDATE {} SET status = 'failed', error = %s WHERE version = %s AND runner = %s"
                         ).format(self._history),
-                        (("" if record else "rollback failed: ") + str(failure), migration.version),
+                        (
+                            f"{'' if record else 'rollback failed: '}{failure}",
+                            migration.version,
+                            self._runner,
+                        ),
                     )
                 raise failure from None
             done += 1
-            if record:
-                cur.execute(
-                    psycopg2.sql.SQL("UPDATE {} SET progress = %s WHERE version = %s").format(self._history),
-                    (done, migration.version),
-                )
 
     def rollback(
         self, target: int, *, on_reverted: Callable[[Migration, float], None] | None = None
@@ -2684,37 +2935,58 @@ class Migrator:
             raise ConfigError(f"cannot roll back to version {target}; pass an applied version, or 0 for all")
         files = {m.version: m for m in load_migrations(self.directory)}
         reverted: list[Migration] = []
-        with self._locked() as conn:
-            cur = conn.cursor()
-            history = self._history_rows(cur)
-            self._refuse_unsafe(list(files.values()), history)
-            self._check_rollback_target(target, history)
-            victims = sorted((v for v in history if v > target), reverse=True)
-            unknown = [str(v) for v in victims if v not in files]
-            if unknown:
-                raise BadMigration(
-                    f"cannot roll back to {target}: migration(s) {', '.join(unknown)} are applied but "
-                    f"have no file in {self.directory!r}; roll back from the release that has them"
-                )
-            missing = [files[v].path for v in victims if files[v].down_path is None]
-            if missing:
-                raise BadMigration(
-                    f"cannot roll back to {target}: no .down.sql for {', '.join(map(repr, missing))}; "
-                    "write them first"
-                )
-            # Read (and so check) every down file before reverting anything.
-            texts = {v: _read_sql(files[v].down_path or "") for v in victims}
-            for version in victims:
-                migration = files[version]
-                started = time.perf_counter()
-                down = dataclasses.replace(migration, sql=texts[version])
-                self._apply(conn, down, migration.down_path or "", record=False)
+        downs: dict[int, Migration] | None = None
+        with self._session() as cur, _Announcer("reverting") as announcer:
+            wait = _Wait(self.lock_timeout)
+            while True:
+                with self._transaction(cur, wait) as history:
+                    self._refuse_unsafe(list(files.values()), history)
+                    if downs is None:
+                        self._check_rollback_target(target, history)
+                        downs = self._down_files(target, files, history)
+                    version = max((v for v in history if v > target), default=None)
+                    if version is None:
+                        break
+                    if version not in downs:
+                        raise MigrationError(
+                            f"migration {version} was applied by another run during this rollback; "
+                            "run rollback again"
+                        )
+                    started = time.perf_counter()
+                    with announcer.running(downs[version].name):
+                        self._apply(cur, downs[version], record=False)
                 elapsed = (time.perf_counter() - started) * 1000.0
-                _logger.info("reverted migration %s (%.1f ms)", migration.name, elapsed)
-                reverted.append(migration)
+                _logger.info("reverted migration %s (%.1f ms)", files[version].name, elapsed)
+                reverted.append(files[version])
                 if on_reverted is not None:
-                    on_reverted(migration, elapsed)
+                    on_reverted(files[version], elapsed)
         return reverted
+
+    def _down_files(
+        self, target: int, files: dict[int, Migration], history: dict[int, tuple[Any, ...]]
+    ) -> dict[int, Migration]:
+        """Return the down migration of every version above *target*: all read and checked before any runs."""
+        victims = sorted(v for v in history if v > target)
+        unknown = [str(v) for v in victims if v not in files]
+        if unknown:
+            raise BadMigration(
+                f"cannot roll back to {target}: migration(s) {', '.join(unknown)} are applied but "
+                f"have no file in {self.directory!r}; roll back from the release that has them"
+            )
+        missing = [files[v].path for v in victims if files[v].down_path is None]
+        if missing:
+            raise BadMigration(
+                f"cannot roll back to {target}: no .down.sql for {', '.join(map(repr, missing))}; "
+                "write them first"
+            )
+        downs = {}
+        for version in victims:
+            path = files[version].down_path or ""
+            text = _read_sql(path)
+            downs[version] = dataclasses.replace(
+                files[version], path=path, sql=text, transactional=_transactional(text), down_path=None
+            )
+        return downs
 
     @staticmethod
     def _check_rollback_target(target: int, history: dict[int, tuple[Any, ...]]) -> None:
@@ -2737,10 +3009,7 @@ class Migrator:
         """Remove failed and running rows and accept changed checksums; return what was done."""
         files = {m.version: m for m in load_migrations(self.directory)}
         actions: list[str] = []
-        with self._locked() as conn:
-            cur = conn.cursor()
-            self._ensure_history(cur)
-            history = self._history_rows(cur)
+        with self._session() as cur, self._transaction(cur, _Wait(self.lock_timeout)) as history:
             states = {
                 version: _applied_state(version, row[0], row[1], files.get(version), max(files, default=0))
                 for version, row in history.items()
@@ -3829,14 +4098,29 @@ def _exit_code(exc: BaseException) -> int:
     return _EXIT_FAILED
 
 
+def _migration_dsn(args: Any, environ: Mapping[str, str]) -> tuple[str, str]:
+    """Return the DSN that migrations use and where it came from: --dsn, PGOPS_MIGRATE_URL, DATABASE_URL.
+
+    PGOPS_MIGRATE_URL comes before DATABASE_URL so that an application whose DATABASE_URL points at
+    a connection pooler migrates over a direct connection, with the same environment.
+    """
+    if args.dsn:
+        return args.dsn, "--dsn"
+    for name in ("PGOPS_MIGRATE_URL", "DATABASE_URL"):
+        value = environ.get(name, "").strip()
+        if value:
+            return value, name
+    return "", ""
+
+
 def _migrator(args: Any, environ: Mapping[str, str]) -> Migrator:
-    dsn = args.dsn or environ.get("DATABASE_URL", "").strip()
+    dsn, source = _migration_dsn(args, environ)
     if not dsn:
-        raise ConfigError("no database given; pass --dsn or set DATABASE_URL")
+        raise ConfigError("no database given; pass --dsn or set PGOPS_MIGRATE_URL or DATABASE_URL")
     try:
         _check_dsn(dsn)
     except ConfigError as exc:  # say where the bad DSN came from
-        raise ConfigError(str(exc).replace("dsn", "--dsn" if args.dsn else "DATABASE_URL", 1)) from None
+        raise ConfigError(str(exc).replace("dsn", source, 1)) from None
     return Migrator(
         dsn,
         args.dir,
@@ -4091,7 +4375,8 @@ def _parser() -> Any:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--dsn",
-        help="libpq URL or key=value string (default: $DATABASE_URL); connecting gives up after "
+        help="libpq URL or key=value string (default: $PGOPS_MIGRATE_URL, else $DATABASE_URL); connecting "
+        "gives up after "
         f"connect_timeout seconds: the DSN's, else $PGCONNECT_TIMEOUT, else {_CONNECT_TIMEOUT:g}",
     )
     common.add_argument("--dir", help="migrations folder (default: $PGOPS_MIGRATIONS_DIR or ./migrations)")
@@ -4126,7 +4411,11 @@ def _parser() -> Any:
     p.add_argument("--dry-run", action="store_true", help="list what would be applied; change nothing")
     p.add_argument("--target", type=int, metavar="V", help="apply up to version V only")
     p.add_argument(
-        "--lock-timeout", type=seconds, default=60.0, metavar="SECONDS", help="wait this long for the lock"
+        "--lock-timeout",
+        type=seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="give up when other runners show no progress for this long (default 60)",
     )
     p.add_argument(
         "--allow-out-of-order", action="store_true", help="apply versions older than the newest applied"
@@ -4165,12 +4454,18 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     handler.setFormatter(logging.Formatter("pgops: %(levelname)s: %(message)s"))
     _logger.addHandler(handler)
     # Warnings only by default (stdout already says what was applied); -v adds INFO and the SQL.
+    # "applying NAME ..." for a slow migration shows by default: a Job's log then says what it waits on.
+    levels = (_logger.level, _progress.level)
     _logger.setLevel(logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.WARNING)
+    _progress.setLevel(logging.ERROR if args.quiet else logging.INFO)
     try:
         code: int = args.func(args, environ)
         return code
     except (PgOpsError, psycopg2.Error, OSError) as exc:
-        print(f"pgops: error: {_one_line(exc, args.dsn or environ.get('DATABASE_URL', ''))}", file=sys.stderr)
+        message = _one_line(exc)
+        for dsn in (args.dsn, environ.get("PGOPS_MIGRATE_URL"), environ.get("DATABASE_URL")):
+            message = _scrub(message, dsn or "")
+        print(f"pgops: error: {message}", file=sys.stderr)
         return _exit_code(exc)
     except KeyboardInterrupt as exc:  # the running statement was cancelled and rolled back
         if isinstance(exc, _Terminated):
@@ -4180,6 +4475,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         return _EXIT_INTERRUPTED
     finally:
         _logger.removeHandler(handler)
+        _logger.setLevel(levels[0])
+        _progress.setLevel(levels[1])
 
 
 if __name__ == "__main__":
