@@ -236,7 +236,7 @@ def test_eight_concurrent_processes_apply_each_migration_exactly_once(
     for result in results:
         assert result.returncode == 0, result.stderr
         check_output(result, secrets_of(pg_server))
-        assert "starting-gate" in result.stderr  # each logged who held the lock while it waited
+        assert result.stderr == ""  # waiting for the others is normal: logged at INFO, not shown
     names = [name for result in results for name, _ in APPLIED_LINE.findall(result.stdout)]
     assert sorted(names) == sorted(p.name for p in mdir.iterdir())
     assert len(names) == 40
