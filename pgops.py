@@ -2132,6 +2132,11 @@ def _failure(
     )
 
 
+def _worth_reconnecting(exc: BaseException) -> bool:
+    """Tell whether a failed connect may succeed if tried again as it was (a refused option may not)."""
+    return is_retryable(exc) and "unsupported startup parameter" not in str(exc)
+
+
 class _Wait:
     """A runner's wait for other runners: quiet at first, and bounded by the time they show no progress."""
 
@@ -2323,7 +2328,7 @@ class Migrator:
         """
         try:
             conn: psycopg2.extensions.connection = retry_call(
-                psycopg2.connect, dsn, policy=self.connect_retry, **kwargs
+                psycopg2.connect, dsn, policy=self.connect_retry, retry_on=_worth_reconnecting, **kwargs
             )
             return conn
         except psycopg2.OperationalError as exc:
@@ -2420,7 +2425,7 @@ class Migrator:
                     cur.execute("COMMIT")  # the table stays, whatever becomes of the first migration
                     continue
                 history = self._history_rows(cur, known=True)
-                busy = self._live_lease(cur, history)
+                busy = self._live_lease(history)
                 if busy is None:
                     return history
             else:
@@ -2446,25 +2451,13 @@ class Migrator:
         holder = f"pid {row[0]} (application_name {row[1]!r}, connected since {since})"
         return f"{lock}, held by {holder}", (row[0], row[3])
 
-    def _live_lease(
-        self, cur: psycopg2.extensions.cursor, history: dict[int, tuple[Any, ...]]
-    ) -> tuple[str, object] | None:
+    def _live_lease(self, history: dict[int, tuple[Any, ...]]) -> tuple[str, object] | None:
         """Describe another runner's no-transaction file whose lease is live, and its progress; or None."""
-        if not any(row[2] == "running" for row in history.values()):
-            return None
-        cur.execute(
-            psycopg2.sql.SQL(
-                "SELECT version, description, runner, progress FROM {} "
-                "WHERE status = 'running' AND lease_until > pg_catalog.clock_timestamp() "
-                "ORDER BY version LIMIT 1"
-            ).format(self._history)
-        )
-        row = cur.fetchone()
-        if row is None:
-            return None
-        version, description, runner, progress = row
-        what = f"migration {version} ({description}), running without a transaction in {runner}"
-        return what, (version, runner, progress)
+        for version, (description, _sum, status, *_rest, runner, progress, live) in history.items():
+            if status == "running" and live:
+                what = f"migration {version} ({description}), running without a transaction in {runner}"
+                return what, (version, runner, progress)
+        return None
 
     # -- history -------------------------------------------------------------------------------
 
@@ -2523,7 +2516,9 @@ class Migrator:
     ) -> dict[int, tuple[Any, ...]]:
         """Return history rows by version: (description, checksum, status, applied_at, ms, by, error).
 
-        Without *known*, an absent table reads as an empty history.
+        Without *known*, an absent table reads as an empty history. With it (under the lock, once
+        _ensure_history has run) each row also holds (runner, progress, lease live): read in the same
+        statement, so that a row and its lease are seen at one moment.
         """
         if not known:
             cur.execute(
@@ -2534,8 +2529,9 @@ class Migrator:
                 return {}
         cur.execute(
             psycopg2.sql.SQL(
-                "SELECT version, description, checksum, status, applied_at, execution_ms, applied_by, error "
-                "FROM {} ORDER BY version"
+                "SELECT version, description, checksum, status, applied_at, execution_ms, applied_by, error"
+                + (", runner, progress, lease_until > pg_catalog.clock_timestamp()" if known else "")
+                + " FROM {} ORDER BY version"
             ).format(self._history)
         )
         return {int(r[0]): tuple(r[1:]) for r in cur.fetchall()}
