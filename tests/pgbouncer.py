@@ -1,8 +1,8 @@
 """A throwaway PgBouncer in front of a test PostgreSQL, for tests and benchmarks of pgops behind a pooler.
 
 PgBouncer runs in the foreground as a child of this process (never daemonized), so its pid is ours to
-stop; it listens on 127.0.0.1 on a free port, lets clients in without a password (auth_type trust) and
-logs into the server with the superuser password from its [databases] line. As root it runs as
+stop; it listens on 127.0.0.1 on a free port, lets clients in without checking a password (auth_type
+trust) and logs into the server with the superuser password from its [databases] line. As root it runs as
 pgtest.SYSTEM_USER, since PgBouncer refuses to run as root.
 """
 
@@ -258,14 +258,23 @@ class PgBouncer:
     # -- connecting ---------------------------------------------------------------------------------
 
     def dsn(self, dbname: str = "postgres", **kw: Any) -> str:
-        """Return a key=value DSN through PgBouncer (no password: clients are trusted)."""
+        """Return a key=value DSN through PgBouncer.
+
+        PgBouncer trusts its clients, but the DSN carries the server's password as an application's
+        would: without one, libpq looks for a password file and warns on stderr when it is not usable.
+        """
         params: dict[str, Any] = {"host": self.host, "port": self.port, "user": self.user, "dbname": dbname}
+        if "password" in self.backend:
+            params["password"] = self.backend["password"]
         params.update(kw)
         return str(psycopg2.extensions.make_dsn(**params))
 
     def url(self, dbname: str = "postgres") -> str:
-        """Return a postgresql:// URL through PgBouncer."""
-        return f"postgresql://{quote(self.user, safe='')}@{self.host}:{self.port}/{quote(dbname, safe='')}"
+        """Return a postgresql:// URL through PgBouncer (with the password, like dsn())."""
+        userinfo = quote(self.user, safe="")
+        if "password" in self.backend:
+            userinfo += ":" + quote(self.backend["password"], safe="")
+        return f"postgresql://{userinfo}@{self.host}:{self.port}/{quote(dbname, safe='')}"
 
     def connect(self, dbname: str = "postgres", **kw: Any) -> psycopg2.extensions.connection:
         """Return an autocommit connection through PgBouncer."""
