@@ -216,23 +216,48 @@ def test_the_harness_pools_server_connections(pgbouncer: MakeBouncer, admin: Con
         os.kill(pid, 0)
 
 
+def test_the_harness_reports_a_pgbouncer_that_does_not_start(
+    pg_server: PgServer, pgbouncer: MakeBouncer
+) -> None:
+    """A PgBouncer that exits at start-up raises RuntimeError with its log's tail, and leaves nothing behind.
+
+    (The fixture is requested for its skip, or error in CI, when pgbouncer is missing.)"""
+    bouncer = PgBouncer(pg_server, extra={"no_such_setting": "1"})
+    try:
+        with pytest.raises(RuntimeError, match="no_such_setting"):
+            bouncer.start(timeout=10)
+        assert bouncer.pid is None
+    finally:
+        bouncer.cleanup()
+    assert not bouncer.dir.exists()
+
+
 # -- many runners at once -------------------------------------------------------------------------
 
 
+# Both PgBouncer configurations: as shipped (it refuses pgops' `-c lock_timeout=...` startup option, so
+# pgops connects again without it) and ignoring `options`, as the issue's measurements ran.
+IGNORED = pytest.mark.parametrize(
+    "ignored", ["extra_float_digits", WITH_OPTIONS], ids=["refuses-options", "ignores-options"]
+)
+
+
+@IGNORED
 def test_fleet_through_transaction_mode_pgbouncer(
-    pg_server: PgServer, pgbouncer: MakeBouncer, tmp_path: Path
+    pg_server: PgServer, pgbouncer: MakeBouncer, tmp_path: Path, ignored: str
 ) -> None:
     """8 runners through transaction-mode PgBouncer (pool 4), 3 rounds: all exit 0, each file runs once,
     no advisory lock is left on a pooled server connection, and a direct run right after never waits."""
-    bouncer = pgbouncer("transaction", pool_size=4, ignore_startup_parameters=WITH_OPTIONS)
+    bouncer = pgbouncer("transaction", pool_size=4, ignore_startup_parameters=ignored)
     migrate_fleet_rounds(pg_server, bouncer.url, tmp_path)
 
 
+@IGNORED
 def test_fleet_through_session_mode_pgbouncer(
-    pg_server: PgServer, pgbouncer: MakeBouncer, tmp_path: Path
+    pg_server: PgServer, pgbouncer: MakeBouncer, tmp_path: Path, ignored: str
 ) -> None:
     """8 runners through session-mode PgBouncer (pool 4: half of them queue in PgBouncer), 3 rounds."""
-    bouncer = pgbouncer("session", pool_size=4, ignore_startup_parameters=WITH_OPTIONS)
+    bouncer = pgbouncer("session", pool_size=4, ignore_startup_parameters=ignored)
     migrate_fleet_rounds(pg_server, bouncer.url, tmp_path)
 
 
@@ -241,7 +266,7 @@ def test_fleet_direct(pg_server: PgServer, tmp_path: Path) -> None:
     migrate_fleet_rounds(pg_server, pg_server.url, tmp_path, rounds=1)
 
 
-@pytest.mark.parametrize("ignored", ["extra_float_digits", WITH_OPTIONS])
+@IGNORED
 def test_migrate_through_pgbouncer_with_or_without_options(
     pg_server: PgServer, pgbouncer: MakeBouncer, dbname: str, admin: Conn, tmp_path: Path, ignored: str
 ) -> None:
@@ -476,9 +501,9 @@ def test_sigterm_during_a_no_transaction_file_leaves_it_dirty(
                message="the cancelled pg_sleep still runs")  # fmt: skip
     assert_no_advisory_locks(admin)
     assert scalar(admin, "SELECT status FROM migration_history WHERE version = 2") in ("running", "failed")
-    again = migrate(pg_server, url, mdir, tmp_path)
+    again = migrate(pg_server, url, mdir, tmp_path, "-v")  # -v: a wait for the lease would be logged
     assert again.returncode == 5, again.stderr
-    assert "repair" in again.stderr
+    assert "repair" in again.stderr.splitlines()[-1]
     assert "waiting" not in again.stderr
 
 
