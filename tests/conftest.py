@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg2.extensions
 import pytest
 
 import pgtest
+from pgbouncer import PgBouncer, PgBouncerNotFound, find_pgbouncer
 from pgtest import ExternalServer, LocalServer, PgServer, PostgresNotFound, temporary_database
 
 
@@ -104,3 +106,27 @@ def mdir(tmp_path: Path) -> Path:
     path = tmp_path / "migrations"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def pgbouncer(pg_server: PgServer) -> Iterator[Callable[..., PgBouncer]]:
+    """Factory `make(pool_mode="transaction", pool_size=4, **kw)` of running PgBouncers in front of the
+    session server; each is stopped after the test. Skips when pgbouncer is missing (raises in CI)."""
+    binary = find_pgbouncer()
+    if binary is None:
+        if in_ci():
+            raise PgBouncerNotFound("pgbouncer not installed: apt-get install pgbouncer (.ci/run does it)")
+        pytest.skip("pgbouncer not installed: apt-get install pgbouncer")
+    made: list[PgBouncer] = []
+
+    def make(pool_mode: str = "transaction", pool_size: int = 4, **kw: Any) -> PgBouncer:
+        bouncer = PgBouncer(pg_server, pool_mode=pool_mode, pool_size=pool_size, binary=binary, **kw)
+        made.append(bouncer)
+        bouncer.start()
+        return bouncer
+
+    try:
+        yield make
+    finally:
+        for bouncer in made:
+            bouncer.cleanup()
