@@ -556,7 +556,7 @@ class RetryPolicy:
 
 
 def _sqlstate(exc: BaseException) -> str | None:
-    code = getattr(exc, "pgcode", None) or getattr(exc, "sqlstate", None)  # psycopg2's, or MigrationFailed's
+    code = getattr(exc, "pgcode", None)
     return code if isinstance(code, str) and code else None
 
 
@@ -606,7 +606,7 @@ def retry_call(
                 getattr(fn, "__qualname__", "call"),
                 attempt,
                 policy.max_attempts,
-                _sqlstate(exc) or "none",
+                _sqlstate(exc) or getattr(exc, "sqlstate", None) or "none",
                 _one_line(exc)[:200],
                 delay,
             )
@@ -2137,20 +2137,28 @@ def _worth_reconnecting(exc: BaseException) -> bool:
     return is_retryable(exc) and "unsupported startup parameter" not in str(exc)
 
 
+_NOTHING_SEEN = object()
+
+
 class _Wait:
     """A runner's wait for other runners: quiet at first, and bounded by the time they show no progress."""
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
+        self.reset()
+
+    def reset(self) -> None:
+        """Start afresh: the runner got the lock, and its next wait is a new one."""
         self.started = self.progressed = time.monotonic()
-        self.seen: object = None
+        self.seen: object = _NOTHING_SEEN
         self.reported = -math.inf
 
     def pause(self, what: str, progress: object) -> None:
         """Sleep a little before the next try, or raise LockTimeout once *progress* stood still too long.
 
-        *progress* is what the other runner shows of its work (its transaction, its statement count):
-        while it changes, that runner is getting on, and a fleet waiting behind it waits on.
+        *progress* is what the other runner shows of its work (its transaction, its statement count,
+        or a new object() while its statement runs): while it changes, that runner is getting on,
+        and a fleet waiting behind it waits on.
         """
         now = time.monotonic()
         if progress != self.seen:
@@ -2269,6 +2277,8 @@ class Migrator:
         self._pooled = False
         self._history_ready = False
         self._runner = ""
+        self._sent = 0  # statements of the current no-transaction file sent to the server
+        self._at_version = 0  # the database's version when migrate() last found nothing more to do
         import zlib
 
         self._lock_key = zlib.crc32(f"{schema}.{table}".encode()) & 0x7FFF_FFFF
@@ -2409,12 +2419,14 @@ class Migrator:
 
         It waits while another transaction holds the lock, and while another runner's no-transaction
         file holds a live lease. The session reset and lock_timeout come in the same round trip.
+        READ COMMITTED whatever the database's default: the history must be read with a snapshot
+        taken after the lock was granted, which a REPEATABLE READ transaction took before it.
         """
         reset = _RESET_POOLED if self._pooled else _RESET_SESSION
         timeout = f"{math.ceil(self.statement_lock_timeout * 1000)}ms"
         while True:
             cur.execute(
-                f"BEGIN; {reset}; SET LOCAL lock_timeout = %s; "
+                f"BEGIN ISOLATION LEVEL READ COMMITTED; {reset}; SET LOCAL lock_timeout = %s; "
                 "SELECT pg_catalog.pg_try_advisory_xact_lock(%s, %s)",
                 (timeout, _LOCK_CLASS, self._lock_key),
             )
@@ -2427,6 +2439,7 @@ class Migrator:
                 history = self._history_rows(cur, known=True)
                 busy = self._live_lease(history)
                 if busy is None:
+                    wait.reset()
                     return history
             else:
                 busy = self._lock_holder(cur)
@@ -2436,7 +2449,8 @@ class Migrator:
     def _lock_holder(self, cur: psycopg2.extensions.cursor) -> tuple[str, object]:
         """Describe the session that holds the migration lock in this database, and its progress."""
         cur.execute(
-            "SELECT a.pid, a.application_name, a.backend_start, l.virtualtransaction "
+            "SELECT a.pid, a.application_name, a.backend_start, l.virtualtransaction, "
+            "a.state = 'active' AND a.wait_event_type IS DISTINCT FROM 'Lock' "
             "FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid "
             "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s AND l.objid = %s "
             "AND l.objsubid = 2 AND l.database = "
@@ -2449,14 +2463,15 @@ class Migrator:
             return f"{lock} (another session has just released it)", None
         since = row[2].isoformat(timespec="seconds") if row[2] is not None else "unknown"
         holder = f"pid {row[0]} (application_name {row[1]!r}, connected since {since})"
-        return f"{lock}, held by {holder}", (row[0], row[3])
+        # A holder running a statement (not waiting for a lock) is at work: that is progress too.
+        return f"{lock}, held by {holder}", object() if row[4] else (row[0], row[3])
 
     def _live_lease(self, history: dict[int, tuple[Any, ...]]) -> tuple[str, object] | None:
         """Describe another runner's no-transaction file whose lease is live, and its progress; or None."""
-        for version, (description, _sum, status, *_rest, runner, progress, live) in history.items():
+        for version, (description, _sum, status, *_rest, runner, _progress, live) in history.items():
             if status == "running" and live:
                 what = f"migration {version} ({description}), running without a transaction in {runner}"
-                return what, (version, runner, progress)
+                return what, object()  # a live lease is renewed by a runner at work: progress
         return None
 
     # -- history -------------------------------------------------------------------------------
@@ -2502,14 +2517,25 @@ class Migrator:
                 ).format(self._history)
             )
         elif lease_columns < 2:  # a table made by pgops 0.1, before no-transaction files were leased
-            cur.execute(
-                psycopg2.sql.SQL(
-                    "ALTER TABLE {} ADD COLUMN IF NOT EXISTS runner text, "
-                    "ADD COLUMN IF NOT EXISTS lease_until timestamptz"
-                ).format(self._history)
-            )
+            self._add_lease_columns(cur)
         self._history_ready = True
         return not table_exists or lease_columns < 2
+
+    def _add_lease_columns(self, cur: psycopg2.extensions.cursor) -> None:
+        """Give a history table from pgops 0.1 its runner and lease_until columns, or say who must."""
+        alter = psycopg2.sql.SQL(
+            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS runner text, "
+            "ADD COLUMN IF NOT EXISTS lease_until timestamptz"
+        ).format(self._history)
+        try:
+            cur.execute(alter)
+            return
+        except psycopg2.Error as exc:
+            reason = _one_line(exc)
+        raise MigrationError(
+            f"{self.schema}.{self.table} needs two new columns and this user could not add them ({reason}); "
+            f"have the table's owner run: {alter.as_string(cur)}; then migrate again"
+        )
 
     def _history_rows(
         self, cur: psycopg2.extensions.cursor, *, known: bool = False
@@ -2688,6 +2714,7 @@ class Migrator:
             pending = [m for m in files if m.version not in history]
             migration = next((m for m in pending if target is None or m.version <= target), None)
             if migration is None:
+                self._at_version = max(history, default=0)  # with other runners, maybe above ours
                 return None
             started = time.perf_counter()
             with announcer.running(migration.name):
@@ -2699,10 +2726,12 @@ class Migrator:
         if dirty:
             version, row = dirty[0]
             if row[2] == "running":
+                runner = f" by {row[7]}" if len(row) > 7 and row[7] else ""
                 raise DirtyDatabase(
-                    f"migration {version} ({row[0]}) is marked running in {self.schema}.{self.table}, "
-                    "but no runner holds it: it ran without a transaction and was cut off part-way; "
-                    "check what it did, then run repair"
+                    f"migration {version} ({row[0]}) is marked running{runner} in {self.schema}.{self.table} "
+                    "and its lease has run out: it ran without a transaction and was cut off part-way (if "
+                    "that runner is still at work, it lost touch with the database: wait for it); check "
+                    "what it did, then run repair"
                 )
             raise DirtyDatabase(
                 f"migration {version} ({row[0]}) is {row[2]} in {self.schema}.{self.table}"
@@ -2734,10 +2763,12 @@ class Migrator:
                 except psycopg2.Error as exc:
                     raise _failure(migration, exc, start) from None
         change, values = self._history_change(migration, record, (time.perf_counter() - started) * 1000.0)
-        # The history change is made as the connecting user, whatever role the file set (SET LOCAL ends
-        # with the transaction); it and COMMIT share one round trip.
+        # The history change is made as the connecting user, whatever role the file set, and what the
+        # file set for the session is undone before COMMIT makes it stick: behind a transaction pooler
+        # the server session goes to other clients next. One round trip with the change and COMMIT.
         cur.execute(
-            psycopg2.sql.SQL("SET LOCAL SESSION AUTHORIZATION DEFAULT; {}; COMMIT").format(change), values
+            psycopg2.sql.SQL("SET SESSION AUTHORIZATION DEFAULT; RESET ALL; {}; COMMIT").format(change),
+            values,
         )
 
     def _run_statements(self, cur: psycopg2.extensions.cursor, migration: Migration, record: bool) -> None:
@@ -2762,20 +2793,27 @@ class Migrator:
                 "lease_until = pg_catalog.clock_timestamp() + %s * interval '1 second' WHERE version = %s"
             )
             values = (self._runner, self.lease_timeout, migration.version)
-        cur.execute(psycopg2.sql.SQL(claim + "; COMMIT").format(self._history), values)
+        # The lease is renewed on a connection of its own, opened before the claim: a runner that
+        # cannot open it (a role's CONNECTION LIMIT, say) claims nothing, instead of letting its lease
+        # lapse while it works and the others call the database dirty.
+        renewer = self._connect()
+        self._sent = 0
         try:
-            with self._renewing(migration.version):
+            cur.execute(psycopg2.sql.SQL(claim + "; COMMIT").format(self._history), values)
+            with self._renewing(migration.version, renewer):
                 if not self._pooled:  # outside a transaction, a pooled session would be someone else's
                     cur.execute(_RESET_SESSION)
                 self._run_each(cur, migration, record)
-                ms = (time.perf_counter() - started) * 1000.0
-                change, values = self._history_change(migration, record, ms, claimed=True)
-                cur.execute(change, values)
-                if cur.rowcount != 1:
-                    raise self._claim_lost(migration)
+            ms = (time.perf_counter() - started) * 1000.0
+            change, values = self._history_change(migration, record, ms, claimed=True)
+            cur.execute(change, values)
+            if cur.rowcount != 1:
+                raise self._claim_lost(migration)
         except BaseException as exc:
-            self._abandon(cur, migration, exc)
+            self._abandon(cur, migration, record, exc)
             raise
+        finally:
+            _close_quietly(renewer)
 
     def _history_change(
         self, migration: Migration, record: bool, ms: float, *, claimed: bool = False
@@ -2801,10 +2839,12 @@ class Migrator:
         return psycopg2.sql.SQL(sql).format(self._history), values + ((self._runner,) if claimed else ())
 
     @contextlib.contextmanager
-    def _renewing(self, version: int) -> Iterator[None]:
-        """Renew this runner's lease on *version* from a thread of its own while the block runs."""
+    def _renewing(self, version: int, conn: psycopg2.extensions.connection) -> Iterator[None]:
+        """Renew this runner's lease on *version* over *conn*, from a thread, while the block runs."""
         stop = threading.Event()
-        thread = threading.Thread(target=self._renew, args=(version, stop), name="pgops-lease", daemon=True)
+        thread = threading.Thread(
+            target=self._renew, args=(version, conn, stop), name="pgops-lease", daemon=True
+        )
         thread.start()
         try:
             yield
@@ -2812,32 +2852,36 @@ class Migrator:
             stop.set()
             thread.join()
 
-    def _renew(self, version: int, stop: threading.Event) -> None:
+    def _renew(self, version: int, conn: psycopg2.extensions.connection, stop: threading.Event) -> None:
         """Extend the lease every third of lease_timeout; if the claim is gone, cancel the statement."""
-        conn: psycopg2.extensions.connection | None = None
+        conn.autocommit = True
         renew = psycopg2.sql.SQL(
             "UPDATE {} SET lease_until = pg_catalog.clock_timestamp() + %s * interval '1 second' "
             "WHERE version = %s AND runner = %s AND status = 'running'"
         ).format(self._history)
-        try:
-            while not stop.wait(self.lease_timeout / 3):
-                try:
-                    if conn is None or conn.closed:
-                        conn = self._connect()  # only for a file that outlives a third of the lease
-                        conn.autocommit = True
-                    cur = conn.cursor()
-                    cur.execute(renew, (self.lease_timeout, version, self._runner))
-                    if cur.rowcount == 0 and not stop.is_set():
-                        _logger.error("the claim on migration %d is gone (repair?); cancelling it", version)
-                        self._cancel()
-                        return
-                except (psycopg2.Error, PgOpsError) as exc:
-                    _logger.warning("could not renew the claim on migration %d: %s", version, _one_line(exc))
-                    if conn is not None:
-                        _close_quietly(conn)
-                    conn = None
-        finally:
-            if conn is not None:
+        renewed = time.monotonic()
+        while not stop.wait(self.lease_timeout / 3):
+            try:
+                if conn.closed:
+                    conn = self._connect()
+                    conn.autocommit = True
+                cur = conn.cursor()
+                cur.execute(renew, (self.lease_timeout, version, self._runner))
+                if cur.rowcount == 0 and not stop.is_set():
+                    _logger.error("the claim on migration %d is gone (repair?); cancelling it", version)
+                    self._cancel()
+                    return
+                renewed = time.monotonic()
+            except (psycopg2.Error, PgOpsError) as exc:
+                # Past two thirds of the lease the others are about to see the file as abandoned.
+                late = time.monotonic() - renewed > self.lease_timeout * 2 / 3
+                _logger.log(
+                    logging.ERROR if late else logging.WARNING,
+                    "could not renew the claim on migration %d (%s)%s",
+                    version,
+                    _one_line(exc),
+                    "; other runners will soon take it for abandoned" if late else "",
+                )
                 _close_quietly(conn)
 
     def _fence(self, cur: psycopg2.extensions.cursor, migration: Migration, done: int) -> None:
@@ -2861,12 +2905,27 @@ class Migrator:
             path=migration.path,
         )
 
-    def _abandon(self, cur: psycopg2.extensions.cursor, migration: Migration, exc: BaseException) -> None:
-        """After a no-transaction file stopped part-way: end its lease at once, and say what is left.
+    def _abandon(
+        self, cur: psycopg2.extensions.cursor, migration: Migration, record: bool, exc: BaseException
+    ) -> None:
+        """After a no-transaction file stopped: give the claim back if nothing ran, else end its lease.
 
-        Other runners then stop waiting and refuse to go on (dirty) rather than run it again.
+        Either way the other runners stop waiting at once: for the file (nothing ran), or to refuse
+        to go on (dirty) rather than run a half-done file again.
         """
-        state = "running"
+        if self._sent == 0:  # stopped before its first statement: as if it had never been claimed
+            release = (
+                "DELETE FROM {} WHERE version = %s AND runner = %s AND status = 'running'"
+                if record
+                else "UPDATE {} SET status = 'applied', lease_until = NULL "
+                "WHERE version = %s AND runner = %s AND status = 'running'"
+            )
+            with contextlib.suppress(psycopg2.Error):
+                cur.execute(
+                    psycopg2.sql.SQL(release).format(self._history), (migration.version, self._runner)
+                )
+            return
+        state = "running"  # what the row says when the connection is gone, and with it the lease's end
         with contextlib.suppress(psycopg2.Error):
             cur.execute(
                 psycopg2.sql.SQL(
@@ -2876,7 +2935,9 @@ class Migrator:
                 (migration.version, self._runner),
             )
             row = cur.fetchone()
-            state = row[0] if row else state
+            if row is None or row[0] == "applied":
+                return  # done after all, or repair took the row: nothing is left half-way
+            state = row[0]
         if isinstance(exc, MigrationFailed) and exc.sqlstate not in (None, "57014"):
             return  # a statement failed: its report says so, and the row says 'failed'
         _logger.error(
@@ -2898,6 +2959,7 @@ class Migrator:
             self._fence(cur, migration, done)
             try:
                 _logger.debug("%s: %s", migration.name, text[start:end].strip())
+                self._sent += 1
                 # In autocommit a statement that timed out waiting for a lock did nothing: retry it.
                 retry_call(
                     cur.execute,
@@ -2943,10 +3005,11 @@ class Migrator:
                     version = max((v for v in history if v > target), default=None)
                     if version is None:
                         break
-                    if version not in downs:
+                    if version not in downs or files[version] in reverted:
+                        # Rollback takes the lock once per version: a migrate in between re-applied it.
                         raise MigrationError(
                             f"migration {version} was applied by another run during this rollback; "
-                            "run rollback again"
+                            "stop the migrate runs, then run rollback again"
                         )
                     started = time.perf_counter()
                     with announcer.running(downs[version].name):
@@ -4145,8 +4208,8 @@ def _cmd_migrate(args: Any, environ: Mapping[str, str]) -> int:
     with _cancel_on_signals(migrator):
         applied = migrator.migrate(target=args.target, on_applied=_print_applied("applied"))
     total = (time.perf_counter() - started) * 1000.0
-    latest = max((m.version for m in applied), default=None)
-    where = f"; now at version {latest}" if latest is not None else "; already up to date"
+    # The database's version, not the newest this process applied: runners take turns.
+    where = f"; now at version {migrator._at_version}" if applied else "; already up to date"
     print(f"applied {len(applied)} migration(s) in {total:.0f} ms{where}")
     return _EXIT_OK
 
@@ -4371,8 +4434,8 @@ def _parser() -> Any:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--dsn",
-        help="libpq URL or key=value string (default: $PGOPS_MIGRATE_URL, else $DATABASE_URL); connecting "
-        "gives up after "
+        help="libpq URL or key=value string (default: $DATABASE_URL; migration commands read "
+        "$PGOPS_MIGRATE_URL first); connecting gives up after "
         f"connect_timeout seconds: the DSN's, else $PGCONNECT_TIMEOUT, else {_CONNECT_TIMEOUT:g}",
     )
     common.add_argument("--dir", help="migrations folder (default: $PGOPS_MIGRATIONS_DIR or ./migrations)")

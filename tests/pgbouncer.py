@@ -140,7 +140,7 @@ class PgBouncer:
             "pidfile": "",
             **self.extra,
         }
-        config = "[databases]\n" f"* = {target}\n\n[pgbouncer]\n"
+        config = f"[databases]\n* = {target}\n\n[pgbouncer]\n"
         config += "".join(f"{key} = {value}\n" for key, value in settings.items())
         password = b.get("password", "").replace('"', '""')
         userlist = f'"{self.user}" "{password}"\n'

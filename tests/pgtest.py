@@ -108,7 +108,6 @@ def relation_exists(conn: psycopg2.extensions.connection, name: str) -> bool:
     return scalar(conn, "SELECT to_regclass(%s) IS NOT NULL", (name,)) is True
 
 
-
 @dataclasses.dataclass
 class Reply:
     """A response as a test client saw it."""
@@ -143,6 +142,7 @@ def wsgi_call(
     finally:
         result.close()  # the validator insists
     return Reply(int(seen["status"].split()[0]), dict(seen["headers"]), body)
+
 
 def _pgserver_bindir() -> Path | None:
     """Return the bin directory of the pgserver wheel without importing it (its import warns)."""

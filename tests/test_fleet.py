@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -25,7 +26,16 @@ import pytest
 
 import pgops
 from pgbouncer import PgBouncer
-from pgtest import PgServer, free_port, scalar, temporary_database, wait_until, write
+from pgtest import (
+    PgServer,
+    free_port,
+    relation_exists,
+    scalar,
+    temporary_database,
+    temporary_role,
+    wait_until,
+    write,
+)
 from test_cli import base_env, check_output, history, run_pgops, secrets_of
 
 Conn = psycopg2.extensions.connection
@@ -428,10 +438,13 @@ def test_a_long_wait_for_the_lock_becomes_a_warning(
     try:
 
         def warned() -> bool:
-            return any(
-                r.levelno == logging.WARNING and "waiting for the migration lock" in r.getMessage()
-                for r in caplog.records
-            ) or not runner.is_alive()
+            return (
+                any(
+                    r.levelno == logging.WARNING and "waiting for the migration lock" in r.getMessage()
+                    for r in caplog.records
+                )
+                or not runner.is_alive()
+            )
 
         wait_until(warned, timeout=TIMEOUT, message="no WARNING while waiting for the lock")
     finally:
@@ -638,3 +651,104 @@ def test_an_old_history_table_gains_the_new_columns(
     assert proc.returncode == 0, proc.stderr
     assert columns(admin) == NEW_COLUMNS
     assert_applied_once(admin, 3)
+
+
+def test_an_old_history_table_of_another_owner_names_the_statement_to_run(
+    pg_server: PgServer, dbname: str, admin: Conn, mdir: Path, tmp_path: Path
+) -> None:
+    """A deploy role that may write the old table but not alter it gets the exact ALTER for the owner."""
+    fleet_set(mdir, 2)
+    with admin.cursor() as cur:
+        cur.execute(OLD_HISTORY)
+    password = secrets.token_urlsafe(12)
+    with temporary_role(admin, "pgops_deployer_", password=password) as role:
+        with admin.cursor() as cur:
+            cur.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON migration_history TO "{role}"')
+            cur.execute(f'GRANT CREATE ON SCHEMA public TO "{role}"')
+        proc = migrate(pg_server, pg_server.dsn(dbname, user=role, password=password), mdir, tmp_path)
+    assert proc.returncode == 4, proc.stderr
+    assert "have the table's owner run: ALTER TABLE" in proc.stderr
+    assert "ADD COLUMN IF NOT EXISTS lease_until timestamptz" in proc.stderr
+    assert columns(admin) == [c for c in NEW_COLUMNS if c[0] not in ("runner", "lease_until")]
+    assert not relation_exists(admin, "ran")
+
+
+# -- what the review of the first design found ------------------------------------------------------
+
+
+def test_a_repeatable_read_default_does_not_make_runners_apply_twice(
+    pg_server: PgServer, tmp_path: Path
+) -> None:
+    """With default_transaction_isolation = repeatable read, a runner's snapshot would predate its lock:
+    pgops' transactions are READ COMMITTED whatever the default, and the fleet still exits 0."""
+    mdir = tmp_path / "migrations"
+    fleet_set(mdir)
+    for _ in range(2):
+        with temporary_database(pg_server) as db:
+            with contextlib.closing(pg_server.admin_connect()) as conn, conn.cursor() as cur:
+                cur.execute(f"ALTER DATABASE \"{db}\" SET default_transaction_isolation = 'repeatable read'")
+            for result in run_fleet(pg_server.url(db), mdir, tmp_path):
+                assert result.returncode == 0, result.stderr
+            with contextlib.closing(pg_server.admin_connect(db)) as admin:
+                assert_applied_once(admin)
+
+
+@pytest.mark.parametrize("marker", ["", NO_TX], ids=["transaction", "no-transaction"])
+def test_runners_wait_behind_a_long_statement_longer_than_their_lock_timeout(
+    pg_server: PgServer, dbname: str, admin: Conn, mdir: Path, tmp_path: Path, marker: str
+) -> None:
+    """A statement at work is progress: a runner with --lock-timeout 1 waits behind a 3 s migration of
+    another runner, then finds nothing to do and exits 0."""
+    fleet_set(mdir, 2)
+    write(mdir, "0003_long.sql", f"{marker}SELECT pg_sleep(3);\n")
+    url = pg_server.url(dbname)
+    first = spawn(mdir, database_url=url, cwd=tmp_path)
+    with reaped([first]):
+        wait_until(lambda: sleeping_backend(admin, "pg_sleep(3)"), timeout=30, message="never ran")
+        second = migrate(pg_server, url, mdir, tmp_path, "--lock-timeout", "1")
+        done = finish(first)
+    assert done.returncode == 0, done.stderr
+    assert second.returncode == 0, second.stderr
+    assert "already up to date" in second.stdout
+    assert history(admin) == applied(1, 2, 3)
+
+
+def test_a_files_session_settings_do_not_reach_other_clients_of_a_transaction_pooler(
+    pg_server: PgServer, pgbouncer: MakeBouncer, dbname: str, mdir: Path, tmp_path: Path
+) -> None:
+    """A file's session-level SET is undone before its COMMIT: the pooler's server connection, which
+    other clients get next, keeps its defaults, even when the next file fails (and with it the reset
+    that starts its transaction)."""
+    bouncer = pgbouncer("transaction", pool_size=1)
+    write(
+        mdir,
+        "0001_leaky.sql",
+        "SET search_path = leaked, public;\nSET work_mem = '7MB';\nCREATE TABLE a ();\n",
+    )
+    write(mdir, "0002_fails.sql", "SELECT 1 / 0;\n")
+    proc = migrate(pg_server, bouncer.url(dbname), mdir, tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "22012" in proc.stderr
+    with contextlib.closing(psycopg2.connect(bouncer.dsn(dbname))) as client:
+        client.autocommit = True
+        assert scalar(client, "SHOW search_path") == '"$user", public'
+        assert scalar(client, "SHOW work_mem") != "7MB"
+
+
+def test_a_runner_that_cannot_open_its_lease_connection_claims_nothing(
+    pg_server: PgServer, dbname: str, admin: Conn, mdir: Path, tmp_path: Path
+) -> None:
+    """A no-transaction file needs a second connection to renew its lease; a role limited to one
+    connection gets a clear error before the file is claimed, and the database is left clean."""
+    fleet_set(mdir, 2)
+    write(mdir, "0003_index.sql", f"{NO_TX}CREATE INDEX CONCURRENTLY ran_v ON ran (version);\n")
+    password = secrets.token_urlsafe(12)
+    with temporary_role(admin, "pgops_deployer_", password=password) as role:
+        with admin.cursor() as cur:
+            cur.execute(f'GRANT CREATE ON SCHEMA public TO "{role}"')
+            cur.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT 1')
+        dsn = pg_server.dsn(dbname, user=role, password=password)
+        proc = migrate(pg_server, dsn, mdir, tmp_path, env=FAST_FAIL)
+        assert proc.returncode == 6, proc.stderr
+        assert "too many connections" in proc.stderr
+        assert history(admin) == applied(1, 2)  # 3 not claimed: no 'running' row to repair

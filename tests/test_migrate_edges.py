@@ -257,7 +257,8 @@ def test_a_no_transaction_file_that_unlocks_all_changes_nothing(
 def test_a_no_transaction_file_running_elsewhere_keeps_other_runners_waiting(
     dsn: str, admin: Conn, mdir: Path, gate: Conn, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """While one runner's no-transaction file runs, its claim keeps every other runner out: they wait."""
+    """While one runner's no-transaction file runs, its claim keeps every other runner out: they wait,
+    past their lock_timeout (a renewed lease is progress), and then find nothing left to do."""
     caplog.set_level(logging.INFO, logger="pgops")
     write(
         mdir,
@@ -265,22 +266,29 @@ def test_a_no_transaction_file_running_elsewhere_keeps_other_runners_waiting(
         "-- pgops: no-transaction\nSELECT pg_advisory_unlock_all();\nSELECT count(*) FROM gate;\n",
     )
     write(mdir, "0002_after.sql", "CREATE TABLE after_unlock (id int);\n")
-    first = Migrator(dsn, str(mdir), statement_lock_timeout=120)
+    first = Migrator(dsn, str(mdir), statement_lock_timeout=120, lease_timeout=0.6)
     second = Migrator(dsn, str(mdir), lock_timeout=0.5)
-    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+    with concurrent.futures.ThreadPoolExecutor(2) as executor:
         future = executor.submit(first.migrate)
         try:
             wait_until(lambda: future.done() or waiting_at_gate(admin), timeout=30, message="never at gate")
             assert not future.done()
-            with pytest.raises(LockTimeout, match="migration 1 \\(unlock\\), running without a transaction"):
-                second.migrate()
+            started = time.monotonic()
+            waiting = executor.submit(second.migrate)
+            # Three times its lock_timeout, with the first runner's lease renewed meanwhile: still waiting.
+            wait_until(
+                lambda: waiting.done() or time.monotonic() - started > 1.5,
+                timeout=30,
+                message="the second runner never started",
+            )
+            assert not waiting.done()
             assert any("waiting for migration 1 (unlock)" in r.getMessage() for r in caplog.records)
             assert not relation_exists(admin, "after_unlock")
         finally:
             gate.rollback()
         assert [m.version for m in future.result(timeout=60)] == [1, 2]
+        assert waiting.result(timeout=60) == []
     assert history(admin) == applied(1, 2)
-    assert second.migrate() == []
 
 
 # -- COPY from or to the client -----------------------------------------------------------------------
