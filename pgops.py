@@ -2132,6 +2132,23 @@ def _failure(
     )
 
 
+def _fingerprint(
+    history: Mapping[int, tuple[Any, ...]], previous: tuple[int, int, int] | None = None, added: int = 0
+) -> tuple[int, int, int]:
+    """Return (rows, newest version, rows not applied) of a history, as Migrator._locked_history asks
+    the server; with *previous*, that fingerprint after applying version *added*.
+
+    Reading every row before every migration made a run quadratic (500 migrations: 3.4 ms each
+    instead of 0.6). The fingerprint sees every row added or removed (rollback removes the newest
+    first, repair only rows not applied) and every change of status: all that decides what runs next.
+    """
+    if previous is not None:
+        rows, newest, bad = previous
+        return rows + 1, max(newest, added), bad
+    bad = sum(1 for row in history.values() if row[2] != "applied")
+    return len(history), max(history, default=0), bad
+
+
 def _worth_reconnecting(exc: BaseException) -> bool:
     """Tell whether a failed connect may succeed if tried again as it was (a refused option may not)."""
     return is_retryable(exc) and "unsupported startup parameter" not in str(exc)
@@ -2279,6 +2296,8 @@ class Migrator:
         self._runner = ""
         self._sent = 0  # statements of the current no-transaction file sent to the server
         self._at_version = 0  # the database's version when migrate() last found nothing more to do
+        self._checked: dict[int, tuple[Any, ...]] = {}  # the history as this runner last checked it
+        self._print: tuple[int, int, int] = (0, 0, 0)  # and its _fingerprint
         import zlib
 
         self._lock_key = zlib.crc32(f"{schema}.{table}".encode()) & 0x7FFF_FFFF
@@ -2375,6 +2394,7 @@ class Migrator:
             if self._pooled:
                 _logger.info("a connection pooler sits between pgops and PostgreSQL")
             self._history_ready = False
+            self._checked = {}  # the files may have changed since the last run
             self._runner = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(16):04x}"
             self._active = conn
             try:
@@ -2418,16 +2438,30 @@ class Migrator:
         """BEGIN, take the migration lock for the transaction, and read the history, waiting for others.
 
         It waits while another transaction holds the lock, and while another runner's no-transaction
-        file holds a live lease. The session reset and lock_timeout come in the same round trip.
-        READ COMMITTED whatever the database's default: the history must be read with a snapshot
-        taken after the lock was granted, which a REPEATABLE READ transaction took before it.
+        file holds a live lease. READ COMMITTED whatever the database's default: the history must be
+        read with a snapshot taken after the lock was granted, which a REPEATABLE READ transaction
+        took before it. For the same reason the lock is taken by one statement and the history's
+        fingerprint read by the next (each statement of a READ COMMITTED transaction has a snapshot
+        of its own), all in one round trip with the session reset and lock_timeout. The first tells
+        the second whether it got the lock in a setting local to the transaction (pg_locks would
+        tell too, at a cost that grows with every lock on a busy server).
         """
         reset = _RESET_POOLED if self._pooled else _RESET_SESSION
         timeout = f"{math.ceil(self.statement_lock_timeout * 1000)}ms"
         while True:
+            fingerprint = (
+                ", count(*)::int, coalesce(max(version), 0), "
+                "count(*) FILTER (WHERE status <> 'applied')::int FROM {}"
+                if self._checked
+                else ""
+            )
             cur.execute(
-                f"BEGIN ISOLATION LEVEL READ COMMITTED; {reset}; SET LOCAL lock_timeout = %s; "
-                "SELECT pg_catalog.pg_try_advisory_xact_lock(%s, %s)",
+                psycopg2.sql.SQL(
+                    f"BEGIN ISOLATION LEVEL READ COMMITTED; {reset}; SET LOCAL lock_timeout = %s; "
+                    "SELECT pg_catalog.set_config('pgops.locked', "
+                    "pg_catalog.pg_try_advisory_xact_lock(%s, %s)::text, true); "
+                    "SELECT pg_catalog.current_setting('pgops.locked')::boolean" + fingerprint
+                ).format(self._history),
                 (timeout, _LOCK_CLASS, self._lock_key),
             )
             row = cur.fetchone()
@@ -2436,7 +2470,10 @@ class Migrator:
                 if self._ensure_history(cur):
                     cur.execute("COMMIT")  # the table stays, whatever becomes of the first migration
                     continue
+                if self._checked and tuple(row[1:]) == self._print:
+                    return self._checked  # as this runner left it and checked it: nothing is running
                 history = self._history_rows(cur, known=True)
+                self._print = _fingerprint(history)
                 busy = self._live_lease(history)
                 if busy is None:
                     wait.reset()
@@ -2544,7 +2581,7 @@ class Migrator:
 
         Without *known*, an absent table reads as an empty history. With it (under the lock, once
         _ensure_history has run) each row also holds (runner, progress, lease live): read in the same
-        statement, so that a row and its lease are seen at one moment.
+        statement, so that a row and its lease are seen at one moment; applied_at, ms and by are None.
         """
         if not known:
             cur.execute(
@@ -2553,11 +2590,15 @@ class Migrator:
             row = cur.fetchone()
             if row is None or row[0] is None:
                 return {}
+        # Under the lock this runs before every migration: only what the decisions need, no timestamps.
+        columns = (
+            "applied_at, execution_ms, applied_by, error"
+            if not known
+            else "NULL, NULL, NULL, error, runner, progress, lease_until > pg_catalog.clock_timestamp()"
+        )
         cur.execute(
             psycopg2.sql.SQL(
-                "SELECT version, description, checksum, status, applied_at, execution_ms, applied_by, error"
-                + (", runner, progress, lease_until > pg_catalog.clock_timestamp()" if known else "")
-                + " FROM {} ORDER BY version"
+                "SELECT version, description, checksum, status, " + columns + " FROM {} ORDER BY version"
             ).format(self._history)
         )
         return {int(r[0]): tuple(r[1:]) for r in cur.fetchall()}
@@ -2710,8 +2751,9 @@ class Migrator:
     ) -> tuple[Migration, float] | None:
         """Apply the next pending migration in one locked transaction; None when nothing is pending."""
         with self._transaction(cur, wait) as history:
-            self._refuse_unsafe(files, history)
-            pending = [m for m in files if m.version not in history]
+            if history is not self._checked:  # else: as this runner left it, and checked then
+                self._refuse_unsafe(files, history)
+            pending = (m for m in files if m.version not in history)
             migration = next((m for m in pending if target is None or m.version <= target), None)
             if migration is None:
                 self._at_version = max(history, default=0)  # with other runners, maybe above ours
@@ -2719,6 +2761,13 @@ class Migrator:
             started = time.perf_counter()
             with announcer.running(migration.name):
                 self._apply(cur, migration, record=True)
+            # The history as the next read will find it unless another runner changes it meanwhile
+            # (a no-transaction file's row holds its progress: read and check it again).
+            mine = (migration.description, migration.checksum, "applied", None, None, None, None)
+            history[migration.version] = (*mine, self._runner, 0, None)
+            self._checked, self._print = history, _fingerprint(history, self._print, migration.version)
+            if not migration.transactional:
+                self._checked = {}
             return migration, (time.perf_counter() - started) * 1000.0
 
     def _refuse_unsafe(self, files: list[Migration], history: dict[int, tuple[Any, ...]]) -> None:
