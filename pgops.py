@@ -1744,6 +1744,10 @@ _LOCK_RETRY = RetryPolicy(max_attempts=5, initial_delay=0.5, max_delay=5.0)  # f
 _CONNECT_TIMEOUT = 10.0  # seconds; libpq's own default is to wait for ever
 _ANNOUNCE_AFTER = 1.0  # seconds: a migration still running then is announced ("applying ... ...")
 _LEASE_TIMEOUT = 30.0  # seconds a claim on a no-transaction file lives unless its runner renews it
+# SQL pieces of a no-transaction file's claim: its lease's new end (parameter: lease_timeout), and
+# "this row is still this runner's claim" (parameters: version, runner).
+_LEASE_END = "pg_catalog.clock_timestamp() + %s * interval '1 second'"
+_CLAIMED = "version = %s AND runner = %s AND status = 'running'"
 _progress = logging.getLogger("pgops.progress")  # "applying ...": the CLI shows it by default
 # What DISCARD ALL does, less pg_advisory_unlock_all() (harmless now that the lock is transaction-level,
 # but a user's session lock is not ours to drop). Run in the transaction of every migration file on a
@@ -2833,14 +2837,14 @@ class Migrator:
         if record:
             claim = (
                 "INSERT INTO {} (version, description, checksum, status, runner, lease_until) VALUES "
-                "(%s, %s, %s, 'running', %s, pg_catalog.clock_timestamp() + %s * interval '1 second')"
+                f"(%s, %s, %s, 'running', %s, {_LEASE_END})"
             )
             values: tuple[Any, ...] = (migration.version, migration.description, migration.checksum)
             values += (self._runner, self.lease_timeout)
         else:
             claim = (
                 "UPDATE {} SET status = 'running', runner = %s, progress = 0, error = NULL, "
-                "lease_until = pg_catalog.clock_timestamp() + %s * interval '1 second' WHERE version = %s"
+                f"lease_until = {_LEASE_END} WHERE version = %s"
             )
             values = (self._runner, self.lease_timeout, migration.version)
         # The lease is renewed on a connection of its own, opened before the claim: a runner that
@@ -2872,21 +2876,19 @@ class Migrator:
 
         *claimed*: a no-transaction file, whose row this runner claimed; the change needs the claim.
         """
-        mine = " AND runner = %s AND status = 'running'" if claimed else ""
+        where = _CLAIMED if claimed else "version = %s"
+        key: tuple[Any, ...] = (migration.version, self._runner) if claimed else (migration.version,)
         if not record:
-            sql = "DELETE FROM {} WHERE version = %s" + mine
-            values: tuple[Any, ...] = (migration.version,)
-        elif claimed:
-            sql = "UPDATE {} SET status = 'applied', execution_ms = %s, lease_until = NULL WHERE version = %s"
-            sql += mine
-            values = (ms, migration.version)
-        else:
-            sql = (
-                "INSERT INTO {} (version, description, checksum, status, execution_ms, runner) "
-                "VALUES (%s, %s, %s, 'applied', %s, %s)"
-            )
-            values = (migration.version, migration.description, migration.checksum, ms, self._runner)
-        return psycopg2.sql.SQL(sql).format(self._history), values + ((self._runner,) if claimed else ())
+            return psycopg2.sql.SQL(f"DELETE FROM {{}} WHERE {where}").format(self._history), key
+        if claimed:
+            sql = f"UPDATE {{}} SET status = 'applied', execution_ms = %s, lease_until = NULL WHERE {where}"
+            return psycopg2.sql.SQL(sql).format(self._history), (ms, *key)
+        sql = (
+            "INSERT INTO {} (version, description, checksum, status, execution_ms, runner) "
+            "VALUES (%s, %s, %s, 'applied', %s, %s)"
+        )
+        values = (migration.version, migration.description, migration.checksum, ms, self._runner)
+        return psycopg2.sql.SQL(sql).format(self._history), values
 
     @contextlib.contextmanager
     def _renewing(self, version: int, conn: psycopg2.extensions.connection) -> Iterator[None]:
@@ -2905,10 +2907,9 @@ class Migrator:
     def _renew(self, version: int, conn: psycopg2.extensions.connection, stop: threading.Event) -> None:
         """Extend the lease every third of lease_timeout; if the claim is gone, cancel the statement."""
         conn.autocommit = True
-        renew = psycopg2.sql.SQL(
-            "UPDATE {} SET lease_until = pg_catalog.clock_timestamp() + %s * interval '1 second' "
-            "WHERE version = %s AND runner = %s AND status = 'running'"
-        ).format(self._history)
+        renew = psycopg2.sql.SQL(f"UPDATE {{}} SET lease_until = {_LEASE_END} WHERE {_CLAIMED}").format(
+            self._history
+        )
         renewed = time.monotonic()
         while not stop.wait(self.lease_timeout / 3):
             try:
@@ -2938,8 +2939,7 @@ class Migrator:
         """Check that this runner still holds its claim on *migration*, and record its progress."""
         cur.execute(
             psycopg2.sql.SQL(
-                "UPDATE {} SET progress = %s, lease_until = pg_catalog.clock_timestamp() + %s * interval "
-                "'1 second' WHERE version = %s AND runner = %s AND status = 'running'"
+                f"UPDATE {{}} SET progress = %s, lease_until = {_LEASE_END} WHERE {_CLAIMED}"
             ).format(self._history),
             (done, self.lease_timeout, migration.version, self._runner),
         )
@@ -2965,10 +2965,9 @@ class Migrator:
         """
         if self._sent == 0:  # stopped before its first statement: as if it had never been claimed
             release = (
-                "DELETE FROM {} WHERE version = %s AND runner = %s AND status = 'running'"
+                f"DELETE FROM {{}} WHERE {_CLAIMED}"
                 if record
-                else "UPDATE {} SET status = 'applied', lease_until = NULL "
-                "WHERE version = %s AND runner = %s AND status = 'running'"
+                else f"UPDATE {{}} SET status = 'applied', lease_until = NULL WHERE {_CLAIMED}"
             )
             with contextlib.suppress(psycopg2.Error):
                 cur.execute(
