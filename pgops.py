@@ -2090,6 +2090,15 @@ def _code_start(text: str, i: int) -> int:
     return i
 
 
+def _statements(migration: Migration) -> Iterator[tuple[int, str]]:
+    """Yield each statement of a migration's SQL with its offset, logged at DEBUG as it is handed out."""
+    text = migration.sql
+    for start, end, code in _scan_sql(text):
+        if code:
+            _logger.debug("%s: %s", migration.name, text[start:end].strip())
+            yield start, text[start:end]
+
+
 def _applied_state(
     version: int, description: str, checksum: str, migration: Migration | None, newest_file: int
 ) -> str:
@@ -2807,15 +2816,12 @@ class Migrator:
         self, cur: psycopg2.extensions.cursor, migration: Migration, record: bool
     ) -> None:
         """Run the SQL in the locked transaction, record it, and COMMIT; an error rolls all of it back."""
-        text = migration.sql
         started = time.perf_counter()
-        for start, end, code in _scan_sql(text):
-            if code:
-                _logger.debug("%s: %s", migration.name, text[start:end].strip())
-                try:
-                    cur.execute(text[start:end])
-                except psycopg2.Error as exc:
-                    raise _failure(migration, exc, start) from None
+        for start, statement in _statements(migration):
+            try:
+                cur.execute(statement)
+            except psycopg2.Error as exc:
+                raise _failure(migration, exc, start) from None
         change, values = self._history_change(migration, record, (time.perf_counter() - started) * 1000.0)
         # The history change is made as the connecting user, whatever role the file set, and what the
         # file set for the session is undone before COMMIT makes it stick: behind a transaction pooler
@@ -3000,19 +3006,14 @@ class Migrator:
 
     def _run_each(self, cur: psycopg2.extensions.cursor, migration: Migration, record: bool) -> None:
         """Run the statements of a no-transaction file; on failure mark its history row failed."""
-        text = migration.sql
-        done = 0
-        for start, end, code in _scan_sql(text):
-            if not code:
-                continue
+        for done, (start, statement) in enumerate(_statements(migration)):
             self._fence(cur, migration, done)
             try:
-                _logger.debug("%s: %s", migration.name, text[start:end].strip())
                 self._sent += 1
                 # In autocommit a statement that timed out waiting for a lock did nothing: retry it.
                 retry_call(
                     cur.execute,
-                    text[start:end],
+                    statement,
                     policy=_LOCK_RETRY,
                     retry_on=lambda exc: _sqlstate(exc) == "55P03",
                 )
@@ -3023,7 +3024,7 @@ class Migrator:
                 with contextlib.suppress(psycopg2.Error):
                     cur.execute(
                         psycopg2.sql.SQL(
-                            "UPDATE {} SET status = 'failed', error = %s WHERE version = %s AND runner = %s"
+                            f"UPDATE {{}} SET status = 'failed', error = %s WHERE {_CLAIMED}"
                         ).format(self._history),
                         (
                             f"{'' if record else 'rollback failed: '}{failure}",
@@ -3032,7 +3033,6 @@ class Migrator:
                         ),
                     )
                 raise failure from None
-            done += 1
 
     def rollback(
         self, target: int, *, on_reverted: Callable[[Migration, float], None] | None = None

@@ -304,33 +304,31 @@ def closed_url() -> str:
 FAST_FAIL = {"DB_RETRY_MAX_ATTEMPTS": "1"}  # a wrongly chosen closed URL fails at once, not after retries
 
 
-def test_pgops_migrate_url_wins_over_database_url(
-    pg_server: PgServer, dsn: str, admin: Conn, mdir: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("database_url", "migrate_url", "dsn_option"),
+    [("closed", "db", None), ("closed", "closed", "db"), ("db", None, None)],
+    ids=["PGOPS_MIGRATE_URL-wins-over-DATABASE_URL", "--dsn-wins-over-both", "DATABASE_URL-alone"],
+)
+def test_which_database_migrate_uses(
+    pg_server: PgServer,
+    dsn: str,
+    admin: Conn,
+    mdir: Path,
+    tmp_path: Path,
+    database_url: str,
+    migrate_url: str | None,
+    dsn_option: str | None,
 ) -> None:
-    """DATABASE_URL at PgBouncer (here: a closed port), PGOPS_MIGRATE_URL direct: migrate uses the latter."""
+    """--dsn, then PGOPS_MIGRATE_URL (direct, while DATABASE_URL points at PgBouncer; here a closed
+    port), then DATABASE_URL: only the test database makes the run succeed."""
+
+    def url(which: str) -> str:
+        return dsn if which == "db" else closed_url()
+
     fleet_set(mdir, 2)
-    proc = migrate(pg_server, closed_url(), mdir, tmp_path, env={**FAST_FAIL, "PGOPS_MIGRATE_URL": dsn})
-    assert proc.returncode == 0, proc.stderr
-    assert_applied_once(admin, 2)
-
-
-def test_dsn_option_wins_over_both_variables(
-    pg_server: PgServer, dsn: str, admin: Conn, mdir: Path, tmp_path: Path
-) -> None:
-    """--dsn beats PGOPS_MIGRATE_URL and DATABASE_URL."""
-    fleet_set(mdir, 2)
-    env = {**FAST_FAIL, "PGOPS_MIGRATE_URL": closed_url()}
-    proc = migrate(pg_server, closed_url(), mdir, tmp_path, "--dsn", dsn, env=env)
-    assert proc.returncode == 0, proc.stderr
-    assert_applied_once(admin, 2)
-
-
-def test_database_url_alone_is_used(
-    pg_server: PgServer, dsn: str, admin: Conn, mdir: Path, tmp_path: Path
-) -> None:
-    """Without PGOPS_MIGRATE_URL, DATABASE_URL is the database."""
-    fleet_set(mdir, 2)
-    proc = migrate(pg_server, dsn, mdir, tmp_path)
+    env = dict(FAST_FAIL) | ({"PGOPS_MIGRATE_URL": url(migrate_url)} if migrate_url else {})
+    args = ("--dsn", url(dsn_option)) if dsn_option else ()
+    proc = migrate(pg_server, url(database_url), mdir, tmp_path, *args, env=env)
     assert proc.returncode == 0, proc.stderr
     assert_applied_once(admin, 2)
 
