@@ -14,6 +14,7 @@ import pytest
 import pgtest
 from pgbouncer import PgBouncer, PgBouncerNotFound, find_pgbouncer
 from pgtest import ExternalServer, LocalServer, PgServer, PostgresNotFound, temporary_database
+from standby import StandbyServer
 
 
 def in_ci() -> bool:
@@ -98,6 +99,25 @@ def own_server(tmp_path: Path) -> Iterator[LocalServer]:
         yield server
     finally:
         server.cleanup()
+
+
+@pytest.fixture
+def ha_pair(tmp_path: Path) -> Iterator[tuple[LocalServer, StandbyServer]]:
+    """A fresh primary LocalServer and a hot standby streaming from it, for this test alone.
+
+    Either may be stopped, crashed, fenced or promoted; both are removed afterwards, the standby first.
+    """
+    primary = _local_server(tmp_path / "primary")
+    try:
+        standby = StandbyServer(primary, tmp_path / "standby")
+        try:
+            standby.start()
+            standby.wait_streaming(primary)
+            yield primary, standby
+        finally:
+            standby.cleanup()
+    finally:
+        primary.cleanup()
 
 
 @pytest.fixture
