@@ -10,6 +10,7 @@ import psycopg2.extensions
 import pytest
 
 from pgtest import LocalServer, PgServer, temporary_database, wait_until
+from standby import StandbyServer, current_wal_lsn, fence, ha_dsn, unfence
 
 # Names of the databases handed to the two "fresh database" tests, in the order they ran.
 _seen_databases: list[str] = []
@@ -171,3 +172,85 @@ def test_wait_until_returns_the_value_or_fails_with_the_message() -> None:
     assert wait_until(third_time, timeout=5) == 3
     with pytest.raises(AssertionError, match="never true"):
         wait_until(lambda: False, timeout=0.05, message="never true")
+
+
+# -- the streaming-standby harness (tests/standby.py, the ha_pair fixture) ------------------------------
+
+
+def _write_is_refused_as_read_only(conn: psycopg2.extensions.connection) -> None:
+    """Assert that a write on conn fails with SQLSTATE 25006 (read_only_sql_transaction)."""
+    with pytest.raises(psycopg2.Error) as caught, conn.cursor() as cur:
+        cur.execute("CREATE TABLE must_not_exist (id int)")
+    assert caught.value.pgcode == "25006", caught.value
+
+
+def _server_port(dsn: str) -> object:
+    """Connect with dsn, check that the session may write, and return the server's port."""
+    with contextlib.closing(psycopg2.connect(dsn)) as conn:
+        assert _scalar(conn, "SHOW transaction_read_only") == "off"
+        return _scalar(conn, "SELECT inet_server_port()")
+
+
+def test_standby_replays_what_the_primary_writes(ha_pair: tuple[LocalServer, StandbyServer]) -> None:
+    primary, standby = ha_pair
+    with contextlib.closing(primary.admin_connect()) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE ha_probe (id int PRIMARY KEY, note text)")
+        cur.execute("INSERT INTO ha_probe VALUES (1, 'written on the primary')")
+    standby.wait_replayed(current_wal_lsn(primary))
+    with contextlib.closing(standby.admin_connect()) as conn:
+        assert _scalar(conn, "SELECT note FROM ha_probe WHERE id = 1") == "written on the primary"
+
+
+def test_standby_refuses_writes_until_promoted(ha_pair: tuple[LocalServer, StandbyServer]) -> None:
+    primary, standby = ha_pair
+    assert standby.port != primary.port
+    assert standby.password == primary.password
+    with contextlib.closing(standby.admin_connect()) as conn:
+        assert _scalar(conn, "SELECT pg_is_in_recovery()") is True
+        _write_is_refused_as_read_only(conn)
+
+    standby.promote()
+    with contextlib.closing(standby.admin_connect()) as conn:
+        assert _scalar(conn, "SELECT pg_is_in_recovery()") is False
+        with conn.cursor() as cur:
+            cur.execute("CREATE TABLE promoted (id int)")
+            cur.execute("INSERT INTO promoted VALUES (1)")
+        assert _scalar(conn, "SELECT count(*) FROM promoted") == 1
+
+
+def test_fence_makes_new_sessions_read_only_until_unfenced(
+    ha_pair: tuple[LocalServer, StandbyServer],
+) -> None:
+    primary, _standby = ha_pair
+    pid = primary.postmaster_pid
+    fence(primary)
+    with contextlib.closing(primary.admin_connect()) as conn:
+        assert _scalar(conn, "SELECT pg_is_in_recovery()") is False
+        _write_is_refused_as_read_only(conn)
+    assert primary.postmaster_pid == pid  # fenced, not stopped
+
+    unfence(primary)
+    with contextlib.closing(primary.admin_connect()) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE unfenced (id int)")
+    assert primary.postmaster_pid == pid
+
+
+def test_read_write_ha_dsn_follows_fence_and_promotion(ha_pair: tuple[LocalServer, StandbyServer]) -> None:
+    primary, standby = ha_pair
+    # Both orders, so that neither "first host" nor "last host" can pass for "the writable one".
+    orders = [(primary, standby), (standby, primary)]
+    dsns = [ha_dsn(*servers, target_session_attrs="read-write", connect_timeout=5) for servers in orders]
+    for dsn in dsns:
+        assert "host=127.0.0.1,127.0.0.1" in dsn
+        assert _server_port(dsn) == primary.port
+
+    fence(primary)
+    for dsn in dsns:  # mid-failover: no host takes writes
+        with pytest.raises(psycopg2.OperationalError):
+            psycopg2.connect(dsn)
+
+    standby.promote()
+    for dsn in dsns:
+        assert _server_port(dsn) == standby.port
+    with contextlib.closing(psycopg2.connect(ha_dsn(primary, standby, dbname="template1"))) as conn:
+        assert _scalar(conn, "SELECT current_database()") == "template1"
