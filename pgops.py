@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 import psycopg2.pool
 import psycopg2.sql
@@ -63,6 +64,7 @@ __all__ = [
     "PoolError",
     "PoolHealth",
     "PoolTimeout",
+    "ReadOnlyError",
     "RetryPolicy",
     "SchemaReport",
     "check_schema",
@@ -127,6 +129,10 @@ class CannotConnect(PgOpsError, psycopg2.OperationalError):
 
 class CommitUnknown(PgOpsError, psycopg2.OperationalError):
     """The connection was lost during COMMIT: the transaction may or may not have been committed."""
+
+
+class ReadOnlyError(PgOpsError, psycopg2.errors.ReadOnlySqlTransaction):
+    """A write on a read pool (``read_only=True``, DATABASE_READ_URL); never retried."""
 
 
 class MigrationError(PgOpsError):
@@ -272,10 +278,10 @@ def _one_line(exc: BaseException, dsn: str = "") -> str:
     return " ".join(_scrub(str(exc), dsn).split()) or type(exc).__name__
 
 
-def _check_dsn(dsn: str) -> None:
-    """Raise ConfigError unless libpq can parse *dsn*."""
+def _check_dsn(dsn: str, what: str = "dsn") -> None:
+    """Raise ConfigError unless libpq can parse *dsn* (called *what* in messages)."""
     if not isinstance(dsn, str) or not dsn.strip():
-        raise ConfigError("dsn is empty; pass a libpq URL such as postgresql://user@host/dbname")
+        raise ConfigError(f"{what} is empty; pass a libpq URL such as postgresql://user@host/dbname")
     problem: str | None = None
     try:
         params = psycopg2.extensions.parse_dsn(dsn)
@@ -286,14 +292,16 @@ def _check_dsn(dsn: str) -> None:
     # Raised here, not in the except block: a __context__ would carry libpq's text, which may quote
     # the password.
     if problem is not None:
-        raise ConfigError(f"dsn {redact_dsn(dsn)!r} is not a valid libpq URL or key=value string: {problem}")
+        raise ConfigError(
+            f"{what} {redact_dsn(dsn)!r} is not a valid libpq URL or key=value string: {problem}"
+        )
     # libpq parses but does not check ports until it connects, and then the error looks transient.
     for port in str(params.get("port", "")).split(","):
         port = port.strip()
         if port and not (re.fullmatch(r"[0-9]{1,5}", port) and 1 <= int(port) <= 65535):
             shown = _scrub(repr(port), dsn)
             hint = "" if shown == repr(port) else "; write / and @ in a URL password as %2F and %40"
-            raise ConfigError(f"dsn {redact_dsn(dsn)!r} has port {shown}; a port is 1 to 65535{hint}")
+            raise ConfigError(f"{what} {redact_dsn(dsn)!r} has port {shown}; a port is 1 to 65535{hint}")
 
 
 # Preset numbers come from the original Doc Server: min, max, acquire timeout, max lifetime,
@@ -323,9 +331,22 @@ class PoolConfig:
     monitor_interval: float = 60.0
     register_vector: bool = True
     connect_timeout: float = 5.0
+    name: str = "default"
+    read_dsn: str = ""
+    read_only: bool = False
+    max_replica_lag: float = 30.0
 
     def __post_init__(self) -> None:
         _check_dsn(self.dsn)
+        if self.read_dsn:
+            _check_dsn(self.read_dsn, "read_dsn")
+            if self.read_only:
+                raise ConfigError(
+                    "read_dsn is for a primary pool, which opens its read pool from it; "
+                    "a read_only pool connects to its dsn"
+                )
+        if not isinstance(self.name, str) or not self.name.strip() or not self.name.isprintable():
+            raise ConfigError(f"name={self.name!r} is not a pool name; use a short word such as 'default'")
         _check_int("min_size", self.min_size, minimum=0)
         _check_int("max_size", self.max_size, minimum=1)
         _check_int("max_waiting", self.max_waiting, minimum=0)
@@ -336,14 +357,17 @@ class PoolConfig:
             )
         _check_seconds("acquire_timeout", self.acquire_timeout, positive=True)
         _check_seconds("connect_timeout", self.connect_timeout, positive=True)
-        for name in ("max_lifetime", "idle_timeout", "leak_threshold", "monitor_interval"):
+        for name in ("max_lifetime", "idle_timeout", "leak_threshold", "monitor_interval", "max_replica_lag"):
             _check_seconds(name, getattr(self, name), positive=False)
         if not isinstance(self.application_name, str):
             raise ConfigError(f"application_name={self.application_name!r} is not a string")
 
     def __repr__(self) -> str:
-        rest = (f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.name != "dsn")
-        return f"PoolConfig(dsn={redact_dsn(self.dsn)!r}, {', '.join(rest)})"
+        def shown(field: str) -> str:
+            value = getattr(self, field)
+            return f"{field}={redact_dsn(value) if field.endswith('dsn') else value!r}"
+
+        return f"PoolConfig({', '.join(shown(f.name) for f in dataclasses.fields(self))})"
 
     __str__ = __repr__
 
@@ -367,7 +391,7 @@ class PoolConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> PoolConfig:
-        """Build a config from DATABASE_URL, POOL_* and APP_NAME (*environ*: default os.environ)."""
+        """Build a config from DATABASE_URL, DATABASE_READ_URL, POOL_* and APP_NAME (default os.environ)."""
         environ = os.environ if environ is None else environ
         dsn = overrides.pop("dsn", None) or environ.get("DATABASE_URL", "").strip()
         if not dsn:
@@ -384,7 +408,11 @@ class PoolConfig:
             ("POOL_ACQUIRE_TIMEOUT", "acquire_timeout", _env_float),
             ("POOL_MAX_LIFETIME", "max_lifetime", _env_float),
             ("POOL_IDLE_TIMEOUT", "idle_timeout", _env_float),
+            ("POOL_MAX_REPLICA_LAG", "max_replica_lag", _env_float),
         )
+        read_dsn = environ.get("DATABASE_READ_URL", "").strip()
+        if read_dsn:
+            values["read_dsn"] = read_dsn
         app = environ.get("APP_NAME", "").strip()
         if app:
             values["application_name"] = app
@@ -403,6 +431,8 @@ _ENV_OF_FIELD = {
     "max_lifetime": "POOL_MAX_LIFETIME",
     "idle_timeout": "POOL_IDLE_TIMEOUT",
     "dsn": "DATABASE_URL",
+    "read_dsn": "DATABASE_READ_URL",
+    "max_replica_lag": "POOL_MAX_REPLICA_LAG",
     "max_attempts": "DB_RETRY_MAX_ATTEMPTS",
     "initial_delay": "DB_RETRY_INITIAL_DELAY",
     "max_delay": "DB_RETRY_MAX_DELAY",
@@ -412,9 +442,8 @@ _ENV_OF_FIELD = {
 
 def _env_names(message: str) -> str:
     """Rewrite field names in a validation message into the environment variables that set them."""
-    return re.sub(r"\b(\w+)(?==)", lambda m: _ENV_OF_FIELD.get(m.group(1), m.group(1)), message).replace(
-        "dsn ", "DATABASE_URL ", 1
-    )
+    message = re.sub(r"^(read_dsn|dsn)\b", lambda m: _ENV_OF_FIELD[m.group(1)], message)
+    return re.sub(r"\b(\w+)(?==)", lambda m: _ENV_OF_FIELD.get(m.group(1), m.group(1)), message)
 
 
 def _env_values(
@@ -562,7 +591,7 @@ def _sqlstate(exc: BaseException) -> str | None:
 
 def is_retryable(exc: BaseException) -> bool:
     """Tell whether retrying the operation that raised *exc* can succeed (SQLSTATE-aware)."""
-    if isinstance(exc, (CannotConnect, CommitUnknown)):
+    if isinstance(exc, (CannotConnect, CommitUnknown, ReadOnlyError)):
         return False
     if isinstance(exc, PoolTimeout):
         # The pool already waited; another attempt after a backoff may find the server back.
@@ -656,6 +685,15 @@ _TCP_DEFAULTS = {
     "tcp_user_timeout": 30_000,  # milliseconds
 }
 
+# What pgops asks a new connection, in one round trip: whether a pooler stands between (its made-up
+# backend pid differs from the server's), and whether the server takes writes.
+_PROBE = "SELECT pg_backend_pid(), pg_is_in_recovery(), current_setting('transaction_read_only') = 'on'"
+# Asked of a connection whose server may have stopped taking writes (see Pool._writable_before).
+_WRITABLE = "SELECT current_setting('transaction_read_only') = 'off'"
+_READ_ONLY_SQLSTATE = "25006"  # read_only_sql_transaction: also what a standby answers to a write
+_READ_ONLY_WAIT = (0.002, 0.05)  # first and longest pause while a replica catches up with a token
+_READ_ONLY_QUIET = 10.0  # seconds: one warning per episode of connections discarded as read-only
+_LSN = re.compile(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}\Z")
 _STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 _STATUS_IN_TRANSACTION = (
     psycopg2.extensions.TRANSACTION_STATUS_INTRANS,
@@ -676,10 +714,12 @@ class _Cursor(psycopg2.extensions.cursor):
         start = time.perf_counter()
         try:
             _cursor_execute(self, query, vars)
-        except BaseException:
+        except BaseException as exc:
             conn._pgops_errors += 1
             conn._pgops_queries += 1
             conn._pgops_ms += (time.perf_counter() - start) * 1000.0
+            if _refused_write(exc):
+                _on_refused_write(conn, exc)
             raise
         conn._pgops_queries += 1
         conn._pgops_ms += (time.perf_counter() - start) * 1000.0
@@ -689,8 +729,10 @@ class _Cursor(psycopg2.extensions.cursor):
         start = time.perf_counter()
         try:
             _cursor_executemany(self, query, vars_list)
-        except BaseException:
+        except BaseException as exc:
             conn._pgops_errors += 1
+            if _refused_write(exc):
+                _on_refused_write(conn, exc)
             raise
         finally:
             conn._pgops_queries += 1
@@ -719,6 +761,123 @@ class _Connection(psycopg2.extensions.connection):
         self._pgops_guarded: Pool | None = None  # lent by this pool under _deadline() (see _lend)
         self._pgops_stalled = False  # cut off by the watchdog: never hand it out again
         self._pgops_inherited = False  # opened by the parent of this (forked) process: never touch it
+        self._pgops_refused_write = False  # a statement failed with 25006: its server may take no writes
+        self._pgops_read_only_server = False  # its server took no writes when it connected
+        self._pgops_seen_writable = now  # when its server was last known to take writes (or examined)
+
+
+def _refused_write(exc: BaseException) -> bool:
+    """Tell whether *exc* says the transaction or the server takes no writes (25006, recovery)."""
+    code = getattr(exc, "pgcode", None)
+    return code == _READ_ONLY_SQLSTATE or (code == "55000" and "recovery is in progress" in str(exc))
+
+
+def _on_refused_write(conn: _Connection, exc: BaseException) -> None:
+    """Flag a connection whose write was refused, for putconn; on a read pool, say why at once."""
+    pool = conn._pgops_pool or conn._pgops_guarded
+    if pool is not None and pool.config.read_only:
+        raise ReadOnlyError(
+            f"pool {pool.config.name!r} is a read pool (read_only=True, DATABASE_READ_URL): its "
+            f"transactions are READ ONLY; run writes on the primary pool ({_one_line(exc)})"
+        ) from exc
+    conn._pgops_refused_write = True
+
+
+# psycopg2's own descriptors of the session characteristics, which _BehindPooler guards.
+_SESSION: dict[str, Any] = {
+    name: vars(psycopg2.extensions.connection)[name]
+    for name in ("autocommit", "readonly", "isolation_level", "deferrable")
+}
+
+
+def _is_default(value: object) -> bool:
+    return value is None or (isinstance(value, str) and value.lower() == "default")
+
+
+def _refuse_session_set(what: str) -> PoolError:
+    return PoolError(
+        f"{what} on a connection through a connection pooler: psycopg2 would send a session-level "
+        "SET default_transaction_..., which a transaction pooler (PgBouncer) leaves on a server "
+        "connection its other clients share; keep autocommit=False for it (psycopg2 then sends "
+        "BEGIN READ ONLY / ISOLATION LEVEL ...), use SET LOCAL, or connect directly"
+    )
+
+
+class _BehindPooler(_Connection):
+    """A pooled connection through a connection pooler: psycopg2 must send no session-level SET.
+
+    psycopg2 applies readonly, isolation_level and deferrable with ``SET default_transaction_...``
+    while autocommit is on, and sends ``SET ... TO DEFAULT`` when autocommit goes off again.  Through
+    a transaction pooler each of those runs on whichever server connection is free and stays there
+    for the pooler's other clients, so here they are refused before anything is sent.  With
+    autocommit off psycopg2 puts them in BEGIN, which is safe.
+    """
+
+    def _characteristics(self) -> bool:
+        """Tell whether any session characteristic is set (not the server's default)."""
+        return not all(_is_default(_SESSION[name].__get__(self)) for name in _SESSION if name != "autocommit")
+
+    @property
+    def autocommit(self) -> bool:
+        return bool(_SESSION["autocommit"].__get__(self))
+
+    @autocommit.setter
+    def autocommit(self, value: bool) -> None:
+        if value and self._characteristics():
+            raise _refuse_session_set("autocommit=True with readonly, isolation_level or deferrable set")
+        _SESSION["autocommit"].__set__(self, value)
+
+    def _set_characteristic(self, name: str, value: Any) -> None:
+        if self.autocommit and not (_is_default(value) and _is_default(_SESSION[name].__get__(self))):
+            raise _refuse_session_set(f"{name}={value!r} with autocommit=True")
+        _SESSION[name].__set__(self, value)
+
+    @property
+    def readonly(self) -> bool | None:
+        value: bool | None = _SESSION["readonly"].__get__(self)
+        return value
+
+    @readonly.setter
+    def readonly(self, value: Any) -> None:
+        self._set_characteristic("readonly", value)
+
+    @property
+    def isolation_level(self) -> int | None:
+        value: int | None = _SESSION["isolation_level"].__get__(self)
+        return value
+
+    @isolation_level.setter
+    def isolation_level(self, value: Any) -> None:
+        self._set_characteristic("isolation_level", value)
+
+    @property
+    def deferrable(self) -> bool | None:
+        value: bool | None = _SESSION["deferrable"].__get__(self)
+        return value
+
+    @deferrable.setter
+    def deferrable(self, value: Any) -> None:
+        self._set_characteristic("deferrable", value)
+
+    def set_session(
+        self,
+        isolation_level: Any = None,
+        readonly: Any = None,
+        deferrable: Any = None,
+        autocommit: Any = None,
+    ) -> None:
+        in_autocommit = self.autocommit if autocommit is None else bool(autocommit)
+        given = any(v is not None for v in (isolation_level, readonly, deferrable))
+        if in_autocommit and (given or (autocommit and self._characteristics())):
+            raise _refuse_session_set(
+                "set_session() of readonly, isolation_level or deferrable in autocommit"
+            )
+        super().set_session(isolation_level, readonly, deferrable, autocommit)
+
+    def set_isolation_level(self, level: Any) -> None:
+        if level == psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT and self._characteristics():
+            raise _refuse_session_set("set_isolation_level(ISOLATION_LEVEL_AUTOCOMMIT) with readonly set")
+        super().set_isolation_level(level)
 
 
 # Fork safety (see _after_fork_in_child): every pooled connection of this process, so that a forked
@@ -905,14 +1064,28 @@ class Pool:
         elif overrides:
             config = dataclasses.replace(config, **overrides)
         self.config = config
+        self.name = config.name
         self._connect_kwargs = self._make_connect_kwargs(config)
+        self._readonly: bool | None = True if config.read_only else None  # each lent connection's default
         self._closed = False
         self._start()
         self._start_worker()
         _pools.add(self)
         _logger.info(
-            "pool started for %s (min %d, max %d)", redact_dsn(config.dsn), config.min_size, config.max_size
+            "pool %r started for %s (min %d, max %d%s)",
+            self.name,
+            redact_dsn(config.dsn),
+            config.min_size,
+            config.max_size,
+            ", read only" if config.read_only else "",
         )
+        # The read pool of DATABASE_READ_URL, on standbys: see read_connection().
+        self.replica: Pool | None = None
+        if config.read_dsn:
+            replica = dataclasses.replace(
+                config, dsn=config.read_dsn, read_dsn="", read_only=True, name=f"{config.name}-read"
+            )
+            self.replica = Pool(replica)
 
     def _start(self) -> None:
         """Set up an empty pool with fresh locks and counters, and start its worker (unless closed)."""
@@ -930,6 +1103,10 @@ class Pool:
         self._failures = 0
         self._outage_started = 0.0
         self._suspect_before = 0.0  # idle connections last used before this are checked first
+        # A connection whose server refused a write and takes no writes any more was discarded at this
+        # time: siblings not known to be writable since then are checked before they are lent.
+        self._writable_before = -math.inf
+        self._read_only_reason: str | None = None  # a pool for writes connected to a read-only server
         self._counters = dict.fromkeys(
             (
                 "requests_num",
@@ -940,6 +1117,7 @@ class Pool:
                 "connections_errors",
                 "connections_lost",
                 "connections_stalled",
+                "connections_read_only",
                 "queries_num",
                 "queries_errors",
             ),
@@ -950,7 +1128,10 @@ class Pool:
         self._wait_sum = 0.0
         # (time, queries, errors) samples; the first is the baseline health() counts from.
         self._window = collections.deque([(time.monotonic(), 0, 0)])
-        self._worker = threading.Thread(target=self._run_worker, name="pgops-pool", daemon=True)
+        if self.config.read_only:
+            self._counters.update(reads_waited=0, reads_fallback=0)  # see read_connection()
+        name = f"pgops-pool-{self.config.name}"
+        self._worker = threading.Thread(target=self._run_worker, name=name, daemon=True)
 
     def _start_worker(self) -> None:
         """Start the worker unless it runs or the pool is closed (lock held, or before sharing the pool)."""
@@ -972,7 +1153,7 @@ class Pool:
 
     def __repr__(self) -> str:
         return (
-            f"<Pool {redact_dsn(self.config.dsn)!r} size={self._size} idle={len(self._idle)} "
+            f"<Pool {self.name!r} {redact_dsn(self.config.dsn)!r} size={self._size} idle={len(self._idle)} "
             f"in_use={len(self._in_use)} waiting={len(self._waiters)}{' closed' if self._closed else ''}>"
         )
 
@@ -1015,6 +1196,68 @@ class Pool:
 
         attempt.__qualname__ = getattr(fn, "__qualname__", "transaction")
         return attempt() if retry is None else retry_call(attempt, policy=retry, retry_on=retryable)
+
+    @contextlib.contextmanager
+    def read_connection(
+        self, after: str | None = None, *, timeout: float | None = None, wait: float = 1.0
+    ) -> Iterator[psycopg2.extensions.connection]:
+        """Lend a connection for reads: from the read pool (``replica``) when there is one, else this pool.
+
+        With *after*, a token from current_lsn() taken after a write committed, the read sees that
+        write: the replica's connection is lent once its server has replayed the token, waiting up to
+        *wait* seconds, and a connection of this (primary) pool is lent instead if it has not.
+        """
+        if after is not None and not (isinstance(after, str) and _LSN.match(after)):
+            raise ConfigError(
+                f"after={after!r} is not a WAL position such as '0/16B3748'; pass current_lsn()"
+            )
+        _check_seconds("wait", wait, positive=False)
+        replica = self.replica
+        if replica is not None:
+            with replica.connection(timeout) as conn:
+                if after is None or replica._replayed(conn, after, wait):
+                    yield conn
+                    return
+        with self.connection(timeout) as conn:
+            yield conn
+
+    def current_lsn(self) -> str:
+        """Return the server's WAL position now: after a write commits, a token for read_connection()."""
+        with self.connection() as conn:
+            cur = psycopg2.extensions.cursor(conn)
+            cur.execute(
+                "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
+                "ELSE pg_current_wal_insert_lsn() END)::text"
+            )
+            row = cur.fetchone()
+        return str(row[0]) if row else "0/0"
+
+    def _replayed(self, conn: psycopg2.extensions.connection, lsn: str, wait: float) -> bool:
+        """Tell whether *conn*'s server has replayed *lsn*, waiting up to *wait* seconds for it.
+
+        The answering query opens the transaction the caller goes on with, so its snapshot (in any
+        isolation level) is taken after the replay.
+        """
+        deadline = time.monotonic() + wait
+        pause, longest = _READ_ONLY_WAIT
+        cur = psycopg2.extensions.cursor(conn)
+        waited = False
+        while True:
+            cur.execute("SELECT NOT pg_is_in_recovery() OR pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,))
+            row = cur.fetchone()
+            if row and row[0]:
+                with self._lock:
+                    self._counters["reads_waited"] += waited
+                return True
+            conn.rollback()
+            if time.monotonic() + pause > deadline:
+                with self._lock:
+                    self._counters["reads_fallback"] += 1
+                _logger.debug("pool %r: the replica has not replayed %s after %.3f s", self.name, lsn, wait)
+                return False
+            waited = True
+            time.sleep(pause)
+            pause = min(2 * pause, longest)
 
     def getconn(self, timeout: float | None = None) -> psycopg2.extensions.connection:
         """Take a connection, waiting up to *timeout* (default acquire_timeout) for one to be free."""
@@ -1159,7 +1402,7 @@ class Pool:
         """Describe the pool for an error message, like HikariCP (lock held)."""
         in_use = len(self._in_use)
         text = (
-            f"pool {redact_dsn(self.config.dsn)!r}: total {self._size}, in use {in_use}, "
+            f"pool {self.name!r} ({redact_dsn(self.config.dsn)}): total {self._size}, in use {in_use}, "
             f"idle {len(self._idle)}, waiting {len(self._waiters)}, max {self.config.max_size}"
         )
         if self._last_error:
@@ -1176,6 +1419,8 @@ class Pool:
             return "lost"
         if now >= conn._pgops_expires:
             return "expired"
+        if conn._pgops_seen_writable < self._writable_before:
+            return self._writable_problem(conn, now, timeout)
         last = conn._pgops_last_used
         # A server that ends a session (terminate, shutdown, crash) sends an error and closes the
         # socket: a zero-timeout poll sees that in under a microsecond, without a round trip.
@@ -1187,10 +1432,20 @@ class Pool:
             # The check may take half of what is left of the caller's time, so that a caller whose
             # connection stalls has the other half to get another one; and no longer than a server
             # is given to accept a connection, since a new one is what replaces this one.
-            left = self._deadline_for(now, timeout) - now
-            deadline = now + max(min(left / 2, self.config.connect_timeout), _CHECK_MIN_TIME)
-            return _bounded(conn, deadline, _select_one)
+            return _bounded(conn, self._check_deadline(now, timeout), _select_one)
         return None
+
+    def _check_deadline(self, now: float, timeout: float | None) -> float:
+        """Return when a check of a connection must end: half the caller's time left, within bounds."""
+        left = self._deadline_for(now, timeout) - now
+        return now + max(min(left / 2, self.config.connect_timeout), _CHECK_MIN_TIME)
+
+    def _writable_problem(self, conn: _Connection, now: float, timeout: float | None) -> str | None:
+        """Check that *conn*'s server takes writes; return None, "read_only", "lost" or "stalled"."""
+        problem = _bounded(conn, self._check_deadline(now, timeout), _writable)
+        if problem is None:
+            conn._pgops_seen_writable = now
+        return problem
 
     # -- return --------------------------------------------------------------------------------
 
@@ -1211,11 +1466,12 @@ class Pool:
             not pooled.closed
             and pooled.get_transaction_status() == _STATUS_IDLE
             and not pooled.autocommit
-            and pooled.readonly is None
+            and pooled.readonly is self._readonly
             and pooled.isolation_level is None
             and pooled.deferrable is None
             and pooled.cursor_factory is _Cursor
             and now < pooled._pgops_expires
+            and not pooled._pgops_refused_write
         )
         problem = None if clean else self._return_problem(pooled, now)
         with self._lock:
@@ -1269,10 +1525,19 @@ class Pool:
             conn.autocommit = False
         # Session characteristics set through psycopg2 live on the object: the next borrower must
         # not inherit a read-only or serializable connection. (SET commands are the caller's to undo.)
-        conn.set_session(isolation_level="default", readonly="default", deferrable="default")
+        # With autocommit off, psycopg2 sends nothing for this: it puts them in the next BEGIN.
+        conn.set_session(
+            isolation_level="default", readonly=self._readonly or "default", deferrable="default"
+        )
         conn.cursor_factory = _Cursor
         if now >= conn._pgops_expires:
             return "expired"
+        if conn._pgops_refused_write:
+            conn._pgops_refused_write = False
+            # Known at connect (the pool warned then): another connection would reach the same server.
+            if not conn._pgops_read_only_server:
+                # The caller's own READ ONLY transaction, or a server that stopped taking writes?
+                return self._writable_problem(conn, now, None)
         return None
 
     def _fold_queries(self, conn: _Connection) -> None:
@@ -1313,18 +1578,36 @@ class Pool:
                 self._in_use.discard(conn)
             self._fold_queries(conn)
             self._size -= 1
-            if reason in ("lost", "stalled"):
+            if reason in ("lost", "stalled", "read_only"):
                 self._counters[f"connections_{reason}"] += 1
+            if reason in ("lost", "stalled"):
                 # If one connection died, its siblings may have too (a server restart, a network
                 # that stalls): check them all.
                 self._suspect_before = time.monotonic()
+            first_read_only = False
+            if reason == "read_only":
+                # Its siblings were opened to the same server (a fenced or demoted primary, a standby):
+                # check them before they are lent; new connections go through the DSN, which with
+                # target_session_attrs=read-write finds the server that takes writes now.
+                now = time.monotonic()
+                first_read_only = now - self._writable_before > _READ_ONLY_QUIET
+                self._writable_before = now
             self._wakeup.notify()
         if reason == "lost":
-            _logger.warning("discarding a broken connection; the pool opens a new one")
+            _logger.warning("pool %r: discarding a broken connection; the pool opens a new one", self.name)
         elif reason == "stalled":
             _logger.warning(
-                "discarding a connection that did not answer in time (a stalled network?); "
-                "the pool opens a new one"
+                "pool %r: discarding a connection that did not answer in time (a stalled network?); "
+                "the pool opens a new one",
+                self.name,
+            )
+        elif reason == "read_only":
+            _logger.log(
+                logging.WARNING if first_read_only else logging.DEBUG,
+                "pool %r: discarding a connection to a server that takes no writes (SQLSTATE 25006: "
+                "a fenced or demoted primary, or a standby); checking the others and reconnecting "
+                "through the DSN (with target_session_attrs=read-write libpq skips read-only servers)",
+                self.name,
             )
         else:
             _logger.debug("closing a connection (%s)", reason)
@@ -1407,17 +1690,24 @@ class Pool:
         raw = psycopg2.connect(self.config.dsn, connection_factory=_Connection, **self._connect_kwargs)
         conn: _Connection = raw
         try:
-            if self.config.register_vector:
-                # Queries after the connect: a network that stalls now must not hold the worker forever.
-                _watchdog.guard(conn, time.monotonic() + self.config.connect_timeout)
-                try:
+            # Queries after the connect: a network that stalls now must not hold the worker forever.
+            _watchdog.guard(conn, time.monotonic() + self.config.connect_timeout)
+            try:
+                pooled, in_recovery, read_only = _probe(conn)
+                if self.config.register_vector:
                     _register_vector(conn)
-                finally:
-                    stalled = _watchdog.release(conn)
-                if stalled:
-                    raise psycopg2.OperationalError(
-                        f"the server did not answer within connect_timeout={self.config.connect_timeout:g} s"
-                    )
+            finally:
+                stalled = _watchdog.release(conn)
+            if stalled:
+                raise psycopg2.OperationalError(
+                    f"the server did not answer within connect_timeout={self.config.connect_timeout:g} s"
+                )
+            if pooled:
+                conn.__class__ = _BehindPooler  # the same object, refusing session-level SETs from now on
+            if self._readonly:
+                conn.readonly = True  # sent in each BEGIN (BEGIN READ ONLY), never as a SET
+            conn._pgops_read_only_server = read_only
+            self._note_server(in_recovery, read_only)
             now = time.monotonic()
             conn._pgops_pool = self
             conn._pgops_last_used = now
@@ -1428,6 +1718,24 @@ class Pool:
             _close_quietly(conn)
             raise
         return conn
+
+    def _note_server(self, in_recovery: bool, read_only: bool) -> None:
+        """Warn once when a pool meant for writes connects to a server that takes none."""
+        if self.config.read_only:
+            return
+        reason = None
+        if read_only:
+            what = "a standby (in recovery)" if in_recovery else "a server with default_transaction_read_only"
+            reason = (
+                f"connected to {what}, where writes fail; add target_session_attrs=read-write to the "
+                "DSN so that libpq connects only to a server that takes writes"
+            )
+        with self._lock:
+            before, self._read_only_reason = self._read_only_reason, reason
+        if reason is not None and before is None:
+            _logger.warning("pool %r %s", self.name, reason)
+        elif reason is None and before is not None:
+            _logger.info("pool %r connected to a server that takes writes again", self.name)
 
     def _connect_failed(self, exc: Exception, start: float) -> None:
         """Record a failed connection attempt; fail waiters at once if waiting cannot help."""
@@ -1442,7 +1750,8 @@ class Pool:
             self._last_error = message
             if self._failures == 0:
                 self._outage_started = start
-                _logger.warning("cannot connect to %s: %s", redact_dsn(self.config.dsn), message)
+                dsn = redact_dsn(self.config.dsn)
+                _logger.warning("pool %r cannot connect to %s: %s", self.name, dsn, message)
             else:
                 _logger.debug("still cannot connect (attempt %d): %s", self._failures + 1, message)
             self._failures += 1
@@ -1507,7 +1816,8 @@ class Pool:
         level = {"healthy": logging.INFO, "degraded": logging.WARNING}.get(health.status, logging.ERROR)
         _logger.log(
             level,
-            "pool %s: %d in use of %d (max %d), %d waiting%s",
+            "pool %r %s: %d in use of %d (max %d), %d waiting%s",
+            self.name,
             health.status,
             stats["pool_size"] - stats["pool_available"],
             stats["pool_size"],
@@ -1555,6 +1865,7 @@ class Pool:
             oldest = self._window[0]
             cannot_connect = self._failures > 0 and not self._idle and not self._in_use
             fatal, last_error = self._fatal, self._last_error
+            read_only_reason = self._read_only_reason
         reasons: list[str] = []
         status = "healthy"
 
@@ -1566,6 +1877,8 @@ class Pool:
 
         if cannot_connect or fatal is not None:
             worse("unhealthy", f"no connection possible: {last_error}")
+        elif read_only_reason is not None:
+            worse("degraded", read_only_reason)
         if utilization > 0.95:
             worse("unhealthy", f"utilization {utilization:.0%} is above 95%")
         elif utilization > 0.80:
@@ -1618,27 +1931,59 @@ class Pool:
             _close_quietly(conn)
         if self._worker.ident is not None and threading.current_thread() is not self._worker:
             self._worker.join(timeout)
-        _logger.info("pool closed for %s", redact_dsn(self.config.dsn))
+        if self.replica is not None:
+            self.replica.close(timeout)
+        _logger.info("pool %r closed for %s", self.name, redact_dsn(self.config.dsn))
 
 
-def _bounded(conn: _Connection, deadline: float, action: Callable[[_Connection], object]) -> str | None:
-    """Run ``action(conn)``, cut off by the watchdog at *deadline*; return None, "lost" or "stalled"."""
+def _bounded(conn: _Connection, deadline: float, action: Callable[[_Connection], Any]) -> str | None:
+    """Run ``action(conn)``, cut off by the watchdog at *deadline*.
+
+    Return None, what the action returned (a problem), "lost" (an error) or "stalled" (cut off).
+    """
     _watchdog.guard(conn, deadline)
     try:
-        action(conn)
-        failed = False
+        problem = action(conn)
     except psycopg2.Error:
-        failed = True
+        problem = "lost"
     finally:
         stalled = _watchdog.release(conn)
-    return "stalled" if stalled else "lost" if failed else None
+    return "stalled" if stalled else problem if isinstance(problem, str) else None
+
+
+def _autocommit_query(conn: _Connection, query: str) -> tuple[Any, ...]:
+    """Make one round trip in autocommit (no transaction to roll back) and return its row.
+
+    A read pool's connection is READ ONLY through psycopg2; that is taken off around the query, with
+    autocommit off, when psycopg2 sends nothing for it.
+    """
+    readonly = conn.readonly
+    if readonly is not None:
+        conn.readonly = None
+    conn.autocommit = True
+    cur = psycopg2.extensions.cursor(conn)
+    cur.execute(query)
+    row = cur.fetchone()
+    conn.autocommit = False
+    if readonly is not None:
+        conn.readonly = readonly
+    return row or ()
 
 
 def _select_one(conn: _Connection) -> None:
-    """Make one round trip; in autocommit it opens no transaction to roll back."""
-    conn.autocommit = True
-    psycopg2.extensions.cursor(conn).execute("SELECT 1")
-    conn.autocommit = False
+    """Make one round trip."""
+    _autocommit_query(conn, "SELECT 1")
+
+
+def _writable(conn: _Connection) -> str | None:
+    """Return "read_only" when *conn*'s server takes no writes now (fenced, demoted, a standby)."""
+    return None if _autocommit_query(conn, _WRITABLE)[0] else "read_only"
+
+
+def _probe(conn: _Connection) -> tuple[bool, bool, bool]:
+    """Return (through a pooler, the server is in recovery, the server takes no writes) for *conn*."""
+    pid, in_recovery, read_only = _autocommit_query(conn, _PROBE)
+    return pid != conn.info.backend_pid, bool(in_recovery), bool(read_only)
 
 
 def _close_quietly(conn: psycopg2.extensions.connection) -> None:
@@ -3318,12 +3663,21 @@ def load_schema_spec(directory: str) -> dict[str, Any] | None:
 
 _WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 _Response = tuple[str, list[tuple[str, str]], bytes]
-_Family = tuple[str, str, str, Iterable[tuple[str, Mapping[str, str], float]]]
+_Sample = tuple[str, Mapping[str, str], float]  # suffix, labels, value
+_Family = tuple[str, str, str, Iterable[_Sample]]
 _JSON, _HEALTH_JSON = "application/json", "application/health+json"
 _STATUS_OF_POOL = {"healthy": "pass", "degraded": "warn", "unhealthy": "fail"}
 _RANK = {"pass": 0, "warn": 1, "fail": 2}
 _REASONS = {200: "OK", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed"}
 _REASONS.update({500: "Internal Server Error", 503: "Service Unavailable"})
+# The health check's question: in recovery, and how many seconds replay is behind (None on a primary;
+# 0 when a streaming standby has replayed all it received; else the age of the last replayed commit).
+_SERVER_CHECK = (
+    "SELECT pg_is_in_recovery(), CASE WHEN NOT pg_is_in_recovery() THEN NULL "
+    "WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() "
+    "AND EXISTS (SELECT FROM pg_stat_wal_receiver) THEN 0 "
+    "ELSE GREATEST(0, EXTRACT(EPOCH FROM clock_timestamp() - pg_last_xact_replay_timestamp())) END"
+)
 # Errors a database check reports as "not ready"; anything else is a bug and answers 500.
 _CHECK_ERRORS = (psycopg2.Error, PgOpsError, OSError)
 
@@ -3339,17 +3693,35 @@ class _Check:
     in_recovery: bool = False
     pending: tuple[str, ...] | None = None  # pending migrations; None when not asked
     migrations_error: str | None = None
+    name: str = "default"  # the pool's
+    read_only: bool = False  # a read pool: in recovery is what it is for; its lag counts instead
+    lag: float | None = None  # seconds the server's replay is behind; None on a primary
+    max_lag: float = 0.0  # the pool's max_replica_lag (0: no limit)
+    replica: _Check | None = None  # the check of the pool's read pool
 
-    def problems(self, *, details: bool = True) -> list[str]:
+    @property
+    def lagging(self) -> bool:
+        return self.read_only and self.max_lag > 0 and self.lag is not None and self.lag > self.max_lag
+
+    def problems(self, *, details: bool = True, label: str = "database") -> list[str]:
         """Return why the service is not ready (empty when it is); without *details*, in generic words."""
+        found: list[str] = []
         if self.error is not None:
-            return [f"database: {self.error if details else 'not reachable'}"]
-        found = ["database: the server is in recovery (read-only)"] if self.in_recovery else []
-        if self.migrations_error is not None:
-            found.append(f"migrations: {self.migrations_error if details else 'cannot be checked'}")
-        elif self.pending:
-            names = f": {', '.join(self.pending)}" if details else ""
-            found.append(f"migrations: {len(self.pending)} pending{names}")
+            found.append(f"{label}: {self.error if details else 'not reachable'}")
+        else:
+            if self.in_recovery and not self.read_only:
+                found.append(f"{label}: the server is in recovery (read-only)")
+            if self.lagging:
+                found.append(
+                    f"{label}: replication lag {self.lag:.1f} s is over max_replica_lag={self.max_lag:g} s"
+                )
+            if self.migrations_error is not None:
+                found.append(f"migrations: {self.migrations_error if details else 'cannot be checked'}")
+            elif self.pending:
+                names = f": {', '.join(self.pending)}" if details else ""
+                found.append(f"migrations: {len(self.pending)} pending{names}")
+        if self.replica is not None:
+            found += self.replica.problems(details=details, label=f"read pool {self.replica.name!r}")
         return found
 
 
@@ -3472,7 +3844,13 @@ class HealthApp:
         status = _worst(self._checks(check))
         by_status = [("", {"status": s}, s == status) for s in _RANK]
         took, uptime = check.response_ms / 1000.0, self._clock() - self._started
-        families = _pool_families(self.pool.stats(), self.pool.wait_histogram())
+        pools = [self.pool, *([self.pool.replica] if self.pool.replica is not None else [])]
+        families = _pool_families(pools)
+        lags = [(c.name, c.lag) for c in (check, check.replica) if c is not None and c.lag is not None]
+        if lags:
+            lag_text = "Seconds the read pool's server is behind the primary in replaying its WAL."
+            lag_samples = [("", {"pool": name}, lag) for name, lag in lags]
+            families.append(("pgops_replication_lag_seconds", "gauge", lag_text, lag_samples))
         families += [
             _family("pgops_up", "1 when the last database check passed.", check.error is None),
             ("pgops_health_status", "gauge", "1 for the current health status.", by_status),
@@ -3499,25 +3877,20 @@ class HealthApp:
         return scheme.lower() == "bearer" and hmac.compare_digest(sent, self.token.encode())
 
     def _checks(self, check: _Check) -> dict[str, list[dict[str, Any]]]:
-        """Build the health+json "checks" from the database check and the pool's own verdict."""
+        """Build the health+json "checks" from the database checks and the pools' own verdicts."""
         now = _iso(time.time())
-        db: dict[str, Any] = {"componentType": "datastore", "observedUnit": "ms", "status": "pass"}
-        db.update(observedValue=round(check.response_ms, 3), time=check.time)
-        if check.error is not None:
-            db.update(status="fail", output=check.error)
-        elif check.in_recovery:
-            db.update(status="warn", output="the server is in recovery (read-only)")
-        health, stats = self.pool.health(), self.pool.stats()
-        conns: dict[str, Any] = {"componentType": "datastore", "observedUnit": "connections", "time": now}
-        conns.update(observedValue=stats["pool_in_use"], status=_STATUS_OF_POOL.get(health.status, "fail"))
-        conns.update(utilization=round(health.utilization, 3), poolSize=stats["pool_size"])
-        conns.update(poolMin=stats["pool_min"], poolMax=stats["pool_max"], waiting=stats["requests_waiting"])
-        if health.reasons:
-            conns["output"] = _clean("; ".join(health.reasons), self.pool.config.dsn)
-        checks: dict[str, list[dict[str, Any]]] = {
-            "postgres:responseTime": [db],
-            "postgres:connections": [conns],
-        }
+        checks: dict[str, list[dict[str, Any]]] = {"postgres:responseTime": [], "postgres:connections": []}
+        for pool, result in ((self.pool, check), (self.pool.replica, check.replica)):
+            if pool is None or result is None:
+                continue
+            checks["postgres:responseTime"].append(_server_entry(result))
+            checks["postgres:connections"].append(_pool_entry(pool, now))
+            if result.read_only and result.error is None:
+                lag: dict[str, Any] = {"componentId": result.name, "componentType": "datastore"}
+                lag.update(observedValue=result.lag or 0.0, observedUnit="s", status="pass", time=result.time)
+                if result.lagging:
+                    lag.update(status="warn", output=f"over max_replica_lag={result.max_lag:g} s")
+                checks.setdefault("postgres:replicationLag", []).append(lag)
         if self.migrator is not None:
             mig: dict[str, Any] = {"componentType": "component", "status": "pass", "time": check.time}
             if check.migrations_error is not None:
@@ -3572,41 +3945,89 @@ class HealthApp:
         All of it, the migrator's own pool connection included, ends within ready_timeout: the pool
         cuts off a connection still in use at the deadline, so a stalled network cannot hold the check.
         """
-        start, began = self._clock(), time.monotonic()
-        error, in_recovery = None, False
+        began = time.monotonic()
         pending, migrations_error = None, None
-        with self.pool._deadline(self.ready_timeout):
-            try:
-                with self.pool.connection(timeout=self.ready_timeout) as conn, conn.cursor() as cur:
-                    timeout_ms = max(1, int(self.ready_timeout * 1000))
-                    cur.execute("SET LOCAL statement_timeout = %s", (timeout_ms,))
-                    cur.execute("SELECT pg_is_in_recovery()")
-                    row = cur.fetchone()
-                    in_recovery = bool(row and row[0])
-            except _CHECK_ERRORS as exc:
-                error = self._check_error(exc, began)
-            elapsed_ms = (self._clock() - start) * 1000.0
-            if error is None and self.migrator is not None:
+        replica = self.pool.replica
+        with contextlib.ExitStack() as bounds:
+            for pool in (self.pool, replica):
+                if pool is not None:
+                    bounds.enter_context(pool._deadline(self.ready_timeout))
+            check = self._check_server(self.pool, began)
+            if check.error is None and self.migrator is not None:
                 try:
                     pending = tuple(_migration_name(m) for m in self.migrator.pending())
                 except _CHECK_ERRORS as exc:
-                    migrations_error = self._check_error(exc, began)
+                    migrations_error = self._check_error(exc, began, self.pool)
+            replica_check = None if replica is None else self._check_server(replica, began)
+        check = dataclasses.replace(
+            check, at=self._clock(), pending=pending, migrations_error=migrations_error, replica=replica_check
+        )
         # Log changes only: probes arrive every few seconds.
-        problem = error or migrations_error
-        if problem and not self._failing:
-            _logger.warning("health check failing: %s", problem)
-        elif not problem and self._failing:
+        problems = check.problems()
+        if problems and not self._failing:
+            _logger.warning("health check failing: %s", "; ".join(problems))
+        elif not problems and self._failing:
             _logger.info("health check passes again")
-        self._failing = bool(problem)
-        now = self._clock()
-        return _Check(now, _iso(time.time()), error, elapsed_ms, in_recovery, pending, migrations_error)
+        self._failing = bool(problems)
+        return check
 
-    def _check_error(self, exc: BaseException, began: float) -> str:
+    def _check_server(self, pool: Pool, began: float) -> _Check:
+        """Ask *pool*'s server whether it answers, is in recovery, and how far its replay is behind."""
+        start = self._clock()
+        error, row = None, None
+        try:
+            with pool.connection(timeout=self.ready_timeout) as conn, conn.cursor() as cur:
+                timeout_ms = max(1, int(self.ready_timeout * 1000))
+                cur.execute("SET LOCAL statement_timeout = %s", (timeout_ms,))
+                cur.execute(_SERVER_CHECK)
+                row = cur.fetchone()
+        except _CHECK_ERRORS as exc:
+            error = self._check_error(exc, began, pool)
+        elapsed_ms = (self._clock() - start) * 1000.0
+        in_recovery, lag = (bool(row[0]), None if row[1] is None else float(row[1])) if row else (False, None)
+        config = pool.config
+        return _Check(
+            self._clock(),
+            _iso(time.time()),
+            error,
+            elapsed_ms,
+            in_recovery,
+            name=config.name,
+            read_only=config.read_only,
+            lag=lag,
+            max_lag=config.max_replica_lag,
+        )
+
+    def _check_error(self, exc: BaseException, began: float, pool: Pool) -> str:
         """Describe why a check failed; say so when it ran out of time (a cut-off reads as a lost server)."""
-        text = _sanitized(exc, self.pool.config.dsn)
+        text = _sanitized(exc, pool.config.dsn)
         if time.monotonic() - began >= self.ready_timeout:
             return f"no answer within ready_timeout={self.ready_timeout:g} s ({text})"
         return text
+
+
+def _server_entry(check: _Check) -> dict[str, Any]:
+    """Return the health+json entry of one pool's database check (postgres:responseTime)."""
+    db: dict[str, Any] = {"componentId": check.name, "componentType": "datastore", "status": "pass"}
+    db.update(observedValue=round(check.response_ms, 3), observedUnit="ms", time=check.time)
+    if check.error is not None:
+        db.update(status="fail", output=check.error)
+    elif check.in_recovery and not check.read_only:
+        db.update(status="warn", output="the server is in recovery (read-only)")
+    return db
+
+
+def _pool_entry(pool: Pool, now: str) -> dict[str, Any]:
+    """Return the health+json entry of one pool's own verdict (postgres:connections)."""
+    health, stats = pool.health(), pool.stats()
+    conns: dict[str, Any] = {"componentId": pool.name, "componentType": "datastore", "time": now}
+    conns.update(observedValue=stats["pool_in_use"], observedUnit="connections")
+    conns.update(status=_STATUS_OF_POOL.get(health.status, "fail"), utilization=round(health.utilization, 3))
+    conns.update(poolSize=stats["pool_size"], poolMin=stats["pool_min"], poolMax=stats["pool_max"])
+    conns.update(waiting=stats["requests_waiting"])
+    if health.reasons:
+        conns["output"] = _clean("; ".join(health.reasons), pool.config.dsn)
+    return conns
 
 
 def _worst(checks: Mapping[str, list[dict[str, Any]]]) -> str:
@@ -3665,6 +4086,18 @@ _POOL_METRICS = {
         "pgops_connections_stalled_total",
         "Connections cut off and discarded because they did not answer in time.",
     ),
+    "connections_read_only": (
+        "pgops_connections_read_only_total",
+        "Connections discarded because their server stopped taking writes (25006).",
+    ),
+    "reads_waited": (
+        "pgops_reads_waited_total",
+        "Reads with a token that waited for the replica to replay it.",
+    ),
+    "reads_fallback": (
+        "pgops_reads_fallback_total",
+        "Reads with a token that the replica had not replayed in time, sent to the primary.",
+    ),
     "queries_num": ("pgops_queries_total", "Statements executed on pooled connections."),
     "queries_errors": ("pgops_queries_errors_total", "Statements that failed."),
     "requests_wait_ms": ("pgops_requests_wait_seconds_total", "Time callers spent waiting for a connection."),
@@ -3674,14 +4107,24 @@ _POOL_METRICS = {
 }
 
 
-def _pool_families(stats: Mapping[str, float], wait_histogram: Mapping[str, Any]) -> list[_Family]:
-    """Return the metric families of ``pool.stats()`` and ``pool.wait_histogram()``, in base units."""
+def _pool_families(pools: Sequence[Pool]) -> list[_Family]:
+    """Return the metric families of the pools' stats() and wait_histogram(), labelled by pool name."""
+    stats = [(pool.name, pool.stats()) for pool in pools]
     families: list[_Family] = []
     for key, (name, text) in _POOL_METRICS.items():
-        if key in stats:
-            families.append(_family(name, text, stats[key] / 1000.0 if key.endswith("_ms") else stats[key]))
-    samples = [("_bucket", {"le": _number(bound)}, count) for bound, count in wait_histogram["buckets"]]
-    samples += [("_sum", {}, wait_histogram["sum"]), ("_count", {}, wait_histogram["count"])]
+        kind = "counter" if name.endswith("_total") else "gauge"
+        scale = 1000.0 if key.endswith("_ms") else 1
+        samples: list[_Sample] = [
+            ("", {"pool": pool}, values[key] / scale) for pool, values in stats if key in values
+        ]
+        if samples:
+            families.append((name, kind, text, samples))
+    samples = []
+    for pool in pools:
+        histogram = pool.wait_histogram()
+        label = {"pool": pool.name}
+        samples += [("_bucket", {**label, "le": _number(le)}, count) for le, count in histogram["buckets"]]
+        samples += [("_sum", label, histogram["sum"]), ("_count", label, histogram["count"])]
     text = "Time callers waited for a connection."
     families.append(("pgops_acquire_wait_seconds", "histogram", text, samples))
     return families

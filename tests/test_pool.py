@@ -353,7 +353,7 @@ def test_monitor_logs_status(dsn: str, caplog: pytest.LogCaptureFixture) -> None
     caplog.set_level(logging.INFO, logger="pgops")
     with Pool(dsn, min_size=1, max_size=2, monitor_interval=0.1):
         wait_until(
-            lambda: any(r.getMessage().startswith("pool healthy") for r in caplog.records),
+            lambda: any(r.getMessage().startswith("pool 'default' healthy") for r in caplog.records),
             message="no status",
         )
 
@@ -402,7 +402,7 @@ def test_password_never_logged_or_shown(
         texts += [str(info.value), repr(info.value), repr(pool)]
     texts += [record.getMessage() for record in caplog.records]
     texts += [str(record.exc_info) for record in caplog.records if record.exc_info]
-    assert any("pool started" in t for t in texts)
+    assert any("started for" in t for t in texts)
     for text in texts:
         assert password not in text
 
