@@ -693,6 +693,7 @@ _WRITABLE = "SELECT current_setting('transaction_read_only') = 'off'"
 _READ_ONLY_SQLSTATE = "25006"  # read_only_sql_transaction: also what a standby answers to a write
 _READ_ONLY_WAIT = (0.002, 0.05)  # first and longest pause while a replica catches up with a token
 _READ_ONLY_QUIET = 10.0  # seconds: one warning per episode of connections discarded as read-only
+_READ_ONLY_RECHECK = 2.0  # seconds between asking a read-only server of a write pool if it takes writes
 _LSN = re.compile(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}\Z")
 _STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 _STATUS_IN_TRANSACTION = (
@@ -1107,6 +1108,7 @@ class Pool:
         # time: siblings not known to be writable since then are checked before they are lent.
         self._writable_before = -math.inf
         self._read_only_reason: str | None = None  # a pool for writes connected to a read-only server
+        self._next_recheck = 0.0  # when the worker next asks such a server whether it takes writes
         self._counters = dict.fromkeys(
             (
                 "requests_num",
@@ -1809,6 +1811,41 @@ class Pool:
                     self.config.leak_threshold,
                     "".join(stack).rstrip(),
                 )
+        if self._read_only_reason is not None and now >= self._next_recheck:
+            self._next_recheck = now + _READ_ONLY_RECHECK
+            self._recheck_read_only()
+
+    def _recheck_read_only(self) -> None:
+        """While a pool for writes has connections to a server that took no writes, ask one if it does now.
+
+        A fenced primary may be unfenced, a standby promoted: then health() is no longer degraded.
+        """
+        with self._lock:
+            conn = next((c for c in self._idle if c._pgops_read_only_server), None)
+            if conn is None:
+                left = any(c._pgops_read_only_server for c in self._in_use)
+            else:
+                self._idle.remove(conn)
+                self._in_use.add(conn)
+        if conn is None:
+            if not left:
+                self._note_server(in_recovery=False, read_only=False)
+            return
+        problem = _bounded(conn, time.monotonic() + self.config.connect_timeout, _writable)
+        if problem not in (None, "read_only"):
+            self._discard(conn, problem or "lost")
+            return
+        with self._lock:
+            self._in_use.discard(conn)
+            conn._pgops_read_only_server = problem is not None
+            if not self._closed:
+                self._hand_over(conn)
+            live = [*self._idle, *self._in_use]
+            left = any(c._pgops_read_only_server for c in live)
+        if self._closed:
+            self._discard(conn, "closed", in_use=False)
+        elif problem is None and not left:
+            self._note_server(in_recovery=False, read_only=False)
 
     def _log_status(self) -> None:
         health = self.health()

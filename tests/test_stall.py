@@ -116,7 +116,7 @@ def test_health_check_on_a_stalled_query_answers_within_ready_timeout(proxy: Pro
             assert app.checks_run == 1 + attempt
         assert pool.stats()["connections_stalled"] >= 1
         scrape = pgtest.wsgi_call(app, "/metrics").body.decode()
-        assert "\npgops_connections_stalled_total{pool=\"default\"} 1\n" in scrape
+        assert '\npgops_connections_stalled_total{pool="default"} 1\n' in scrape
         proxy.release()
         wait_until(
             lambda: pgtest.wsgi_call(app, "/health/ready").status == 200, timeout=30, message="ready not back"

@@ -1,0 +1,467 @@
+"""The pool on HA PostgreSQL: a primary that stops taking writes, failover to a promoted standby, a write pool
+that lands on a standby, read pools with read-your-writes, and what pgops sends through a transaction pooler.
+
+Every topology is real: a streaming standby made with pg_basebackup -R (tests/standby.py), fencing with
+default_transaction_read_only, `pg_ctl promote`, PgBouncer in transaction mode (tests/pgbouncer.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+import pytest
+
+import pgops
+import pgtest
+from pgbouncer import PgBouncer
+from pgops import HealthApp, Pool, PoolConfig, RetryPolicy
+from pgtest import LocalServer, PgServer, scalar, wait_until
+from standby import StandbyServer, current_wal_lsn, fence, ha_dsn
+
+# Enough attempts to outlast a failover, fast first retries; the deadline keeps a broken run finite.
+FAILOVER_RETRY = RetryPolicy(max_attempts=200, initial_delay=0.01, max_delay=0.2, deadline=60)
+
+
+def _insert(value: int) -> Callable[[psycopg2.extensions.connection], None]:
+    def write(conn: psycopg2.extensions.connection) -> None:
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO writes (id) VALUES (%s)", (value,))
+
+    return write
+
+
+def _make_table(server: LocalServer) -> None:
+    with contextlib.closing(server.admin_connect()) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE writes (id bigint PRIMARY KEY)")
+
+
+def _ids(server: LocalServer) -> set[int]:
+    with contextlib.closing(server.admin_connect()) as conn, conn.cursor() as cur:
+        cur.execute("SELECT id FROM writes")
+        return {row[0] for row in cur.fetchall()}
+
+
+def _in_recovery(conn: psycopg2.extensions.connection) -> bool:
+    return bool(scalar(conn, "SELECT pg_is_in_recovery()"))
+
+
+class _Writers:
+    """Threads that write unique ids through pool.run(retry=...) until stopped; they record what happened."""
+
+    def __init__(self, pool: Pool, count: int = 4) -> None:
+        self.pool = pool
+        self.acknowledged: list[int] = []
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._next = iter(range(1, 10**9))
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(count)]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                value = next(self._next)
+            try:
+                self.pool.run(_insert(value), retry=FAILOVER_RETRY)
+            except Exception as exc:
+                self.errors.append(exc)
+                return
+            with self._lock:
+                self.acknowledged.append(value)
+
+    def __enter__(self) -> _Writers:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(FAILOVER_RETRY.deadline or 60)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.acknowledged)
+
+
+# -- a primary that stops taking writes ----------------------------------------------------------
+
+
+def test_writes_follow_a_fenced_primary_to_the_promoted_standby(
+    ha_pair: tuple[LocalServer, StandbyServer],
+) -> None:
+    """Fenced primary (read-only, still up) + promoted standby: the pool lets go of the fenced server.
+
+    Its connections fail writes with 25006; each is discarded, its siblings are checked, and new ones go
+    through the multi-host DSN (target_session_attrs=read-write) to the new primary: no caller error,
+    no acknowledged write lost.
+    """
+    primary, standby = ha_pair
+    _make_table(primary)
+    dsn = ha_dsn(primary, standby, target_session_attrs="read-write")
+    with Pool(dsn, min_size=4, max_size=4, acquire_timeout=30) as pool:
+        pool.wait(timeout=30)
+        with _Writers(pool) as writers:
+            wait_until(lambda: writers.count() >= 50, timeout=30, message="writes before the fence")
+            fence(primary)
+            standby.wait_replayed(current_wal_lsn(primary))
+            standby.promote()
+            promoted_at = writers.count()
+            wait_until(
+                lambda: writers.count() >= promoted_at + 50, timeout=30, message="writes after promote"
+            )
+        assert writers.errors == []
+        assert pool.stats()["connections_read_only"] >= 1
+        with pool.connection() as conn:
+            assert not _in_recovery(conn)
+            assert scalar(conn, "SELECT inet_server_port()") == standby.port
+    missing = set(writers.acknowledged) - _ids(standby)
+    assert missing == set()
+
+
+def test_a_read_only_transaction_of_the_caller_keeps_its_connection(
+    pg_server: PgServer, dsn: str, admin: psycopg2.extensions.connection
+) -> None:
+    """25006 from the caller's own READ ONLY transaction is no reason to discard the connection."""
+    with admin.cursor() as cur:
+        cur.execute("CREATE TABLE writes (id bigint PRIMARY KEY)")
+    with Pool(dsn, min_size=1, max_size=1) as pool:
+        pool.wait(timeout=30)
+        with pool.connection() as conn:
+            pid = conn.info.backend_pid
+            conn.readonly = True
+            with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction), conn.cursor() as cur:
+                cur.execute("INSERT INTO writes VALUES (1)")
+        pool.run(_insert(2))  # the same connection, back to read-write
+        with pool.connection() as conn:
+            assert conn.info.backend_pid == pid
+        assert pool.stats()["connections_read_only"] == 0
+
+
+def test_a_write_pool_on_a_standby_warns_once_and_is_degraded(
+    ha_pair: tuple[LocalServer, StandbyServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A DSN that reaches a standby (no target_session_attrs): one WARNING naming the fix, health degraded."""
+    _primary, standby = ha_pair
+    caplog.set_level(logging.WARNING, logger="pgops")
+    with Pool(standby.dsn(), min_size=3, max_size=3) as pool:
+        pool.wait(timeout=30)
+        warnings = [
+            r.getMessage() for r in caplog.records if "target_session_attrs=read-write" in r.getMessage()
+        ]
+        assert len(warnings) == 1, warnings
+        assert "standby" in warnings[0]
+        health = pool.health()
+        assert health.status == "degraded"
+        assert any("target_session_attrs=read-write" in reason for reason in health.reasons)
+        # Writes fail as they must, and the connection is kept: another would reach the same standby.
+        with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction), pool.connection() as conn:
+            with conn.cursor() as cur:
+                cur.execute("CREATE TABLE t (x int)")
+        assert pool.stats()["connections_read_only"] == 0
+
+
+def test_a_fenced_server_makes_the_pool_degraded_until_writable_again(
+    own_server: LocalServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One server, fenced: its connections are discarded, new ones are read-only too (degraded, one warning);
+    unfenced, the pool is healthy again."""
+    _make_table(own_server)
+    caplog.set_level(logging.INFO, logger="pgops")
+    with Pool(own_server.dsn(), min_size=2, max_size=2) as pool:
+        pool.wait(timeout=30)
+        fence(own_server)
+        with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):
+            pool.run(_insert(1))
+        wait_until(lambda: pool.health().status == "degraded", timeout=30, message="degraded")
+        assert "default_transaction_read_only" in " ".join(pool.health().reasons)
+        with contextlib.closing(own_server.admin_connect()) as conn, conn.cursor() as cur:
+            cur.execute("ALTER SYSTEM RESET default_transaction_read_only")
+            cur.execute("SELECT pg_reload_conf()")
+
+        def written() -> bool:
+            try:
+                pool.run(_insert(2))
+            except psycopg2.errors.ReadOnlySqlTransaction:
+                return False
+            return True
+
+        wait_until(written, timeout=30, message="writes after unfencing")
+        wait_until(lambda: pool.health().status == "healthy", timeout=30, message="healthy again")
+    assert any("takes writes again" in r.getMessage() for r in caplog.records)
+
+
+# -- read pools ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ha_pool(ha_pair: tuple[LocalServer, StandbyServer]) -> Iterator[tuple[Pool, LocalServer, StandbyServer]]:
+    """A pool on the primary whose read pool (read_dsn) is on the standby, with the writes table."""
+    primary, standby = ha_pair
+    _make_table(primary)
+    standby.wait_replayed(current_wal_lsn(primary))
+    with Pool(primary.dsn(), read_dsn=standby.dsn(), min_size=2, max_size=4) as pool:
+        pool.wait(timeout=30)
+        assert pool.replica is not None
+        pool.replica.wait(timeout=30)
+        yield pool, primary, standby
+
+
+def test_read_pool_reads_on_the_standby_and_refuses_writes_at_once(
+    ha_pool: tuple[Pool, LocalServer, StandbyServer],
+) -> None:
+    pool, _primary, standby = ha_pool
+    replica = pool.replica
+    assert replica is not None and replica.name == "default-read" and replica.config.read_only
+    with pool.read_connection() as conn:
+        assert _in_recovery(conn)
+        assert scalar(conn, "SELECT inet_server_port()") == standby.port
+    attempts = 0
+
+    def write(conn: psycopg2.extensions.connection) -> None:
+        nonlocal attempts
+        attempts += 1
+        _insert(1)(conn)
+
+    with pytest.raises(pgops.ReadOnlyError) as caught:
+        replica.run(write, retry=RetryPolicy(max_attempts=5, initial_delay=0.01))
+    assert attempts == 1
+    assert isinstance(caught.value, psycopg2.errors.ReadOnlySqlTransaction)
+    assert "'default-read' is a read pool" in str(caught.value)
+    assert not pgops.is_retryable(caught.value)
+    assert replica.stats()["connections_read_only"] == 0
+    with pool.read_connection() as conn:  # the connection is fine for reads
+        assert scalar(conn, "SELECT count(*) FROM writes") == 0
+
+
+def test_read_pool_on_a_primary_still_refuses_writes(own_server: LocalServer) -> None:
+    """A read pool that lands on a primary (prefer-standby with no standby up) is still READ ONLY."""
+    _make_table(own_server)
+    with Pool(own_server.dsn(), read_only=True, min_size=1, max_size=1) as reads:
+        with pytest.raises(pgops.ReadOnlyError):
+            reads.run(_insert(1))
+        with reads.connection() as conn:
+            assert not _in_recovery(conn)
+    assert _ids(own_server) == set()
+
+
+def test_read_your_writes_with_a_token(ha_pool: tuple[Pool, LocalServer, StandbyServer]) -> None:
+    """300 writes, each read back through the read pool with its token: none is missed."""
+    pool, _primary, _standby = ha_pool
+    stale = 0
+    for value in range(1, 301):
+        pool.run(_insert(value))
+        token = pool.current_lsn()
+        with pool.read_connection(after=token) as conn:
+            found = scalar(conn, "SELECT count(*) FROM writes WHERE id = %s", (value,))
+        stale += found != 1
+    assert stale == 0
+    assert pool.replica is not None
+    stats = pool.replica.stats()
+    assert stats["reads_waited"] + stats["reads_fallback"] <= 300
+
+
+def test_a_token_the_replica_has_not_replayed_falls_back_to_the_primary(
+    ha_pool: tuple[Pool, LocalServer, StandbyServer],
+) -> None:
+    """Replay paused on the standby: a token read waits `wait` seconds, then reads on the primary."""
+    pool, _primary, standby = ha_pool
+    assert pool.replica is not None
+    with contextlib.closing(standby.admin_connect()) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_wal_replay_pause()")
+    pool.run(_insert(7))
+    token = pool.current_lsn()
+    with pool.read_connection(after=token, wait=0.2) as conn:
+        assert not _in_recovery(conn)
+        assert scalar(conn, "SELECT count(*) FROM writes WHERE id = 7") == 1
+    assert pool.replica.stats()["reads_fallback"] == 1
+    with contextlib.closing(standby.admin_connect()) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_wal_replay_resume()")
+    with pool.read_connection(after=token, wait=30) as conn:
+        assert _in_recovery(conn)
+        assert scalar(conn, "SELECT count(*) FROM writes WHERE id = 7") == 1
+
+
+@pytest.mark.parametrize("token", ["", "0/", "1/2/3", "not an lsn", "0/16B3748; DROP TABLE writes"])
+def test_a_bad_token_is_refused_before_anything_is_sent(dsn: str, token: str) -> None:
+    with Pool(dsn, min_size=0, max_size=1) as pool:
+        with pytest.raises(pgops.ConfigError, match="is not a WAL position"):
+            with pool.read_connection(after=token):
+                pass
+        assert pool.stats()["requests_num"] == 0
+
+
+def test_read_connection_without_a_read_pool_uses_the_pool(dsn: str) -> None:
+    with Pool(dsn, min_size=1, max_size=1) as pool:
+        token = pool.current_lsn()
+        with pool.read_connection(after=token) as conn:
+            assert scalar(conn, "SELECT 1") == 1
+        assert pool.replica is None
+
+
+# -- health of read pools ------------------------------------------------------------------------
+
+
+def test_health_of_a_read_pool_on_a_standby(ha_pair: tuple[LocalServer, StandbyServer]) -> None:
+    """A read pool on a standby is ready; with replay paused and writes behind it, lag makes it not ready."""
+    primary, standby = ha_pair
+    _make_table(primary)
+    with Pool(standby.dsn(), read_only=True, name="reads", max_replica_lag=0.5, min_size=1) as reads:
+        app = HealthApp(reads, cache_ttl=0)
+        ready = pgtest.wsgi_call(app, "/health/ready")
+        assert ready.status == 200, ready.body
+        metrics = pgtest.wsgi_call(app, "/metrics").body.decode()
+        assert 'pgops_replication_lag_seconds{pool="reads"} ' in metrics
+        assert 'pgops_pool_size{pool="reads"} ' in metrics
+        with contextlib.closing(standby.admin_connect()) as conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_wal_replay_pause()")
+
+        def lagging() -> pgtest.Reply | None:
+            with contextlib.closing(primary.admin_connect()) as conn, conn.cursor() as cur:
+                cur.execute("INSERT INTO writes VALUES (txid_current())")
+            reply = pgtest.wsgi_call(app, "/health/ready")
+            return reply if reply.status == 503 else None
+
+        reply = wait_until(lagging, timeout=30, message="ready turns 503 on lag")
+        assert "replication lag" in reply.json()["reasons"][0]
+        assert "max_replica_lag=0.5 s" in reply.json()["reasons"][0]
+        detailed = pgtest.wsgi_call(app, "/health/detailed").json()
+        assert detailed["checks"]["postgres:replicationLag"][0]["status"] == "warn"
+        with contextlib.closing(standby.admin_connect()) as conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_wal_replay_resume()")
+        wait_until(
+            lambda: pgtest.wsgi_call(app, "/health/ready").status == 200, timeout=30, message="ready again"
+        )
+
+
+def test_health_of_a_pool_with_a_read_pool(ha_pool: tuple[Pool, LocalServer, StandbyServer]) -> None:
+    """One app reports both pools: componentId per pool in detailed, a pool label on every pool metric."""
+    pool, _primary, _standby = ha_pool
+    app = HealthApp(pool, cache_ttl=0)
+    assert pgtest.wsgi_call(app, "/health/ready").status == 200
+    detailed = pgtest.wsgi_call(app, "/health/detailed").json()
+    ids = [entry["componentId"] for entry in detailed["checks"]["postgres:responseTime"]]
+    assert ids == ["default", "default-read"]
+    assert detailed["checks"]["postgres:responseTime"][1]["status"] == "pass"  # in recovery is its job
+    metrics = pgtest.wsgi_call(app, "/metrics").body.decode()
+    assert metrics.count("# TYPE pgops_pool_size gauge") == 1
+    assert 'pgops_pool_size{pool="default"} ' in metrics
+    assert 'pgops_pool_size{pool="default-read"} ' in metrics
+    assert 'pgops_acquire_wait_seconds_bucket{pool="default-read",le="+Inf"} ' in metrics
+    for line in metrics.splitlines():
+        if line.startswith(("pgops_pool_", "pgops_requests", "pgops_connections", "pgops_queries")):
+            assert '{pool="' in line, line
+
+
+def test_health_of_a_pool_whose_read_pool_is_down(
+    ha_pool: tuple[Pool, LocalServer, StandbyServer],
+) -> None:
+    pool, _primary, standby = ha_pool
+    app = HealthApp(pool, cache_ttl=0, ready_timeout=2)
+    standby.stop("immediate")
+    reply = wait_until(
+        lambda: (r := pgtest.wsgi_call(app, "/health/ready")).status == 503 and r,
+        timeout=30,
+        message="not ready without the read pool",
+    )
+    assert reply.json()["reasons"][0].startswith("read pool 'default-read': ")
+    assert standby.password not in reply.body.decode()
+
+
+# -- several pools in one process ----------------------------------------------------------------
+
+
+def test_pool_names_in_threads_errors_and_repr(dsn: str) -> None:
+    with Pool(dsn, name="orders", min_size=1, max_size=1, acquire_timeout=0.2) as pool:
+        pool.wait(timeout=30)
+        assert any(t.name == "pgops-pool-orders" for t in threading.enumerate())
+        assert "'orders'" in repr(pool)
+        with pool.connection():
+            with pytest.raises(pgops.PoolTimeout, match="pool 'orders'"):
+                pool.getconn()
+
+
+def test_config_of_read_pools_from_the_environment(pg_server: PgServer) -> None:
+    url = pg_server.url()
+    config = PoolConfig.from_env(
+        {"DATABASE_URL": url, "DATABASE_READ_URL": url, "POOL_MAX_REPLICA_LAG": "2.5"}
+    )
+    assert config.read_dsn == url and config.max_replica_lag == 2.5
+    assert pg_server.password is not None
+    assert pg_server.password not in repr(config)
+    assert "read_dsn='postgresql://postgres:***@" in repr(config)
+    with pytest.raises(pgops.ConfigError, match=r"^DATABASE_READ_URL 'postgresql://.*' has port"):
+        PoolConfig.from_env({"DATABASE_URL": url, "DATABASE_READ_URL": "postgresql://u:secret@h:99999/d"})
+    with pytest.raises(pgops.ConfigError, match=r"POOL_MAX_REPLICA_LAG=-1\.0 must be at least 0"):
+        PoolConfig.from_env({"DATABASE_URL": url, "POOL_MAX_REPLICA_LAG": "-1"})
+    with pytest.raises(pgops.ConfigError, match="name=''"):
+        PoolConfig(dsn=url, name="")
+    with pytest.raises(pgops.ConfigError, match="read_dsn is for a primary pool"):
+        PoolConfig(dsn=url, read_dsn=url, read_only=True)
+
+
+# -- through a transaction pooler ----------------------------------------------------------------
+
+
+def test_session_characteristics_in_autocommit_are_refused_through_a_pooler(
+    pgbouncer: Callable[..., PgBouncer], dbname: str, admin: psycopg2.extensions.connection
+) -> None:
+    """psycopg2 sends readonly in autocommit as a session SET, which PgBouncer would leave on a shared server
+    connection: refused up front, and 40 later writes by other checkouts all succeed."""
+    with admin.cursor() as cur:
+        cur.execute("CREATE TABLE writes (id bigint PRIMARY KEY)")
+    bouncer = pgbouncer("transaction", pool_size=2)
+    with Pool(bouncer.dsn(dbname), min_size=2, max_size=4) as pool:
+        with pool.connection() as conn:
+            conn.autocommit = True
+            with pytest.raises(pgops.PoolError, match="through a connection pooler"):
+                conn.readonly = True
+            assert conn.readonly is None
+            with pytest.raises(pgops.PoolError, match="through a connection pooler"):
+                conn.set_session(readonly=True)
+            conn.autocommit = False
+            conn.readonly = True  # a transaction: psycopg2 sends BEGIN READ ONLY
+            with pytest.raises(pgops.PoolError, match="through a connection pooler"):
+                conn.autocommit = True
+            with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction), conn.cursor() as cur:
+                cur.execute("INSERT INTO writes VALUES (0)")
+        failed = 0
+        for value in range(1, 41):
+            try:
+                pool.run(_insert(value))
+            except psycopg2.errors.ReadOnlySqlTransaction:
+                failed += 1
+        assert failed == 0
+        assert pool.stats()["connections_read_only"] == 0
+    with admin.cursor() as cur:
+        cur.execute("SELECT count(*) FROM writes")
+        assert cur.fetchone() == (40,)
+
+
+def test_the_same_calls_work_on_a_direct_connection(dsn: str) -> None:
+    with Pool(dsn, min_size=1, max_size=1) as pool:
+        with pool.connection() as conn:
+            conn.autocommit = True
+            conn.readonly = True
+            assert scalar(conn, "SHOW default_transaction_read_only") == "on"
+        with pool.connection() as conn:  # reset on return, on the same session
+            assert scalar(conn, "SHOW default_transaction_read_only") == "off"
+
+
+def test_a_read_pool_through_a_pooler_reads_in_read_only_transactions(
+    pgbouncer: Callable[..., PgBouncer], dbname: str
+) -> None:
+    bouncer = pgbouncer("transaction", pool_size=2)
+    with Pool(bouncer.dsn(dbname), read_only=True, min_size=1, max_size=2, test_before_acquire=True) as reads:
+        for _ in range(5):
+            with reads.connection() as conn:
+                assert scalar(conn, "SHOW transaction_read_only") == "on"
+    with contextlib.closing(bouncer.connect(dbname)) as conn:  # the server connections took no session SET
+        for _ in range(4):
+            assert scalar(conn, "SHOW default_transaction_read_only") == "off"
