@@ -4150,9 +4150,10 @@ def _pool_families(pools: Sequence[Pool]) -> list[_Family]:
     families: list[_Family] = []
     for key, (name, text) in _POOL_METRICS.items():
         kind = "counter" if name.endswith("_total") else "gauge"
-        scale = 1000.0 if key.endswith("_ms") else 1
         samples: list[_Sample] = [
-            ("", {"pool": pool}, values[key] / scale) for pool, values in stats if key in values
+            ("", {"pool": pool}, values[key] / 1000.0 if key.endswith("_ms") else values[key])
+            for pool, values in stats
+            if key in values
         ]
         if samples:
             families.append((name, kind, text, samples))

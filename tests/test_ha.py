@@ -357,6 +357,9 @@ def test_health_of_a_pool_with_a_read_pool(ha_pool: tuple[Pool, LocalServer, Sta
     for line in metrics.splitlines():
         if line.startswith(("pgops_pool_", "pgops_requests", "pgops_connections", "pgops_queries")):
             assert '{pool="' in line, line
+            name, value = line.split("} ")
+            if not name.split("{")[0].endswith("seconds_total"):
+                assert value.isdigit(), line  # counts are integers, as they were unlabelled
 
 
 def test_health_of_a_pool_whose_read_pool_is_down(
@@ -465,3 +468,34 @@ def test_a_read_pool_through_a_pooler_reads_in_read_only_transactions(
     with contextlib.closing(bouncer.connect(dbname)) as conn:  # the server connections took no session SET
         for _ in range(4):
             assert scalar(conn, "SHOW default_transaction_read_only") == "off"
+
+
+def test_the_read_pool_password_appears_nowhere(
+    pg_server: PgServer, dbname: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A read pool whose DATABASE_READ_URL has a wrong password: logs, errors, reprs and bodies hide it."""
+    secret = "R3ad-Pool-S3cret-Xy"
+    read_url = pg_server.url(dbname).replace(f":{pg_server.password}@", f":{secret}@")
+    assert secret in read_url
+    caplog.set_level(logging.DEBUG, logger="pgops")
+    config = PoolConfig.from_env({"DATABASE_URL": pg_server.url(dbname), "DATABASE_READ_URL": read_url})
+    with Pool(config, min_size=1, max_size=1, acquire_timeout=1) as pool:
+        assert pool.replica is not None
+        app = HealthApp(pool, cache_ttl=0, ready_timeout=1)
+        ready = pgtest.wsgi_call(app, "/health/ready")
+        assert ready.status == 503
+        with pytest.raises(pgops.CannotConnect) as caught:
+            with pool.read_connection():
+                pass
+        texts = [
+            repr(config),
+            repr(pool),
+            repr(pool.replica),
+            str(caught.value),
+            ready.body.decode(),
+            pgtest.wsgi_call(app, "/health/detailed").body.decode(),
+            pgtest.wsgi_call(app, "/metrics").body.decode(),
+            *(record.getMessage() for record in caplog.records),
+        ]
+    assert "password authentication failed" in str(caught.value)
+    assert [text for text in texts if secret in text] == []
