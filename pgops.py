@@ -134,6 +134,8 @@ class CommitUnknown(PgOpsError, psycopg2.OperationalError):
 class ReadOnlyError(PgOpsError, psycopg2.errors.ReadOnlySqlTransaction):
     """A write on a read pool (``read_only=True``, DATABASE_READ_URL); never retried."""
 
+    pgcode = "25006"  # as the server's error said: read_only_sql_transaction
+
 
 class MigrationError(PgOpsError):
     """Root of the migration errors."""
@@ -829,7 +831,7 @@ class _BehindPooler(_Connection):
         _SESSION["autocommit"].__set__(self, value)
 
     def _set_characteristic(self, name: str, value: Any) -> None:
-        if self.autocommit and not (_is_default(value) and _is_default(_SESSION[name].__get__(self))):
+        if self.autocommit:  # psycopg2 sends a SET for it, even for the default
             raise _refuse_session_set(f"{name}={value!r} with autocommit=True")
         _SESSION[name].__set__(self, value)
 
@@ -1030,20 +1032,25 @@ def _commit(conn: psycopg2.extensions.connection) -> None:
 
 
 class _Checkout:
-    """The context manager returned by Pool.connection()."""
+    """The context manager returned by Pool.connection(); with *conn*, for one already taken."""
 
     __slots__ = ("_conn", "_pool", "_timeout")
 
-    def __init__(self, pool: Pool, timeout: float | None) -> None:
+    def __init__(
+        self, pool: Pool, timeout: float | None, conn: psycopg2.extensions.connection | None = None
+    ) -> None:
         self._pool = pool
         self._timeout = timeout
+        self._conn = conn
 
     def __enter__(self) -> psycopg2.extensions.connection:
-        self._conn = self._pool.getconn(self._timeout)
+        if self._conn is None:
+            self._conn = self._pool.getconn(self._timeout)
         return self._conn
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         conn = self._conn
+        assert conn is not None
         try:
             if exc_type is None:
                 if not conn.closed:
@@ -1104,11 +1111,12 @@ class Pool:
         self._failures = 0
         self._outage_started = 0.0
         self._suspect_before = 0.0  # idle connections last used before this are checked first
-        # A connection whose server refused a write and takes no writes any more was discarded at this
-        # time: siblings not known to be writable since then are checked before they are lent.
+        # Connections whose server was not known to take writes at this time are asked before they are
+        # lent: set when one was discarded because its server stopped taking writes (its siblings may
+        # point there too), and every _READ_ONLY_RECHECK seconds while the pool is on a read-only server.
         self._writable_before = -math.inf
         self._read_only_reason: str | None = None  # a pool for writes connected to a read-only server
-        self._next_recheck = 0.0  # when the worker next asks such a server whether it takes writes
+        self._read_only_warned = -math.inf  # when a discard as read-only was last logged as a warning
         self._counters = dict.fromkeys(
             (
                 "requests_num",
@@ -1207,21 +1215,73 @@ class Pool:
 
         With *after*, a token from current_lsn() taken after a write committed, the read sees that
         write: the replica's connection is lent once its server has replayed the token, waiting up to
-        *wait* seconds, and a connection of this (primary) pool is lent instead if it has not.
+        *wait* seconds; if it has not, or the read pool cannot reach its server, a connection of this
+        (primary) pool is lent instead.  On a standalone read pool (``read_only=True``) there is no
+        primary to turn to: a token not replayed in time raises PoolTimeout.
         """
         if after is not None and not (isinstance(after, str) and _LSN.match(after)):
             raise ConfigError(
                 f"after={after!r} is not a WAL position such as '0/16B3748'; pass current_lsn()"
             )
         _check_seconds("wait", wait, positive=False)
-        replica = self.replica
-        if replica is not None:
-            with replica.connection(timeout) as conn:
-                if after is None or replica._replayed(conn, after, wait):
-                    yield conn
-                    return
-        with self.connection(timeout) as conn:
-            yield conn
+        reads = self.replica or (self if self.config.read_only else None)
+        conn = None if reads is None else self._read_from(reads, after, timeout, wait)
+        checkout = (
+            self.connection(timeout) if reads is None or conn is None else _Checkout(reads, timeout, conn)
+        )
+        with checkout as lent:
+            yield lent
+
+    def _read_from(
+        self, reads: Pool, after: str | None, timeout: float | None, wait: float
+    ) -> _Connection | None:
+        """Take a connection of the read pool *reads* whose server has replayed *after*, or None.
+
+        None means: read on this (primary) pool instead.  With a primary to turn to, the read pool is
+        given at most its connect_timeout to lend a connection, and none while it cannot connect.
+        """
+        fallback = reads is not self  # a primary to turn to
+        if fallback and reads._unreachable():
+            reads._count_fallback("cannot reach its server")
+            return None
+        if fallback:
+            # Not the caller's whole time: the primary can answer meanwhile.
+            limit = reads.config.connect_timeout
+            timeout = min(limit, reads.config.acquire_timeout if timeout is None else timeout)
+        try:
+            conn: _Connection = reads.getconn(timeout)  # type: ignore[assignment]
+        except (PoolTimeout, CannotConnect) as exc:
+            if not fallback:
+                raise
+            reads._count_fallback(_one_line(exc, reads.config.dsn))
+            return None
+        if after is None:
+            return conn
+        try:
+            replayed = reads._replayed(conn, after, wait)
+        except BaseException:
+            reads.putconn(conn)  # a broken connection is discarded there
+            raise
+        if replayed:
+            return conn
+        reads.putconn(conn)
+        if not fallback:
+            raise PoolTimeout(
+                f"pool {reads.name!r}: its server has not replayed {after} after wait={wait:g} s; "
+                "read from the primary pool (the one with read_dsn), which turns to the primary then"
+            )
+        reads._count_fallback(f"its server has not replayed {after} after {wait:g} s")
+        return None
+
+    def _unreachable(self) -> bool:
+        """Tell whether the pool has no connection and its last attempt to open one failed."""
+        with self._lock:
+            return self._failures > 0 and not self._idle and not self._in_use
+
+    def _count_fallback(self, why: str) -> None:
+        with self._lock:
+            self._counters["reads_fallback"] += 1
+        _logger.debug("pool %r: reading on the primary instead: %s", self.name, why)
 
     def current_lsn(self) -> str:
         """Return the server's WAL position now: after a write commits, a token for read_connection()."""
@@ -1229,33 +1289,40 @@ class Pool:
             cur = psycopg2.extensions.cursor(conn)
             cur.execute(
                 "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
-                "ELSE pg_current_wal_insert_lsn() END)::text"
+                "ELSE pg_current_wal_insert_lsn() END)::text, current_setting('wal_block_size')::int"
             )
             row = cur.fetchone()
-        return str(row[0]) if row else "0/0"
+        return _page_start(row[0], row[1]) if row and row[0] else "0/0"
 
-    def _replayed(self, conn: psycopg2.extensions.connection, lsn: str, wait: float) -> bool:
-        """Tell whether *conn*'s server has replayed *lsn*, waiting up to *wait* seconds for it.
+    def _replayed(self, conn: _Connection, lsn: str, wait: float) -> bool:
+        """Tell whether *conn*'s server has replayed *lsn* (or is a primary past it), waiting up to *wait* s.
 
-        The answering query opens the transaction the caller goes on with, so its snapshot (in any
-        isolation level) is taken after the replay.
+        On a direct connection it asks in autocommit and lends the connection with no transaction
+        open: replay only moves forward, so whatever the caller runs next sees the write.  Through
+        a pooler the question opens the caller's transaction, so that the answer and the reads come
+        from the same server connection.
         """
+        query = (
+            "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
+            f"ELSE pg_current_wal_insert_lsn() END >= '{lsn}'::pg_lsn"  # lsn matched _LSN
+        )
+        pooled = isinstance(conn, _BehindPooler)
         deadline = time.monotonic() + wait
         pause, longest = _READ_ONLY_WAIT
-        cur = psycopg2.extensions.cursor(conn)
         waited = False
         while True:
-            cur.execute("SELECT NOT pg_is_in_recovery() OR pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,))
-            row = cur.fetchone()
+            if pooled:
+                cur = psycopg2.extensions.cursor(conn)
+                cur.execute(query)
+                row = cur.fetchone()
+            else:
+                row = _autocommit_query(conn, query)
             if row and row[0]:
                 with self._lock:
                     self._counters["reads_waited"] += waited
                 return True
             conn.rollback()
             if time.monotonic() + pause > deadline:
-                with self._lock:
-                    self._counters["reads_fallback"] += 1
-                _logger.debug("pool %r: the replica has not replayed %s after %.3f s", self.name, lsn, wait)
                 return False
             waited = True
             time.sleep(pause)
@@ -1443,11 +1510,23 @@ class Pool:
         return now + max(min(left / 2, self.config.connect_timeout), _CHECK_MIN_TIME)
 
     def _writable_problem(self, conn: _Connection, now: float, timeout: float | None) -> str | None:
-        """Check that *conn*'s server takes writes; return None, "read_only", "lost" or "stalled"."""
+        """Ask whether *conn*'s server takes writes; return None, "read_only", "lost" or "stalled".
+
+        While the pool is degraded because it connected to a read-only server, such a connection is
+        kept either way: the pool has warned, and a new connection would reach that server again.
+        Once one of them takes writes (unfenced, promoted, a pooler pointed elsewhere), so does the pool.
+        """
         problem = _bounded(conn, self._check_deadline(now, timeout), _writable)
+        if problem not in (None, "read_only"):
+            return problem
+        conn._pgops_seen_writable = now
+        if not conn._pgops_read_only_server:
+            return problem
         if problem is None:
-            conn._pgops_seen_writable = now
-        return problem
+            conn._pgops_read_only_server = False
+            self._note_server(in_recovery=False, read_only=False, pooled=False)
+            return None
+        return None if self._read_only_reason is not None else problem
 
     # -- return --------------------------------------------------------------------------------
 
@@ -1536,9 +1615,9 @@ class Pool:
             return "expired"
         if conn._pgops_refused_write:
             conn._pgops_refused_write = False
-            # Known at connect (the pool warned then): another connection would reach the same server.
-            if not conn._pgops_read_only_server:
-                # The caller's own READ ONLY transaction, or a server that stopped taking writes?
+            # The caller's own READ ONLY transaction, or a server that stopped taking writes?  (Not
+            # asked while the pool is degraded for the read-only server this connection was opened to.)
+            if not (conn._pgops_read_only_server and self._read_only_reason is not None):
                 return self._writable_problem(conn, now, None)
         return None
 
@@ -1591,9 +1670,10 @@ class Pool:
                 # Its siblings were opened to the same server (a fenced or demoted primary, a standby):
                 # check them before they are lent; new connections go through the DSN, which with
                 # target_session_attrs=read-write finds the server that takes writes now.
-                now = time.monotonic()
-                first_read_only = now - self._writable_before > _READ_ONLY_QUIET
-                self._writable_before = now
+                now = self._writable_before = time.monotonic()
+                first_read_only = now - self._read_only_warned > _READ_ONLY_QUIET
+                if first_read_only:
+                    self._read_only_warned = now
             self._wakeup.notify()
         if reason == "lost":
             _logger.warning("pool %r: discarding a broken connection; the pool opens a new one", self.name)
@@ -1708,8 +1788,11 @@ class Pool:
                 conn.__class__ = _BehindPooler  # the same object, refusing session-level SETs from now on
             if self._readonly:
                 conn.readonly = True  # sent in each BEGIN (BEGIN READ ONLY), never as a SET
+                if not pooled:
+                    # And for autocommit, which psycopg2 does not make read-only: the session's default.
+                    _autocommit_query(conn, "SET default_transaction_read_only = on")
             conn._pgops_read_only_server = read_only
-            self._note_server(in_recovery, read_only)
+            self._note_server(in_recovery, read_only, pooled)
             now = time.monotonic()
             conn._pgops_pool = self
             conn._pgops_last_used = now
@@ -1721,17 +1804,20 @@ class Pool:
             raise
         return conn
 
-    def _note_server(self, in_recovery: bool, read_only: bool) -> None:
+    def _note_server(self, in_recovery: bool, read_only: bool, pooled: bool) -> None:
         """Warn once when a pool meant for writes connects to a server that takes none."""
         if self.config.read_only:
             return
         reason = None
         if read_only:
             what = "a standby (in recovery)" if in_recovery else "a server with default_transaction_read_only"
-            reason = (
-                f"connected to {what}, where writes fail; add target_session_attrs=read-write to the "
-                "DSN so that libpq connects only to a server that takes writes"
+            fix = (
+                "point the pooler at the primary"
+                if pooled
+                else "add target_session_attrs=read-write to the DSN so that libpq connects only to a "
+                "server that takes writes"
             )
+            reason = f"connected{' through a pooler' if pooled else ''} to {what}, where writes fail; {fix}"
         with self._lock:
             before, self._read_only_reason = self._read_only_reason, reason
         if reason is not None and before is None:
@@ -1811,41 +1897,10 @@ class Pool:
                     self.config.leak_threshold,
                     "".join(stack).rstrip(),
                 )
-        if self._read_only_reason is not None and now >= self._next_recheck:
-            self._next_recheck = now + _READ_ONLY_RECHECK
-            self._recheck_read_only()
-
-    def _recheck_read_only(self) -> None:
-        """While a pool for writes has connections to a server that took no writes, ask one if it does now.
-
-        A fenced primary may be unfenced, a standby promoted: then health() is no longer degraded.
-        """
-        with self._lock:
-            conn = next((c for c in self._idle if c._pgops_read_only_server), None)
-            if conn is None:
-                left = any(c._pgops_read_only_server for c in self._in_use)
-            else:
-                self._idle.remove(conn)
-                self._in_use.add(conn)
-        if conn is None:
-            if not left:
-                self._note_server(in_recovery=False, read_only=False)
-            return
-        problem = _bounded(conn, time.monotonic() + self.config.connect_timeout, _writable)
-        if problem not in (None, "read_only"):
-            self._discard(conn, problem or "lost")
-            return
-        with self._lock:
-            self._in_use.discard(conn)
-            conn._pgops_read_only_server = problem is not None
-            if not self._closed:
-                self._hand_over(conn)
-            live = [*self._idle, *self._in_use]
-            left = any(c._pgops_read_only_server for c in live)
-        if self._closed:
-            self._discard(conn, "closed", in_use=False)
-        elif problem is None and not left:
-            self._note_server(in_recovery=False, read_only=False)
+        if self._read_only_reason is not None and now - self._writable_before >= _READ_ONLY_RECHECK:
+            # Ask again at the next checkout of each connection whether its server takes writes now.
+            with self._lock:
+                self._writable_before = now
 
     def _log_status(self) -> None:
         health = self.health()
@@ -2000,11 +2055,25 @@ def _autocommit_query(conn: _Connection, query: str) -> tuple[Any, ...]:
     conn.autocommit = True
     cur = psycopg2.extensions.cursor(conn)
     cur.execute(query)
-    row = cur.fetchone()
+    row = cur.fetchone() if cur.description is not None else None
     conn.autocommit = False
     if readonly is not None:
         conn.readonly = readonly
     return row or ()
+
+
+def _page_start(lsn: str, block_size: int) -> str:
+    """Return *lsn* moved back over a WAL page header it points just past, as text.
+
+    pg_current_wal_insert_lsn() at the start of an empty page points past the page's header (24 bytes,
+    40 at the start of a segment), where no record ends; a standby's replay position stops at the page
+    start until more WAL comes, so the token would never be reached.
+    """
+    high, _, low = lsn.partition("/")
+    position = int(high, 16) << 32 | int(low, 16)
+    if position % block_size in (24, 40):
+        position -= position % block_size
+    return f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
 
 
 def _select_one(conn: _Connection) -> None:
@@ -3707,14 +3776,15 @@ _STATUS_OF_POOL = {"healthy": "pass", "degraded": "warn", "unhealthy": "fail"}
 _RANK = {"pass": 0, "warn": 1, "fail": 2}
 _REASONS = {200: "OK", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed"}
 _REASONS.update({500: "Internal Server Error", 503: "Service Unavailable"})
-# The health check's question: in recovery, and how many seconds replay is behind (None on a primary;
-# 0 when a streaming standby has replayed all it received; else the age of the last replayed commit).
+# The health check's question: in recovery?  And on a standby: is its WAL receiver running, how far
+# has it received and replayed WAL (bytes), and how old is the last commit it replayed (seconds).
 _SERVER_CHECK = (
-    "SELECT pg_is_in_recovery(), CASE WHEN NOT pg_is_in_recovery() THEN NULL "
-    "WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() "
-    "AND EXISTS (SELECT FROM pg_stat_wal_receiver) THEN 0 "
-    "ELSE GREATEST(0, EXTRACT(EPOCH FROM clock_timestamp() - pg_last_xact_replay_timestamp())) END"
+    "SELECT pg_is_in_recovery(), EXISTS (SELECT FROM pg_stat_wal_receiver), "
+    "pg_wal_lsn_diff(pg_last_wal_receive_lsn(), '0/0')::bigint, "
+    "pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::bigint, "
+    "EXTRACT(EPOCH FROM clock_timestamp() - pg_last_xact_replay_timestamp())::float8"
 )
+_ID = "componentId"
 # Errors a database check reports as "not ready"; anything else is a bug and answers 500.
 _CHECK_ERRORS = (psycopg2.Error, PgOpsError, OSError)
 
@@ -3757,9 +3827,7 @@ class _Check:
             elif self.pending:
                 names = f": {', '.join(self.pending)}" if details else ""
                 found.append(f"migrations: {len(self.pending)} pending{names}")
-        if self.replica is not None:
-            found += self.replica.problems(details=details, label=f"read pool {self.replica.name!r}")
-        return found
+        return found  # a read pool's problems only warn: reads turn to the primary
 
 
 class _Flight:
@@ -3807,6 +3875,8 @@ class HealthApp:
         self._lock = threading.Lock()
         self._last: _Check | None = None
         self._flight: _Flight | None = None
+        # Per read pool: (when first seen, position) of WAL its server had received and not replayed.
+        self._unreplayed: dict[str, collections.deque[tuple[float, int]]] = {}
         _health_apps.add(self)
         self._ready_response: tuple[_Check, _Response] | None = None
         self._failing = False
@@ -3865,7 +3935,12 @@ class HealthApp:
         if self._authorized(environ):
             body.update(version=self.version, serviceId=self.service, checks=checks)
             body["description"] = f"health of {self.service} and its PostgreSQL pool"
-            notes = [f"{name}: {c[0]['output']}" for name, c in checks.items() if "output" in c[0]]
+            notes = [
+                f"{name}{f' {c.get(_ID)}' if len(entries) > 1 else ''}: {c['output']}"
+                for name, entries in checks.items()
+                for c in entries
+                if "output" in c
+            ]
             if notes:
                 body["output"] = "; ".join(notes)
         vary = [("Vary", "Authorization")] if self.token else []
@@ -3920,8 +3995,14 @@ class HealthApp:
         for pool, result in ((self.pool, check), (self.pool.replica, check.replica)):
             if pool is None or result is None:
                 continue
-            checks["postgres:responseTime"].append(_server_entry(result))
-            checks["postgres:connections"].append(_pool_entry(pool, now))
+            entry = _server_entry(result)
+            if result is check.replica and entry["status"] == "fail":
+                entry["status"] = "warn"  # reads turn to the primary meanwhile
+            checks["postgres:responseTime"].append(entry)
+            pool_entry = _pool_entry(pool, now)
+            if result is check.replica and pool_entry["status"] == "fail":
+                pool_entry["status"] = "warn"
+            checks["postgres:connections"].append(pool_entry)
             if result.read_only and result.error is None:
                 lag: dict[str, Any] = {"componentId": result.name, "componentType": "datastore"}
                 lag.update(observedValue=result.lag or 0.0, observedUnit="s", status="pass", time=result.time)
@@ -4021,7 +4102,9 @@ class HealthApp:
         except _CHECK_ERRORS as exc:
             error = self._check_error(exc, began, pool)
         elapsed_ms = (self._clock() - start) * 1000.0
-        in_recovery, lag = (bool(row[0]), None if row[1] is None else float(row[1])) if row else (False, None)
+        in_recovery, lag = bool(row and row[0]), None
+        if row and in_recovery:
+            lag = self._replay_lag(pool.name, *row[1:])
         config = pool.config
         return _Check(
             self._clock(),
@@ -4034,6 +4117,26 @@ class HealthApp:
             lag=lag,
             max_lag=config.max_replica_lag,
         )
+
+    def _replay_lag(
+        self, name: str, receiving: bool, received: int | None, replayed: int | None, commit_age: float | None
+    ) -> float | None:
+        """Return how long WAL a standby has received has waited to be replayed (seconds, None: unknown).
+
+        The oldest position received and not yet replayed is remembered from check to check with the
+        time it was first seen: the lag is how long ago that was (0 when all is replayed), so an idle
+        primary and WAL without commits (VACUUM, CHECKPOINT) cause no false lag.  A standby whose WAL
+        receiver is not running is cut off from its primary: its lag is the age of its last replayed commit.
+        """
+        if not receiving or received is None or replayed is None:
+            self._unreplayed.pop(name, None)
+            return None if commit_age is None else max(0.0, commit_age)
+        seen = self._unreplayed.setdefault(name, collections.deque())
+        while seen and seen[0][1] <= replayed:
+            seen.popleft()
+        if received > replayed and (not seen or seen[-1][1] < received):
+            seen.append((self._clock(), received))
+        return self._clock() - seen[0][0] if seen else 0.0
 
     def _check_error(self, exc: BaseException, began: float, pool: Pool) -> str:
         """Describe why a check failed; say so when it ran out of time (a cut-off reads as a lost server)."""

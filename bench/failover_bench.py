@@ -22,7 +22,8 @@ the end of promote(), stop. Variants:
 - (c) through PgBouncer (transaction mode, default_pool_size = ``--pool-size``) pointed at the
   primary, with retry.  PgBouncer has no target_session_attrs, so right after promote() the bench
   rewrites the port of the ``*`` line in its [databases] section to the standby's and sends RELOAD
-  on its admin console (``repoint()`` below), as a failover script or an operator would.
+  on its admin console (``PgBouncer.repoint()`` in tests/pgbouncer.py), as a failover script or an
+  operator would.
 
 **stopped primary** — variant (a) only: ``primary.stop("immediate")`` instead of the fence (no wait
 for replay: promotion replays what the standby received), then promote and write as above.
@@ -68,7 +69,6 @@ import collections
 import contextlib
 import logging
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -139,28 +139,6 @@ def drain_writes(server: LocalServer, timeout: float = 10.0) -> None:
     query = "SELECT count(*) FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()"
     with contextlib.closing(server.admin_connect()) as conn:
         wait_until(lambda: scalar(conn, query) == 0, timeout=timeout, message="writes still in flight")
-
-
-def repoint(bouncer: PgBouncer, server: LocalServer) -> None:
-    """Point PgBouncer's `*` [databases] entry at server (same host and password) and RELOAD it.
-
-    tests/pgbouncer.py writes the entry once, from `bouncer.backend`, and has no way to change it on a
-    running PgBouncer; this rewrites the port in that one line (the file keeps its owner and mode), keeps
-    `bouncer.backend` in step for a later restart, and reloads through the admin console.
-    """
-    old = bouncer.backend["port"]
-    text = bouncer.config_path.read_text()
-    entry = re.compile(rf"^(\* = host=\S+ port=){re.escape(old)}(?= )", re.MULTILINE)
-    text, count = entry.subn(rf"\g<1>{server.port}", text)
-    if count != 1:
-        raise RuntimeError(f"no `* = host=... port={old}` line in {bouncer.config_path}")
-    with bouncer.config_path.open("w") as f:  # truncate in place: owner and mode stay
-        f.write(text)
-    bouncer.backend["port"] = str(server.port)
-    with contextlib.closing(psycopg2.connect(bouncer.dsn("pgbouncer"))) as admin:
-        admin.autocommit = True
-        with admin.cursor() as cur:
-            cur.execute("RELOAD")
 
 
 class RecoveryProbe(threading.Thread):
@@ -381,7 +359,7 @@ def writes_through_failover(
         promoted_at = time.monotonic()
         run.promote_s = promoted_at - began
         if bouncer is not None:
-            repoint(bouncer, standby)
+            bouncer.repoint(standby)
         time.sleep(max(0.0, promoted_at + args.after - time.monotonic()))
         stop.set()
         for thread in threads:

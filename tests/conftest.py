@@ -130,8 +130,9 @@ def mdir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def pgbouncer(pg_server: PgServer) -> Iterator[Callable[..., PgBouncer]]:
-    """Factory `make(pool_mode="transaction", pool_size=4, **kw)` of running PgBouncers in front of the
-    session server; each is stopped after the test. Skips when pgbouncer is missing (raises in CI)."""
+    """Factory `make(pool_mode="transaction", pool_size=4, server=None, **kw)` of running PgBouncers in front
+    of the session server (or *server*); each is stopped after the test. Skips when pgbouncer is missing
+    (raises in CI)."""
     binary = find_pgbouncer()
     if binary is None:
         if in_ci():
@@ -139,8 +140,12 @@ def pgbouncer(pg_server: PgServer) -> Iterator[Callable[..., PgBouncer]]:
         pytest.skip("pgbouncer not installed: apt-get install pgbouncer")
     made: list[PgBouncer] = []
 
-    def make(pool_mode: str = "transaction", pool_size: int = 4, **kw: Any) -> PgBouncer:
-        bouncer = PgBouncer(pg_server, pool_mode=pool_mode, pool_size=pool_size, binary=binary, **kw)
+    def make(
+        pool_mode: str = "transaction", pool_size: int = 4, server: PgServer | None = None, **kw: Any
+    ) -> PgBouncer:
+        bouncer = PgBouncer(
+            server or pg_server, pool_mode=pool_mode, pool_size=pool_size, binary=binary, **kw
+        )
         made.append(bouncer)
         bouncer.start()
         return bouncer

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -254,6 +255,26 @@ class PgBouncer:
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
+
+    def repoint(self, server: PgServer) -> None:
+        """Point the `*` [databases] entry at *server* (same host, user and password) and RELOAD.
+
+        Server connections opened before keep their server until they are released; new ones go to
+        *server*. The config file is rewritten in place, so it keeps its owner and mode.
+        """
+        old = self.backend["port"]
+        port = _server_params(server)["port"]
+        entry = re.compile(rf"^(\* = host=\S+ port=){re.escape(old)}(?= )", re.MULTILINE)
+        text, count = entry.subn(rf"\g<1>{port}", self.config_path.read_text())
+        if count != 1:
+            raise RuntimeError(f"no `* = host=... port={old}` line in {self.config_path}")
+        with self.config_path.open("w") as f:
+            f.write(text)
+        self.backend["port"] = port
+        with contextlib.closing(psycopg2.connect(self.dsn("pgbouncer"))) as admin:
+            admin.autocommit = True
+            with admin.cursor() as cur:
+                cur.execute("RELOAD")
 
     # -- connecting ---------------------------------------------------------------------------------
 

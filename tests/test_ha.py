@@ -125,6 +125,37 @@ def test_writes_follow_a_fenced_primary_to_the_promoted_standby(
     assert missing == set()
 
 
+def test_writes_through_pgbouncer_follow_it_to_the_promoted_standby(
+    ha_pair: tuple[LocalServer, StandbyServer], pgbouncer: Callable[..., PgBouncer]
+) -> None:
+    """Through PgBouncer (transaction mode): fenced primary, standby promoted, PgBouncer repointed and
+    reloaded. Writes carry on with no caller error; once the pool's connections reach the new primary
+    through the same PgBouncer, the pool is healthy again (it had warned: through a pooler to a read-only
+    server)."""
+    primary, standby = ha_pair
+    _make_table(primary)
+    bouncer = pgbouncer("transaction", pool_size=4, server=primary)
+    with Pool(bouncer.dsn(), min_size=4, max_size=4, acquire_timeout=30) as pool:
+        pool.wait(timeout=30)
+        with _Writers(pool) as writers:
+            wait_until(lambda: writers.count() >= 50, timeout=30, message="writes before the fence")
+            fence(primary)
+            standby.wait_replayed(current_wal_lsn(primary))
+            standby.promote()
+            bouncer.repoint(standby)
+            promoted_at = writers.count()
+            wait_until(lambda: writers.count() >= promoted_at + 50, timeout=30, message="after promote")
+            # (All 4 connections are busy, so health is not "healthy": utilization is over 95 %.)
+            wait_until(
+                lambda: not any("where writes fail" in r for r in pool.health().reasons),
+                timeout=30,
+                message="no longer degraded for the read-only server",
+            )
+        assert writers.errors == []
+    missing = set(writers.acknowledged) - _ids(standby)
+    assert missing == set()
+
+
 def test_a_read_only_transaction_of_the_caller_keeps_its_connection(
     pg_server: PgServer, dsn: str, admin: psycopg2.extensions.connection
 ) -> None:
@@ -193,7 +224,12 @@ def test_a_fenced_server_makes_the_pool_degraded_until_writable_again(
             return True
 
         wait_until(written, timeout=30, message="writes after unfencing")
-        wait_until(lambda: pool.health().status == "healthy", timeout=30, message="healthy again")
+        # Asked again at checkouts every 2 s: one taking writes makes the pool healthy.
+        wait_until(
+            lambda: pool.run(lambda conn: None) is None and pool.health().status == "healthy",
+            timeout=30,
+            message="healthy again",
+        )
     assert any("takes writes again" in r.getMessage() for r in caplog.records)
 
 
@@ -362,19 +398,100 @@ def test_health_of_a_pool_with_a_read_pool(ha_pool: tuple[Pool, LocalServer, Sta
                 assert value.isdigit(), line  # counts are integers, as they were unlabelled
 
 
-def test_health_of_a_pool_whose_read_pool_is_down(
+def test_a_pool_whose_read_pool_is_down_stays_ready_and_reads_on_the_primary(
     ha_pool: tuple[Pool, LocalServer, StandbyServer],
 ) -> None:
-    pool, _primary, standby = ha_pool
+    """The read pool's server gone: ready stays 200 (detailed warns, naming the read pool), and reads
+    turn to the primary instead of waiting for the read pool."""
+    pool, primary, standby = ha_pool
+    assert pool.replica is not None
     app = HealthApp(pool, cache_ttl=0, ready_timeout=2)
     standby.stop("immediate")
-    reply = wait_until(
-        lambda: (r := pgtest.wsgi_call(app, "/health/ready")).status == 503 and r,
-        timeout=30,
-        message="not ready without the read pool",
-    )
-    assert reply.json()["reasons"][0].startswith("read pool 'default-read': ")
-    assert standby.password not in reply.body.decode()
+    for _ in range(3):  # the first waits up to the read pool's connect_timeout, the others not at all
+        with pool.read_connection() as conn:
+            assert scalar(conn, "SELECT inet_server_port()") == primary.port
+    assert pool.replica.stats()["reads_fallback"] >= 3
+    assert pgtest.wsgi_call(app, "/health/ready").status == 200
+    detailed = pgtest.wsgi_call(app, "/health/detailed")
+    assert detailed.status == 200
+    body = detailed.json()
+    assert body["status"] == "warn"
+    entries = {e["componentId"]: e for e in body["checks"]["postgres:responseTime"]}
+    assert entries["default"]["status"] == "pass"
+    assert entries["default-read"]["status"] == "warn"
+    assert "postgres:responseTime default-read: " in body["output"]
+    assert standby.password not in detailed.body.decode()
+
+
+def test_a_token_read_lends_a_connection_with_no_transaction_open(
+    ha_pool: tuple[Pool, LocalServer, StandbyServer],
+) -> None:
+    """After the replay check the caller may still choose its isolation level or autocommit."""
+    pool, _primary, _standby = ha_pool
+    pool.run(_insert(1))
+    token = pool.current_lsn()
+    with pool.read_connection(after=token, wait=30) as conn:
+        assert conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+        conn.set_session(isolation_level="REPEATABLE READ")
+        assert scalar(conn, "SHOW transaction_isolation") == "repeatable read"
+        assert scalar(conn, "SELECT count(*) FROM writes WHERE id = 1") == 1
+
+
+def test_a_read_pool_refuses_writes_in_autocommit_too(own_server: LocalServer) -> None:
+    """psycopg2 does not make autocommit statements READ ONLY; a read pool's session default does."""
+    _make_table(own_server)
+    with Pool(own_server.dsn(), read_only=True, min_size=1, max_size=1) as reads:
+        with reads.connection() as conn:
+            conn.autocommit = True
+            with pytest.raises(pgops.ReadOnlyError) as caught, conn.cursor() as cur:
+                cur.execute("INSERT INTO writes VALUES (1)")
+    assert caught.value.pgcode == "25006"
+    assert _ids(own_server) == set()
+
+
+def test_a_standalone_read_pool_waits_for_a_token_then_says_so(
+    ha_pair: tuple[LocalServer, StandbyServer],
+) -> None:
+    primary, standby = ha_pair
+    _make_table(primary)
+    with (
+        Pool(primary.dsn(), min_size=1, max_size=1) as writes,
+        Pool(standby.dsn(), read_only=True, min_size=1, max_size=1) as reads,
+    ):
+        writes.run(_insert(1))
+        with reads.read_connection(after=writes.current_lsn(), wait=30) as conn:
+            assert scalar(conn, "SELECT count(*) FROM writes") == 1
+        with contextlib.closing(standby.admin_connect()) as conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_wal_replay_pause()")
+        writes.run(_insert(2))
+        with pytest.raises(pgops.PoolTimeout, match="has not replayed"):
+            with reads.read_connection(after=writes.current_lsn(), wait=0.1):
+                pass
+
+
+@pytest.mark.parametrize(
+    ("lsn", "start"),
+    [("0/301A018", "0/301A000"), ("0/3000028", "0/3000000"), ("0/301A030", "0/301A030"), ("1/18", "1/0")],
+)
+def test_a_token_just_past_a_page_header_is_the_page_start(lsn: str, start: str) -> None:
+    """A standby's replay stops at a page start until more WAL comes; a token must not point past it."""
+    assert pgops._page_start(lsn, 8192) == start
+
+
+def test_replay_lag_counts_from_when_unreplayed_wal_was_first_seen(dsn: str) -> None:
+    """Lag is how long received WAL has waited: an old last commit alone (an idle primary, then WAL with
+    no commit such as VACUUM) is no lag."""
+    now = [100.0]
+    with Pool(dsn, min_size=0, max_size=1) as pool:
+        app = HealthApp(pool, clock=lambda: now[0])
+        assert app._replay_lag("r", True, 1000, 1000, 80.0) == 0.0  # all replayed; last commit 80 s ago
+        assert app._replay_lag("r", True, 2000, 1000, 80.0) == 0.0  # just received
+        now[0] = 103.0
+        assert app._replay_lag("r", True, 3000, 1500, 83.0) == 3.0  # the WAL seen at 100 still waits
+        now[0] = 104.0
+        assert app._replay_lag("r", True, 3000, 2500, 84.0) == 1.0  # that is replayed; 3000 seen at 103
+        assert app._replay_lag("r", True, 3000, 3000, 84.0) == 0.0
+        assert app._replay_lag("r", False, None, 3000, 84.0) == 84.0  # no WAL receiver: last commit's age
 
 
 # -- several pools in one process ----------------------------------------------------------------
@@ -483,16 +600,16 @@ def test_the_read_pool_password_appears_nowhere(
         assert pool.replica is not None
         app = HealthApp(pool, cache_ttl=0, ready_timeout=1)
         ready = pgtest.wsgi_call(app, "/health/ready")
-        assert ready.status == 503
+        assert ready.status == 200  # the read pool only warns
         with pytest.raises(pgops.CannotConnect) as caught:
-            with pool.read_connection():
-                pass
+            pool.replica.getconn()
+        with pool.read_connection() as conn:  # turns to the primary
+            assert scalar(conn, "SELECT 1") == 1
         texts = [
             repr(config),
             repr(pool),
             repr(pool.replica),
             str(caught.value),
-            ready.body.decode(),
             pgtest.wsgi_call(app, "/health/detailed").body.decode(),
             pgtest.wsgi_call(app, "/metrics").body.decode(),
             *(record.getMessage() for record in caplog.records),
