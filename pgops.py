@@ -695,6 +695,7 @@ _WRITABLE = "SELECT current_setting('transaction_read_only') = 'off'"
 _READ_ONLY_SQLSTATE = "25006"  # read_only_sql_transaction: also what a standby answers to a write
 _READ_ONLY_WAIT = (0.002, 0.05)  # first and longest pause while a replica catches up with a token
 _READ_ONLY_QUIET = 10.0  # seconds: one warning per episode of connections discarded as read-only
+_NUDGE_EVERY = 1.0  # seconds between connection attempts of a read pool that reads turn away from
 _READ_ONLY_RECHECK = 2.0  # seconds between asking a read-only server of a write pool if it takes writes
 _LSN = re.compile(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}\Z")
 _STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
@@ -784,6 +785,47 @@ def _on_refused_write(conn: _Connection, exc: BaseException) -> None:
             f"transactions are READ ONLY; run writes on the primary pool ({_one_line(exc)})"
         ) from exc
     conn._pgops_refused_write = True
+
+
+class _ReadPoolConnection(_Connection):
+    """A read pool's direct connection: read-only in autocommit too.
+
+    psycopg2 puts ``readonly`` only in BEGIN: switching autocommit on with readonly already set sends
+    nothing, so autocommit statements would run READ WRITE.  Here readonly is set again once
+    autocommit is on, which makes psycopg2 send ``SET default_transaction_read_only TO on`` (a
+    session SET, fine on a direct connection; psycopg2 undoes it when autocommit goes off).
+    """
+
+    @property
+    def autocommit(self) -> bool:
+        return bool(_SESSION["autocommit"].__get__(self))
+
+    @autocommit.setter
+    def autocommit(self, value: bool) -> None:
+        readonly = _SESSION["readonly"].__get__(self)
+        if value and readonly is not None and not self.autocommit:
+            _SESSION["readonly"].__set__(self, None)  # not in autocommit: nothing is sent
+            _SESSION["autocommit"].__set__(self, True)
+            _SESSION["readonly"].__set__(self, readonly)  # in autocommit: SET default_transaction_read_only
+        else:
+            _SESSION["autocommit"].__set__(self, value)
+
+    def set_session(
+        self,
+        isolation_level: Any = None,
+        readonly: Any = None,
+        deferrable: Any = None,
+        autocommit: Any = None,
+    ) -> None:
+        super().set_session(isolation_level, readonly, deferrable)
+        if autocommit is not None:
+            self.autocommit = bool(autocommit)
+
+    def set_isolation_level(self, level: Any) -> None:
+        if level == psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT:
+            self.autocommit = True
+        else:
+            super().set_isolation_level(level)
 
 
 # psycopg2's own descriptors of the session characteristics, which _BehindPooler guards.
@@ -1060,6 +1102,7 @@ class _Checkout:
                 with contextlib.suppress(psycopg2.Error):
                     conn.rollback()
         finally:
+            self._conn = None  # a second `with` on the same object takes a connection of its own
             self._pool.putconn(conn)
 
 
@@ -1117,6 +1160,8 @@ class Pool:
         self._writable_before = -math.inf
         self._read_only_reason: str | None = None  # a pool for writes connected to a read-only server
         self._read_only_warned = -math.inf  # when a discard as read-only was last logged as a warning
+        self._nudged = False  # the worker is to try one connection though nobody waits (see _nudge)
+        self._last_nudge = -math.inf
         self._counters = dict.fromkeys(
             (
                 "requests_num",
@@ -1242,6 +1287,7 @@ class Pool:
         """
         fallback = reads is not self  # a primary to turn to
         if fallback and reads._unreachable():
+            reads._nudge()
             reads._count_fallback("cannot reach its server")
             return None
         if fallback:
@@ -1259,8 +1305,14 @@ class Pool:
             return conn
         try:
             replayed = reads._replayed(conn, after, wait)
-        except BaseException:
+        except psycopg2.Error as exc:
             reads.putconn(conn)  # a broken connection is discarded there
+            if not fallback:
+                raise
+            reads._count_fallback(_one_line(exc, reads.config.dsn))
+            return None
+        except BaseException:
+            reads.putconn(conn)
             raise
         if replayed:
             return conn
@@ -1277,6 +1329,21 @@ class Pool:
         """Tell whether the pool has no connection and its last attempt to open one failed."""
         with self._lock:
             return self._failures > 0 and not self._idle and not self._in_use
+
+    def _nudge(self) -> None:
+        """Have the worker try to open one connection, at most once a second, though nobody waits.
+
+        Reads turned away from an unreachable read pool never queue in it, so without this a read pool
+        with min_size=0, or one that met a fatal error, would never try its server again.
+        """
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last_nudge < _NUDGE_EVERY or self._closed:
+                return
+            self._last_nudge = now
+            self._nudged = True
+            self._start_worker()
+            self._wakeup.notify()
 
     def _count_fallback(self, why: str) -> None:
         with self._lock:
@@ -1713,6 +1780,7 @@ class Pool:
                     return
                 wants = self._wants_connection()
                 if wants:
+                    self._nudged = False
                     self._size += 1
                     self._connecting = True
             if wants:
@@ -1733,8 +1801,8 @@ class Pool:
         """Tell whether the worker should open one more connection now (lock held)."""
         if self._size >= self.config.max_size:
             return False
-        if self._waiters:
-            return len(self._waiters) > 0
+        if self._waiters or self._nudged:
+            return True
         return self._fatal is None and self._size < self.config.min_size
 
     def _add_connection(self) -> None:
@@ -1787,10 +1855,9 @@ class Pool:
             if pooled:
                 conn.__class__ = _BehindPooler  # the same object, refusing session-level SETs from now on
             if self._readonly:
-                conn.readonly = True  # sent in each BEGIN (BEGIN READ ONLY), never as a SET
                 if not pooled:
-                    # And for autocommit, which psycopg2 does not make read-only: the session's default.
-                    _autocommit_query(conn, "SET default_transaction_read_only = on")
+                    conn.__class__ = _ReadPoolConnection  # read-only in autocommit too
+                conn.readonly = True  # sent in each BEGIN (BEGIN READ ONLY), never as a SET
             conn._pgops_read_only_server = read_only
             self._note_server(in_recovery, read_only, pooled)
             now = time.monotonic()
@@ -1901,6 +1968,9 @@ class Pool:
             # Ask again at the next checkout of each connection whether its server takes writes now.
             with self._lock:
                 self._writable_before = now
+                left = any(c._pgops_read_only_server for c in (*self._idle, *self._in_use))
+            if not left:  # trimmed or recycled: the next connection's probe tells
+                self._note_server(in_recovery=False, read_only=False, pooled=False)
 
     def _log_status(self) -> None:
         health = self.health()
@@ -3877,6 +3947,7 @@ class HealthApp:
         self._flight: _Flight | None = None
         # Per read pool: (when first seen, position) of WAL its server had received and not replayed.
         self._unreplayed: dict[str, collections.deque[tuple[float, int]]] = {}
+        self._streamed: dict[str, float] = {}  # per read pool: when its WAL receiver was last seen running
         _health_apps.add(self)
         self._ready_response: tuple[_Check, _Response] | None = None
         self._failing = False
@@ -4093,14 +4164,21 @@ class HealthApp:
         """Ask *pool*'s server whether it answers, is in recovery, and how far its replay is behind."""
         start = self._clock()
         error, row = None, None
-        try:
-            with pool.connection(timeout=self.ready_timeout) as conn, conn.cursor() as cur:
-                timeout_ms = max(1, int(self.ready_timeout * 1000))
-                cur.execute("SET LOCAL statement_timeout = %s", (timeout_ms,))
-                cur.execute(_SERVER_CHECK)
-                row = cur.fetchone()
-        except _CHECK_ERRORS as exc:
-            error = self._check_error(exc, began, pool)
+        if pool is self.pool.replica and pool._unreachable():
+            # Not ready_timeout of waiting for every check while it is down: its last error.
+            pool._nudge()
+            with pool._lock:
+                last_error = pool._last_error
+            error = f"cannot connect: {_clean(last_error or 'no connection', pool.config.dsn)}"
+        else:
+            try:
+                with pool.connection(timeout=self.ready_timeout) as conn, conn.cursor() as cur:
+                    timeout_ms = max(1, int(self.ready_timeout * 1000))
+                    cur.execute("SET LOCAL statement_timeout = %s", (timeout_ms,))
+                    cur.execute(_SERVER_CHECK)
+                    row = cur.fetchone()
+            except _CHECK_ERRORS as exc:
+                error = self._check_error(exc, began, pool)
         elapsed_ms = (self._clock() - start) * 1000.0
         in_recovery, lag = bool(row and row[0]), None
         if row and in_recovery:
@@ -4126,17 +4204,26 @@ class HealthApp:
         The oldest position received and not yet replayed is remembered from check to check with the
         time it was first seen: the lag is how long ago that was (0 when all is replayed), so an idle
         primary and WAL without commits (VACUUM, CHECKPOINT) cause no false lag.  A standby whose WAL
-        receiver is not running is cut off from its primary: its lag is the age of its last replayed commit.
+        receiver is not running is cut off from its primary: at least as far behind as the time since
+        its receiver was last seen (or, never seen streaming, the age of its last replayed commit).
         """
-        if not receiving or received is None or replayed is None:
-            self._unreplayed.pop(name, None)
-            return None if commit_age is None else max(0.0, commit_age)
+        now = self._clock()
         seen = self._unreplayed.setdefault(name, collections.deque())
-        while seen and seen[0][1] <= replayed:
-            seen.popleft()
-        if received > replayed and (not seen or seen[-1][1] < received):
-            seen.append((self._clock(), received))
-        return self._clock() - seen[0][0] if seen else 0.0
+        if replayed is not None:
+            while seen and seen[0][1] <= replayed:
+                seen.popleft()
+        waiting = now - seen[0][0] if seen else 0.0
+        if not receiving or received is None or replayed is None:
+            streamed = self._streamed.get(name)
+            if streamed is None:  # never seen streaming (archive recovery): its last commit's age
+                return None if commit_age is None else max(0.0, commit_age)
+            return max(waiting, now - streamed)  # cut off since then: at least that far behind
+        self._streamed[name] = now
+        if seen and received < seen[-1][1]:
+            seen.clear()  # received went back: a restarted standby or a new timeline
+        if received > (replayed or 0) and (not seen or seen[-1][1] < received):
+            seen.append((now, received))
+        return now - seen[0][0] if seen else 0.0
 
     def _check_error(self, exc: BaseException, began: float, pool: Pool) -> str:
         """Describe why a check failed; say so when it ran out of time (a cut-off reads as a lost server)."""

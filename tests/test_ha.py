@@ -8,6 +8,7 @@ default_transaction_read_only, `pg_ctl promote`, PgBouncer in transaction mode (
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -438,15 +439,94 @@ def test_a_token_read_lends_a_connection_with_no_transaction_open(
 
 
 def test_a_read_pool_refuses_writes_in_autocommit_too(own_server: LocalServer) -> None:
-    """psycopg2 does not make autocommit statements READ ONLY; a read pool's session default does."""
+    """psycopg2 does not make autocommit statements READ ONLY; a read pool's connections do, however often
+    autocommit is switched, by whichever call, over several checkouts of the same connection."""
     _make_table(own_server)
+
+    def switches(conn: psycopg2.extensions.connection) -> Iterator[None]:
+        conn.autocommit = True
+        yield
+        conn.autocommit = False
+        conn.autocommit = True
+        yield
+        conn.autocommit = False
+        conn.set_session(autocommit=True)
+        yield
+        conn.autocommit = False
+        conn.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
+        yield
+
+    refused = 0
     with Pool(own_server.dsn(), read_only=True, min_size=1, max_size=1) as reads:
-        with reads.connection() as conn:
-            conn.autocommit = True
-            with pytest.raises(pgops.ReadOnlyError) as caught, conn.cursor() as cur:
-                cur.execute("INSERT INTO writes VALUES (1)")
-    assert caught.value.pgcode == "25006"
+        for _checkout in range(3):
+            with reads.connection() as conn:
+                for _ in switches(conn):
+                    assert scalar(conn, "SHOW transaction_read_only") == "on"
+                    with pytest.raises(pgops.ReadOnlyError) as caught, conn.cursor() as cur:
+                        cur.execute("INSERT INTO writes VALUES (1)")
+                    assert caught.value.pgcode == "25006"
+                    refused += 1
+    assert refused == 12
     assert _ids(own_server) == set()
+
+
+def test_a_checkout_object_used_twice_takes_a_connection_each_time(dsn: str) -> None:
+    with Pool(dsn, min_size=2, max_size=2) as pool:
+        checkout = pool.connection()
+        with checkout as first:
+            pass
+        other = pool.getconn()
+        with checkout as second:
+            assert second is not other
+        pool.putconn(other)
+        assert pool.stats()["pool_in_use"] == 0
+        assert first is not None
+
+
+def test_a_read_pool_that_could_not_connect_tries_again_by_itself(
+    ha_pair: tuple[LocalServer, StandbyServer],
+) -> None:
+    """min_size=0 and the standby down: reads turn to the primary, and the read pool, which no read waits
+    in, still tries its server again, so reads come back to the standby once it is up."""
+    primary, standby = ha_pair
+    standby.stop("fast")
+    with Pool(primary.dsn(), read_dsn=standby.dsn(), min_size=0, max_size=2, connect_timeout=1) as pool:
+        assert pool.replica is not None
+        for _ in range(2):
+            with pool.read_connection() as conn:
+                assert scalar(conn, "SELECT inet_server_port()") == primary.port
+        assert pool.replica.stats()["reads_fallback"] == 2
+        standby.start()
+
+        def on_standby() -> bool:
+            with pool.read_connection() as conn:
+                return bool(scalar(conn, "SELECT inet_server_port()") == standby.port)
+
+        wait_until(on_standby, timeout=30, message="reads back on the standby")
+
+
+def test_the_degraded_state_ends_when_its_connections_are_gone(own_server: LocalServer) -> None:
+    """Fenced while a second connection opened, unfenced, the surplus connection trimmed as idle: the pool
+    is not left degraded."""
+    _make_table(own_server)
+    with Pool(own_server.dsn(), min_size=1, max_size=2, idle_timeout=1) as pool:
+        pool.wait(timeout=30)
+        first = pool.getconn()
+        fence(own_server)
+        second = pool.getconn()  # a new connection, to a read-only server
+        assert any("where writes fail" in reason for reason in pool.health().reasons)
+        with contextlib.closing(own_server.admin_connect()) as conn, conn.cursor() as cur:
+            cur.execute("ALTER SYSTEM RESET default_transaction_read_only")
+            cur.execute("SELECT pg_reload_conf()")
+        pool.putconn(second)
+        pool.putconn(first)
+        wait_until(lambda: pool.stats()["pool_size"] == 1, timeout=30, message="surplus trimmed")
+        ids = itertools.count(1)
+        wait_until(
+            lambda: pool.run(_insert(next(ids))) is None and pool.health().status == "healthy",
+            timeout=30,
+            message="healthy again",
+        )
 
 
 def test_a_standalone_read_pool_waits_for_a_token_then_says_so(
@@ -491,7 +571,13 @@ def test_replay_lag_counts_from_when_unreplayed_wal_was_first_seen(dsn: str) -> 
         now[0] = 104.0
         assert app._replay_lag("r", True, 3000, 2500, 84.0) == 1.0  # that is replayed; 3000 seen at 103
         assert app._replay_lag("r", True, 3000, 3000, 84.0) == 0.0
-        assert app._replay_lag("r", False, None, 3000, 84.0) == 84.0  # no WAL receiver: last commit's age
+        now[0] = 110.0  # the WAL receiver gone (the primary restarting, say) since 104
+        assert app._replay_lag("r", False, None, 3000, 90.0) == 6.0
+        now[0] = 112.0
+        assert app._replay_lag("r", True, 5000, 4000, 92.0) == 0.0
+        now[0] = 113.0
+        assert app._replay_lag("r", True, 200, 100, 93.0) == 0.0  # received went back: a new timeline
+        assert app._replay_lag("s", False, None, 3000, 84.0) == 84.0  # never seen streaming: commit age
 
 
 # -- several pools in one process ----------------------------------------------------------------
