@@ -848,6 +848,15 @@ def _refuse_session_set(what: str) -> PoolError:
     )
 
 
+def _guarded(name: str) -> Any:
+    """Return a property for psycopg2's session characteristic *name* whose setter _BehindPooler checks."""
+
+    def set_value(conn: _BehindPooler, value: Any) -> None:
+        conn._set_characteristic(name, value)
+
+    return property(_SESSION[name].__get__, set_value)
+
+
 class _BehindPooler(_Connection):
     """A pooled connection through a connection pooler: psycopg2 must send no session-level SET.
 
@@ -877,32 +886,9 @@ class _BehindPooler(_Connection):
             raise _refuse_session_set(f"{name}={value!r} with autocommit=True")
         _SESSION[name].__set__(self, value)
 
-    @property
-    def readonly(self) -> bool | None:
-        value: bool | None = _SESSION["readonly"].__get__(self)
-        return value
-
-    @readonly.setter
-    def readonly(self, value: Any) -> None:
-        self._set_characteristic("readonly", value)
-
-    @property
-    def isolation_level(self) -> int | None:
-        value: int | None = _SESSION["isolation_level"].__get__(self)
-        return value
-
-    @isolation_level.setter
-    def isolation_level(self, value: Any) -> None:
-        self._set_characteristic("isolation_level", value)
-
-    @property
-    def deferrable(self) -> bool | None:
-        value: bool | None = _SESSION["deferrable"].__get__(self)
-        return value
-
-    @deferrable.setter
-    def deferrable(self, value: Any) -> None:
-        self._set_characteristic("deferrable", value)
+    readonly = _guarded("readonly")
+    isolation_level = _guarded("isolation_level")
+    deferrable = _guarded("deferrable")
 
     def set_session(
         self,

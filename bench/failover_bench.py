@@ -87,8 +87,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import pgops  # noqa: E402
 from pgbouncer import PgBouncer, find_pgbouncer  # noqa: E402
-from pgtest import LocalServer, scalar, wait_until  # noqa: E402
-from standby import StandbyServer, current_wal_lsn, fence, ha_dsn  # noqa: E402
+from pgtest import LocalServer, scalar  # noqa: E402
+from standby import StandbyServer, current_wal_lsn, drain_writes, fence, ha_dsn, streaming_standby  # noqa: E402
 
 POLICY = pgops.RetryPolicy(max_attempts=50, initial_delay=0.02, max_delay=0.5, deadline=30)
 POLICY_TEXT = "RetryPolicy(max_attempts=50, initial_delay=0.02, max_delay=0.5, deadline=30)"
@@ -123,22 +123,10 @@ def ha_pair(table: str) -> Iterator[tuple[LocalServer, StandbyServer]]:
             primary.start()
             with contextlib.closing(primary.admin_connect()) as conn, conn.cursor() as cur:
                 cur.execute(table)
-            standby = StandbyServer(primary, Path(base) / "standby")
-            try:
-                standby.start()
-                standby.wait_streaming(primary)
+            with streaming_standby(primary, Path(base) / "standby") as standby:
                 yield primary, standby
-            finally:
-                standby.cleanup()
         finally:
             primary.cleanup()
-
-
-def drain_writes(server: LocalServer, timeout: float = 10.0) -> None:
-    """Wait until no session on server holds a transaction id: every write begun before a fence is over."""
-    query = "SELECT count(*) FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()"
-    with contextlib.closing(server.admin_connect()) as conn:
-        wait_until(lambda: scalar(conn, query) == 0, timeout=timeout, message="writes still in flight")
 
 
 class RecoveryProbe(threading.Thread):

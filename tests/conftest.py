@@ -14,7 +14,7 @@ import pytest
 import pgtest
 from pgbouncer import PgBouncer, PgBouncerNotFound, find_pgbouncer
 from pgtest import ExternalServer, LocalServer, PgServer, PostgresNotFound, temporary_database
-from standby import StandbyServer
+from standby import StandbyServer, streaming_standby
 
 
 def in_ci() -> bool:
@@ -109,13 +109,8 @@ def ha_pair(tmp_path: Path) -> Iterator[tuple[LocalServer, StandbyServer]]:
     """
     primary = _local_server(tmp_path / "primary")
     try:
-        standby = StandbyServer(primary, tmp_path / "standby")
-        try:
-            standby.start()
-            standby.wait_streaming(primary)
+        with streaming_standby(primary, tmp_path / "standby") as standby:
             yield primary, standby
-        finally:
-            standby.cleanup()
     finally:
         primary.cleanup()
 

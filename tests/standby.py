@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg2.extensions
@@ -139,6 +140,38 @@ def fence(server: LocalServer, timeout: float = _WAIT_TIMEOUT) -> None:
 def unfence(server: LocalServer, timeout: float = _WAIT_TIMEOUT) -> None:
     """Undo fence(): new sessions on server may write again."""
     _set_read_only(server, "ALTER SYSTEM RESET default_transaction_read_only", "off", timeout)
+
+
+def drain_writes(server: LocalServer, timeout: float = _WAIT_TIMEOUT) -> None:
+    """Wait until no session on server holds a transaction id: every write begun before a fence is over.
+
+    A transaction that wrote before the fence may still commit after it; its commit must be in the WAL
+    the standby replays before promotion, or an acknowledged write would be lost.
+    """
+    query = "SELECT count(*) FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()"
+    with contextlib.closing(server.admin_connect()) as conn:
+        wait_until(lambda: scalar(conn, query) == 0, timeout=timeout, message="writes still in flight")
+
+
+def fail_over(primary: LocalServer, standby: StandbyServer, timeout: float = _WAIT_TIMEOUT) -> None:
+    """A planned failover that loses no acknowledged write: fence the primary, let the writes begun
+    before the fence finish, wait until the standby has replayed everything, promote it."""
+    fence(primary, timeout)
+    drain_writes(primary, timeout)
+    standby.wait_replayed(current_wal_lsn(primary), timeout)
+    standby.promote(timeout)
+
+
+@contextlib.contextmanager
+def streaming_standby(primary: LocalServer, base_dir: str | os.PathLike[str]) -> Iterator[StandbyServer]:
+    """A hot standby of the running primary in base_dir, started and streaming; removed afterwards."""
+    standby = StandbyServer(primary, base_dir)
+    try:
+        standby.start()
+        standby.wait_streaming(primary)
+        yield standby
+    finally:
+        standby.cleanup()
 
 
 def ha_dsn(*servers: LocalServer, dbname: str = "postgres", **kw: Any) -> str:

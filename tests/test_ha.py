@@ -23,7 +23,7 @@ import pgtest
 from pgbouncer import PgBouncer
 from pgops import HealthApp, Pool, PoolConfig, RetryPolicy
 from pgtest import LocalServer, PgServer, scalar, wait_until
-from standby import StandbyServer, current_wal_lsn, fence, ha_dsn
+from standby import StandbyServer, current_wal_lsn, fail_over, fence, ha_dsn
 
 # Enough attempts to outlast a failover, fast first retries; the deadline keeps a broken run finite.
 FAILOVER_RETRY = RetryPolicy(max_attempts=200, initial_delay=0.01, max_delay=0.2, deadline=60)
@@ -110,9 +110,7 @@ def test_writes_follow_a_fenced_primary_to_the_promoted_standby(
         pool.wait(timeout=30)
         with _Writers(pool) as writers:
             wait_until(lambda: writers.count() >= 50, timeout=30, message="writes before the fence")
-            fence(primary)
-            standby.wait_replayed(current_wal_lsn(primary))
-            standby.promote()
+            fail_over(primary, standby)
             promoted_at = writers.count()
             wait_until(
                 lambda: writers.count() >= promoted_at + 50, timeout=30, message="writes after promote"
@@ -140,9 +138,7 @@ def test_writes_through_pgbouncer_follow_it_to_the_promoted_standby(
         pool.wait(timeout=30)
         with _Writers(pool) as writers:
             wait_until(lambda: writers.count() >= 50, timeout=30, message="writes before the fence")
-            fence(primary)
-            standby.wait_replayed(current_wal_lsn(primary))
-            standby.promote()
+            fail_over(primary, standby)
             bouncer.repoint(standby)
             promoted_at = writers.count()
             wait_until(lambda: writers.count() >= promoted_at + 50, timeout=30, message="after promote")
