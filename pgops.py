@@ -1289,17 +1289,23 @@ class Pool:
             return None
         if after is None:
             return conn
+        # Bounded like the pool's own checks: a network that stalls must not hold the read for ever.
+        _watchdog.guard(conn, time.monotonic() + wait + reads.config.connect_timeout)
         try:
             replayed = reads._replayed(conn, after, wait)
-        except psycopg2.Error as exc:
-            reads.putconn(conn)  # a broken connection is discarded there
-            if not fallback:
+        except BaseException as exc:
+            _watchdog.release(conn)
+            reads.putconn(conn)  # a broken or cut-off connection is discarded there
+            if not (fallback and isinstance(exc, psycopg2.Error)):
                 raise
             reads._count_fallback(_one_line(exc, reads.config.dsn))
             return None
-        except BaseException:
+        if _watchdog.release(conn):  # cut off just after it answered: unusable all the same
             reads.putconn(conn)
-            raise
+            if not fallback:
+                raise psycopg2.OperationalError(f"pool {reads.name!r}: its server did not answer in time")
+            reads._count_fallback("its server did not answer in time")
+            return None
         if replayed:
             return conn
         reads.putconn(conn)

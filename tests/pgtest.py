@@ -15,6 +15,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -81,6 +82,27 @@ def wait_until(
         if remaining <= 0:
             raise AssertionError(f"{message} (waited {timeout:.1f}s)")
         time.sleep(min(interval, remaining))
+
+
+def run_bounded(fn: Callable[[], Any], bound: float) -> Any:
+    """Run fn in a thread and return its result or exception, failing if it outlasts bound.
+
+    A thread, so that the code before the fix (which blocks for as long as the stall lasts) fails
+    the test instead of hanging it; the proxy's close at teardown then lets the thread end.
+    """
+    outcome: list[Any] = []
+
+    def target() -> None:
+        try:
+            outcome.append(fn())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(bound)
+    assert outcome, f"still blocked after {bound:.1f} s"
+    return outcome[0]
 
 
 def write(directory: Path, name: str, text: str | bytes) -> Path:

@@ -20,9 +20,10 @@ import pytest
 
 import pgops
 import pgtest
+from netproxy import Proxy
 from pgbouncer import PgBouncer
 from pgops import HealthApp, Pool, PoolConfig, RetryPolicy
-from pgtest import LocalServer, PgServer, scalar, wait_until
+from pgtest import LocalServer, PgServer, run_bounded, scalar, wait_until
 from standby import StandbyServer, current_wal_lsn, fail_over, fence, ha_dsn
 
 # Enough attempts to outlast a failover, fast first retries; the deadline keeps a broken run finite.
@@ -698,3 +699,41 @@ def test_the_read_pool_password_appears_nowhere(
         ]
     assert "password authentication failed" in str(caught.value)
     assert [text for text in texts if secret in text] == []
+
+
+def test_a_token_read_on_a_stalled_replica_network_turns_to_the_primary(
+    ha_pair: tuple[LocalServer, StandbyServer],
+) -> None:
+    """The read pool's network holds traffic during the replay check: the watchdog cuts the connection
+    off, and the read goes to the primary instead of hanging for as long as the stall lasts."""
+    primary, standby = ha_pair
+    _make_table(primary)
+    with Proxy(standby.host, standby.port) as proxy:
+        read_dsn = standby.dsn(host="127.0.0.1", port=proxy.port)
+        # test_before_acquire off: the read pool's connection is lent unchecked, so it is the replay check
+        # that stalls.
+        config = PoolConfig(
+            primary.dsn(),
+            read_dsn=read_dsn,
+            min_size=1,
+            max_size=1,
+            connect_timeout=1,
+            test_before_acquire=False,
+        )
+        with Pool(config) as pool:
+            assert pool.replica is not None
+            pool.replica.wait(timeout=30)
+            pool.run(_insert(1))
+            token = pool.current_lsn()
+            with pool.read_connection(after=token, wait=30):
+                pass
+            proxy.hold()
+
+            def read() -> object:
+                with pool.read_connection(after=pool.current_lsn(), wait=0.5) as conn:
+                    return scalar(conn, "SELECT inet_server_port()")
+
+            # Bounded only so that a regression fails instead of hanging: the bound is not the point.
+            assert run_bounded(read, 60) == primary.port
+            assert pool.replica.stats()["reads_fallback"] >= 1
+            proxy.release()

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import pgops
 import pgtest
 from netproxy import Proxy
 from pgops import HealthApp, Migrator, Pool, PoolTimeout
-from pgtest import PgServer, wait_until
+from pgtest import PgServer, run_bounded, wait_until
 
 # The bounds below are the requirement (the defect blocked for as long as the stall lasted), with a
 # margin generous enough for a loaded CI machine.
@@ -37,27 +36,6 @@ def proxy(pg_server: PgServer, dbname: str) -> Iterator[Proxy]:
 def proxied_dsn(pg_server: PgServer, dbname: str, proxy: Proxy) -> str:
     """A DSN of this test's database through the proxy."""
     return pg_server.dsn(dbname, host="127.0.0.1", port=proxy.port)
-
-
-def run_bounded(fn: Callable[[], Any], bound: float) -> Any:
-    """Run fn in a thread and return its result or exception, failing if it outlasts bound.
-
-    A thread, so that the code before the fix (which blocks for as long as the stall lasts) fails
-    the test instead of hanging it; the proxy's close at teardown then lets the thread end.
-    """
-    outcome: list[Any] = []
-
-    def target() -> None:
-        try:
-            outcome.append(fn())
-        except BaseException as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(bound)
-    assert outcome, f"still blocked after {bound:.1f} s"
-    return outcome[0]
 
 
 def not_recently_used() -> None:
