@@ -1289,33 +1289,39 @@ class Pool:
             return None
         if after is None:
             return conn
-        # Bounded like the pool's own checks: a network that stalls must not hold the read for ever.
-        _watchdog.guard(conn, time.monotonic() + wait + reads.config.connect_timeout)
         try:
-            replayed = reads._replayed(conn, after, wait)
-        except BaseException as exc:
-            _watchdog.release(conn)
-            reads.putconn(conn)  # a broken or cut-off connection is discarded there
-            if not (fallback and isinstance(exc, psycopg2.Error)):
-                raise
-            reads._count_fallback(_one_line(exc, reads.config.dsn))
-            return None
-        if _watchdog.release(conn):  # cut off just after it answered: unusable all the same
+            problem = reads._replay_problem(conn, after, wait)
+        except BaseException:
             reads.putconn(conn)
-            if not fallback:
-                raise psycopg2.OperationalError(f"pool {reads.name!r}: its server did not answer in time")
-            reads._count_fallback("its server did not answer in time")
-            return None
-        if replayed:
+            raise
+        if problem is None:
             return conn
-        reads.putconn(conn)
+        reads.putconn(conn)  # a broken or cut-off connection is discarded there
         if not fallback:
-            raise PoolTimeout(
-                f"pool {reads.name!r}: its server has not replayed {after} after wait={wait:g} s; "
-                "read from the primary pool (the one with read_dsn), which turns to the primary then"
-            )
-        reads._count_fallback(f"its server has not replayed {after} after {wait:g} s")
+            raise problem
+        reads._count_fallback(_one_line(problem, reads.config.dsn))
         return None
+
+    def _replay_problem(self, conn: _Connection, lsn: str, wait: float) -> BaseException | None:
+        """Wait for *conn*'s server to replay *lsn*; return None once it has, else the error saying why not.
+
+        Bounded like the pool's own checks: on a network that stalls the watchdog cuts *conn* off.
+        """
+        _watchdog.guard(conn, time.monotonic() + wait + self.config.connect_timeout)
+        try:
+            replayed = self._replayed(conn, lsn, wait)
+        except psycopg2.Error as exc:
+            return exc
+        finally:
+            stalled = _watchdog.release(conn)
+        if stalled:  # cut off just after it answered: unusable all the same
+            return psycopg2.OperationalError(f"pool {self.name!r}: its server did not answer in time")
+        if replayed:
+            return None
+        return PoolTimeout(
+            f"pool {self.name!r}: its server has not replayed {lsn} after wait={wait:g} s; "
+            "read from the primary pool (the one with read_dsn), which turns to the primary then"
+        )
 
     def _unreachable(self) -> bool:
         """Tell whether the pool has no connection and its last attempt to open one failed."""
