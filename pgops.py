@@ -760,14 +760,39 @@ class _Connection(psycopg2.extensions.connection):
         self._pgops_queries = 0
         self._pgops_errors = 0
         self._pgops_ms = 0.0
-        self._pgops_poll: Any = select.poll()  # polled at each checkout for the server's goodbye
-        self._pgops_poll.register(self.fileno(), select.POLLIN)
+        self._pgops_poll = _readiness(self.fileno())  # polled at each checkout for the server's goodbye
         self._pgops_guarded: Pool | None = None  # lent by this pool under _deadline() (see _lend)
         self._pgops_stalled = False  # cut off by the watchdog: never hand it out again
         self._pgops_inherited = False  # opened by the parent of this (forked) process: never touch it
         self._pgops_refused_write = False  # a statement failed with 25006: its server may take no writes
         self._pgops_read_only_server = False  # its server took no writes when it connected
         self._pgops_seen_writable = now  # when its server was last known to take writes (or examined)
+
+
+class _SelectPoll:
+    """select.poll's one method for one socket, made of select.select: for Windows, which has no poll().
+
+    Windows' select() takes socket handles of any value; POSIX select() fails on descriptors past
+    1024, so poll() is used wherever it exists (Linux, macOS, the BSDs).
+    """
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def poll(self, timeout: float) -> list[int]:
+        readable, _, _ = select.select([self._fd], [], [], timeout)
+        return readable
+
+
+def _readiness(fd: int) -> Any:
+    """Return an object whose poll(0) tells at once whether *fd* has something to read."""
+    if not hasattr(select, "poll"):
+        return _SelectPoll(fd)
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return poller
 
 
 def _refused_write(exc: BaseException) -> bool:
@@ -1016,20 +1041,19 @@ def _cut(conn: _Connection) -> None:
     if conn.closed:
         return
     conn._pgops_stalled = True
-    # shutdown() acts on the socket itself, so a duplicate descriptor reaches the one libpq reads from;
-    # libpq keeps its descriptor, which stays valid until the pool closes the connection.  A server
-    # that ended the session just now may have left libpq without one: nothing to cut then.
+    # shutdown() acts on the socket itself, on every system (a descriptor on POSIX, a socket handle on
+    # Windows); detach() hands libpq's descriptor back unclosed, and it stays valid until the pool
+    # closes the connection.  A server that ended the session just now may have left libpq without
+    # one: nothing to cut then.
     try:
-        duplicate = os.dup(conn.fileno())
+        sock = socket.socket(fileno=conn.fileno())
     except (OSError, psycopg2.Error):
         return
     try:
-        sock = socket.socket(fileno=duplicate)
-    except OSError:
-        os.close(duplicate)
-        return
-    with sock, contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+    finally:
+        sock.detach()
 
 
 _watchdog = _Watchdog()
@@ -4831,14 +4855,15 @@ def _cancel_on_signals(migrator: Migrator) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield  # signals are delivered to the main thread only; main() called from a thread has none
         return
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(write_fd, False)
-    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    # A socket pair, not a pipe: Windows takes only a socket as the wakeup fd.
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
     previous_term = signal.getsignal(signal.SIGTERM)
     if previous_term == signal.SIG_DFL:  # an ignored SIGTERM stays ignored
         signal.signal(signal.SIGTERM, _raise_terminated)
     watcher = threading.Thread(
-        target=_cancel_on_wakeup, args=(read_fd, migrator), name="pgops-signals", daemon=True
+        target=_cancel_on_wakeup, args=(reader, migrator), name="pgops-signals", daemon=True
     )
     watcher.start()
     try:
@@ -4846,14 +4871,14 @@ def _cancel_on_signals(migrator: Migrator) -> Iterator[None]:
     finally:
         signal.signal(signal.SIGTERM, previous_term)
         signal.set_wakeup_fd(previous_fd)
-        os.close(write_fd)  # the watcher reads end-of-file and returns
+        writer.close()  # the watcher reads end-of-file and returns
         watcher.join()
-        os.close(read_fd)
+        reader.close()
 
 
-def _cancel_on_wakeup(read_fd: int, migrator: Migrator) -> None:
-    """Cancel the migrator's statement each time SIGINT or SIGTERM arrives, until the pipe closes."""
-    while data := os.read(read_fd, 64):
+def _cancel_on_wakeup(reader: socket.socket, migrator: Migrator) -> None:
+    """Cancel the migrator's statement each time SIGINT or SIGTERM arrives, until the writer closes."""
+    while data := reader.recv(64):
         if signal.SIGINT in data or signal.SIGTERM in data:
             migrator._cancel()
 

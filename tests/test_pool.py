@@ -470,3 +470,54 @@ def test_warnings_reach_stderr_only_when_the_application_configures_logging(conf
         assert "WARNING:pgops:retrying flaky after attempt 1 of 2" in proc.stderr
     else:
         assert proc.stderr == ""
+
+
+# What a system without select.poll, fork or os.dup of a socket (Windows) leaves pgops to work with.
+_WITHOUT_POSIX = """
+import os, select, sys, time
+import random, selectors, socket, threading  # the standard library as it is imported there
+import psycopg2
+del select.poll
+del os.register_at_fork
+def no_dup(fd):
+    raise OSError("os.dup of a socket handle is not supported")
+os.dup = no_dup
+import pgops
+assert isinstance(pgops._readiness(0), pgops._SelectPoll)
+other = psycopg2.connect(sys.argv[1])
+other.autocommit = True
+with pgops.Pool(sys.argv[1], min_size=1, max_size=1, test_before_acquire=False) as pool:
+    with pool.connection() as conn:
+        pid = conn.info.backend_pid
+    other.cursor().execute("SELECT pg_terminate_backend(%s)", (pid,))
+    deadline = time.monotonic() + 10
+    while not pgops._SelectPoll(conn.fileno()).poll(0):  # the server's goodbye has arrived
+        assert time.monotonic() < deadline, "the terminated session never said goodbye"
+        time.sleep(0.01)
+    with pool.connection() as conn:  # used just now and unchecked: only the socket check can tell
+        assert conn.info.backend_pid != pid
+        conn.cursor().execute("SELECT 1")
+    assert pool.stats()["connections_lost"] == 1
+    conn = pool.getconn()
+    pgops._cut(conn)  # what the watchdog does to a stalled connection
+    try:
+        conn.cursor().execute("SELECT 1")
+    except psycopg2.OperationalError:
+        pass
+    else:
+        raise AssertionError("a cut-off connection still answered")
+    pool.putconn(conn)
+    with pool.connection() as conn:
+        conn.cursor().execute("SELECT 1")
+print("ok")
+"""
+
+
+def test_pool_works_without_poll_fork_or_dup(dsn: str) -> None:
+    """Where select.poll, fork and os.dup of a socket are missing (Windows), the pool still heals."""
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(pgops.__file__))}
+    proc = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_POSIX, dsn], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "ok\n"
