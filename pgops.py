@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -67,6 +68,8 @@ __all__ = [
     "ReadOnlyError",
     "RetryPolicy",
     "SchemaReport",
+    "ThreadedConnectionPool",
+    "TooManyRequests",
     "check_schema",
     "create_app",
     "is_retryable",
@@ -121,6 +124,10 @@ class PoolTimeout(PoolError):
 
 class PoolClosed(PoolError):
     """The pool has been closed."""
+
+
+class TooManyRequests(PoolError):
+    """More callers were already waiting than max_waiting allows; not retried (a retry adds to the queue)."""
 
 
 class CannotConnect(PgOpsError, psycopg2.OperationalError):
@@ -306,6 +313,38 @@ def _check_dsn(dsn: str, what: str = "dsn") -> None:
             raise ConfigError(f"{what} {redact_dsn(dsn)!r} has port {shown}; a port is 1 to 65535{hint}")
 
 
+# Keywords of psycopg2.connect() that are not libpq parameters, and where each belongs instead.
+_NOT_LIBPQ = {
+    "dsn": "pass the DSN as dsn",
+    "connection_factory": "pass it as connection_factory",
+    "cursor_factory": "pass it as cursor_factory",
+    "async": "an asynchronous connection cannot be pooled",
+    "async_": "an asynchronous connection cannot be pooled",
+}
+# psycopg2's isolation levels by name, as set_session() takes them.
+_ISOLATION_LEVELS = {
+    "READ UNCOMMITTED": psycopg2.extensions.ISOLATION_LEVEL_READ_UNCOMMITTED,
+    "READ COMMITTED": psycopg2.extensions.ISOLATION_LEVEL_READ_COMMITTED,
+    "REPEATABLE READ": psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ,
+    "SERIALIZABLE": psycopg2.extensions.ISOLATION_LEVEL_SERIALIZABLE,
+}
+
+
+def _isolation_level(value: object) -> int | None:
+    """Return psycopg2's number for an isolation level given by number or name (None: the server's)."""
+    if value is None or (isinstance(value, str) and value.strip().upper() == "DEFAULT"):
+        return None
+    if isinstance(value, str) and " ".join(value.upper().split()) in _ISOLATION_LEVELS:
+        return _ISOLATION_LEVELS[" ".join(value.upper().split())]
+    if isinstance(value, int) and not isinstance(value, bool) and value in _ISOLATION_LEVELS.values():
+        return value
+    hint = "; for autocommit pass autocommit=True" if value == 0 else ""
+    raise ConfigError(
+        f"isolation_level={value!r} is not an isolation level; use 'READ COMMITTED', "
+        f"'REPEATABLE READ', 'SERIALIZABLE' or psycopg2.extensions.ISOLATION_LEVEL_*{hint}"
+    )
+
+
 # Preset numbers come from the original Doc Server: min, max, acquire timeout, max lifetime,
 # idle timeout, test before acquire.
 _PRESETS: dict[str, tuple[int, int, float, float, float, bool]] = {
@@ -337,9 +376,19 @@ class PoolConfig:
     read_dsn: str = ""
     read_only: bool = False
     max_replica_lag: float = 30.0
+    configure: Callable[[psycopg2.extensions.connection], object] | None = None
+    reset: Callable[[psycopg2.extensions.connection], object] | None = None
+    autocommit: bool = False
+    isolation_level: int | str | None = None
+    connect_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    connection_factory: type[psycopg2.extensions.connection] | None = None
+    cursor_factory: type[psycopg2.extensions.cursor] | None = None
+    # The dsn with connect_kwargs merged in: what pools connect to, and what messages are scrubbed of.
+    _conninfo: str = dataclasses.field(init=False, repr=False, compare=False, default="")
 
     def __post_init__(self) -> None:
         _check_dsn(self.dsn)
+        self._check_connections()
         if self.read_dsn:
             _check_dsn(self.read_dsn, "read_dsn")
             if self.read_only:
@@ -364,12 +413,55 @@ class PoolConfig:
         if not isinstance(self.application_name, str):
             raise ConfigError(f"application_name={self.application_name!r} is not a string")
 
+    def _check_connections(self) -> None:
+        """Check what shapes each connection (hooks, defaults, kwargs, factories) and merge the kwargs."""
+        for hook in ("configure", "reset"):
+            if getattr(self, hook) is not None and not callable(getattr(self, hook)):
+                raise ConfigError(f"{hook}={getattr(self, hook)!r} is not callable; pass f(conn)")
+        if not isinstance(self.autocommit, bool):
+            raise ConfigError(f"autocommit={self.autocommit!r} is not True or False")
+        level = _isolation_level(self.isolation_level)
+        if level is not None and self.autocommit:
+            raise ConfigError(
+                f"isolation_level={self.isolation_level!r} with autocommit=True: an isolation level "
+                "applies to transactions, and in autocommit each statement is its own; drop one of them"
+            )
+        object.__setattr__(self, "isolation_level", level)
+        for field, base in (
+            ("connection_factory", psycopg2.extensions.connection),
+            ("cursor_factory", psycopg2.extensions.cursor),
+        ):
+            value = getattr(self, field)
+            if value is not None and not (isinstance(value, type) and issubclass(value, base)):
+                raise ConfigError(f"{field}={value!r} is not a subclass of {base.__module__}.{base.__name__}")
+        kwargs = self.connect_kwargs
+        if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+            raise ConfigError(f"connect_kwargs must map libpq parameter names to values, not {kwargs!r}")
+        for key in kwargs:
+            if key in _NOT_LIBPQ:
+                raise ConfigError(f"connect_kwargs has {key!r}; {_NOT_LIBPQ[key]}")
+        object.__setattr__(self, "connect_kwargs", types.MappingProxyType(dict(kwargs)))
+        conninfo = self.dsn
+        if kwargs:
+            problem: str | None = None
+            try:
+                conninfo = psycopg2.extensions.make_dsn(self.dsn, **kwargs)
+            except psycopg2.ProgrammingError as exc:
+                problem = _one_line(exc, psycopg2.extensions.make_dsn(password=kwargs.get("password", "")))
+            if problem is not None:  # raised here: a __context__ would carry libpq's text
+                raise ConfigError(f"connect_kwargs are not libpq parameters: {problem}")
+            _check_dsn(conninfo, "dsn with connect_kwargs")
+        object.__setattr__(self, "_conninfo", conninfo)  # the dsn with connect_kwargs: what connects
+
     def __repr__(self) -> str:
         def shown(field: str) -> str:
             value = getattr(self, field)
+            if field == "connect_kwargs":
+                value = {k: "***" if k == "password" else v for k, v in value.items()}
             return f"{field}={redact_dsn(value) if field.endswith('dsn') else value!r}"
 
-        return f"PoolConfig({', '.join(shown(f.name) for f in dataclasses.fields(self))})"
+        fields = [f.name for f in dataclasses.fields(self) if f.init]
+        return f"PoolConfig({', '.join(shown(name) for name in fields)})"
 
     __str__ = __repr__
 
@@ -411,6 +503,7 @@ class PoolConfig:
             ("POOL_MAX_LIFETIME", "max_lifetime", _env_float),
             ("POOL_IDLE_TIMEOUT", "idle_timeout", _env_float),
             ("POOL_MAX_REPLICA_LAG", "max_replica_lag", _env_float),
+            ("POOL_MAX_WAITING", "max_waiting", _env_int),
         )
         read_dsn = environ.get("DATABASE_READ_URL", "").strip()
         if read_dsn:
@@ -435,6 +528,7 @@ _ENV_OF_FIELD = {
     "dsn": "DATABASE_URL",
     "read_dsn": "DATABASE_READ_URL",
     "max_replica_lag": "POOL_MAX_REPLICA_LAG",
+    "max_waiting": "POOL_MAX_WAITING",
     "max_attempts": "DB_RETRY_MAX_ATTEMPTS",
     "initial_delay": "DB_RETRY_INITIAL_DELAY",
     "max_delay": "DB_RETRY_MAX_DELAY",
@@ -593,7 +687,7 @@ def _sqlstate(exc: BaseException) -> str | None:
 
 def is_retryable(exc: BaseException) -> bool:
     """Tell whether retrying the operation that raised *exc* can succeed (SQLSTATE-aware)."""
-    if isinstance(exc, (CannotConnect, CommitUnknown, ReadOnlyError)):
+    if isinstance(exc, (CannotConnect, CommitUnknown, ReadOnlyError, TooManyRequests)):
         return False
     if isinstance(exc, PoolTimeout):
         # The pool already waited; another attempt after a backoff may find the server back.
@@ -705,19 +799,22 @@ _STATUS_IN_TRANSACTION = (
 )
 
 
-_cursor_execute = psycopg2.extensions.cursor.execute
-_cursor_executemany = psycopg2.extensions.cursor.executemany
+def _counting(base: type[psycopg2.extensions.cursor]) -> type[psycopg2.extensions.cursor]:
+    """Return a subclass of the cursor class *base* that counts and times its statements.
 
+    The counts live on the pooled connection (see _Connection).  Any cursor class can be counted
+    (RealDictCursor, LoggingCursor ...): its own execute() runs inside.  One class per base.
+    """
+    if base in _counted:
+        return _counted[base]
+    # On the hot path: the base methods are bound once, and execute() has no finally block.
+    base_execute, base_executemany = base.execute, base.executemany
 
-class _Cursor(psycopg2.extensions.cursor):
-    """A cursor that counts and times its statements on its pooled connection."""
-
-    # On the hot path: the base method is bound once, and there is no finally block.
-    def execute(self, query: Any, vars: Any = None) -> None:
+    def execute(self: Any, query: Any, vars: Any = None) -> Any:
         conn: Any = self.connection
         start = time.perf_counter()
         try:
-            _cursor_execute(self, query, vars)
+            result = base_execute(self, query, vars)
         except BaseException as exc:
             conn._pgops_errors += 1
             conn._pgops_queries += 1
@@ -727,12 +824,13 @@ class _Cursor(psycopg2.extensions.cursor):
             raise
         conn._pgops_queries += 1
         conn._pgops_ms += (time.perf_counter() - start) * 1000.0
+        return result
 
-    def executemany(self, query: Any, vars_list: Any) -> None:
+    def executemany(self: Any, query: Any, vars_list: Any) -> Any:
         conn: Any = self.connection
         start = time.perf_counter()
         try:
-            _cursor_executemany(self, query, vars_list)
+            return base_executemany(self, query, vars_list)
         except BaseException as exc:
             conn._pgops_errors += 1
             if _refused_write(exc):
@@ -741,6 +839,16 @@ class _Cursor(psycopg2.extensions.cursor):
         finally:
             conn._pgops_queries += 1
             conn._pgops_ms += (time.perf_counter() - start) * 1000.0
+
+    name = "_Cursor" if base is psycopg2.extensions.cursor else f"_Counting{base.__name__}"
+    counted = type(name, (base,), {"execute": execute, "executemany": executemany, "__module__": __name__})
+    return _counted.setdefault(base, counted)
+
+
+_counted: dict[type[psycopg2.extensions.cursor], type[psycopg2.extensions.cursor]] = {}
+
+
+_Cursor = _counting(psycopg2.extensions.cursor)  # the cursor class of pooled connections
 
 
 class _Connection(psycopg2.extensions.connection):
@@ -936,6 +1044,24 @@ class _BehindPooler(_Connection):
         super().set_isolation_level(level)
 
 
+def _connection_class(
+    kind: type[_Connection], factory: type[psycopg2.extensions.connection] | None
+) -> type[_Connection]:
+    """Return *kind* (_Connection or a variant) on top of a user's connection_factory, if any.
+
+    One class per pair, so that a connection can change between them (``conn.__class__ = ...``).
+    """
+    if factory is None or issubclass(kind, factory):
+        return kind
+    if (kind, factory) not in _combined:
+        combined = type(f"{kind.__name__}[{factory.__name__}]", (kind, factory), {"__module__": __name__})
+        _combined.setdefault((kind, factory), combined)
+    return _combined[kind, factory]
+
+
+_combined: dict[tuple[type[_Connection], type[psycopg2.extensions.connection]], type[_Connection]] = {}
+
+
 # Fork safety (see _after_fork_in_child): every pooled connection of this process, so that a forked
 # child finds all of them, including one lent or being handed over when the fork happened; the
 # pools and health apps to reset in a child; and the connections a child inherited, kept referenced
@@ -1097,7 +1223,7 @@ class _Checkout:
 
     def __enter__(self) -> psycopg2.extensions.connection:
         if self._conn is None:
-            self._conn = self._pool.getconn(self._timeout)
+            self._conn = self._pool._checkout(self._timeout)
         return self._conn
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
@@ -1113,7 +1239,7 @@ class _Checkout:
                     conn.rollback()
         finally:
             self._conn = None  # a second `with` on the same object takes a connection of its own
-            self._pool.putconn(conn)
+            self._pool._return(conn)
 
 
 class Pool:
@@ -1127,7 +1253,21 @@ class Pool:
         self.config = config
         self.name = config.name
         self._connect_kwargs = self._make_connect_kwargs(config)
-        self._readonly: bool | None = True if config.read_only else None  # each lent connection's default
+        # What each lent connection is reset to on return (psycopg2's values for them).
+        self._readonly: bool | None = True if config.read_only else None
+        self._autocommit = config.autocommit
+        self._isolation_level: int | None = config.isolation_level  # type: ignore[assignment]
+        self._connection_kind = _connection_class(_Connection, config.connection_factory)
+        # The counting cursor class; with a connection_factory and no cursor_factory, the factory's
+        # own default cursor, found on the first connection (see _connect).
+        self._cursor_class: type[psycopg2.extensions.cursor] | None = (
+            _Cursor
+            if config.connection_factory is None or config.cursor_factory is not None
+            else None
+        )
+        if config.cursor_factory is not None:
+            self._cursor_class = _counting(config.cursor_factory)
+        self._hook_warned: set[str] = set()  # configure/reset failures are logged at WARNING once
         self._closed = False
         self._start()
         self._start_worker()
@@ -1178,6 +1318,7 @@ class Pool:
                 "requests_queued",
                 "requests_errors",
                 "returns_bad",
+                "returns_rolled_back",
                 "connections_num",
                 "connections_errors",
                 "connections_lost",
@@ -1214,7 +1355,7 @@ class Pool:
 
     @staticmethod
     def _make_connect_kwargs(config: PoolConfig) -> dict[str, Any]:
-        return _libpq_defaults(config.dsn, config.application_name, config.connect_timeout)
+        return _libpq_defaults(config._conninfo, config.application_name, config.connect_timeout)
 
     def __repr__(self) -> str:
         return (
@@ -1305,25 +1446,25 @@ class Pool:
             limit = reads.config.connect_timeout
             timeout = min(limit, reads.config.acquire_timeout if timeout is None else timeout)
         try:
-            conn: _Connection = reads.getconn(timeout)  # type: ignore[assignment]
+            conn: _Connection = reads._checkout(timeout)  # type: ignore[assignment]
         except (PoolTimeout, CannotConnect) as exc:
             if not fallback:
                 raise
-            reads._count_fallback(_one_line(exc, reads.config.dsn))
+            reads._count_fallback(_one_line(exc, reads.config._conninfo))
             return None
         if after is None:
             return conn
         try:
             problem = reads._replay_problem(conn, after, wait)
         except BaseException:
-            reads.putconn(conn)
+            reads._return(conn)
             raise
         if problem is None:
             return conn
-        reads.putconn(conn)  # a broken or cut-off connection is discarded there
+        reads._return(conn)  # a broken or cut-off connection is discarded there
         if not fallback:
             raise problem
-        reads._count_fallback(_one_line(problem, reads.config.dsn))
+        reads._count_fallback(_one_line(problem, reads.config._conninfo))
         return None
 
     def _replay_problem(self, conn: _Connection, lsn: str, wait: float) -> BaseException | None:
@@ -1418,7 +1559,10 @@ class Pool:
             pause = min(2 * pause, longest)
 
     def getconn(self, timeout: float | None = None) -> psycopg2.extensions.connection:
-        """Take a connection, waiting up to *timeout* (default acquire_timeout) for one to be free."""
+        """Take a connection, waiting up to *timeout* (default acquire_timeout) for one to be free.
+
+        Give it back with putconn(); ``with pool.connection()`` does both, and commits.
+        """
         now = time.monotonic()
         conn: _Connection | None = None
         with self._lock:
@@ -1434,6 +1578,8 @@ class Pool:
                 return self._lend(conn, now)
             self._discard(conn, problem)
         return self._wait_for_connection(now, timeout, first=conn is None)
+
+    _checkout = getconn  # for pgops' own callers, whatever getconn a subclass has (ThreadedConnectionPool)
 
     def _wait_for_connection(self, start: float, timeout: float | None, first: bool) -> _Connection:
         """Queue for a connection until the deadline, replacing any that fail their check."""
@@ -1501,8 +1647,9 @@ class Pool:
                 return conn
             if self.config.max_waiting and len(self._waiters) >= self.config.max_waiting:
                 self._counters["requests_errors"] += 1
-                raise PoolTimeout(
-                    f"too many requests waiting; {self._state()} (max_waiting={self.config.max_waiting})"
+                raise TooManyRequests(
+                    f"too many requests waiting; {self._state()} (max_waiting={self.config.max_waiting}); "
+                    "raise max_waiting (POOL_MAX_WAITING) or max_size, or shed this request"
                 )
             waiter = _Waiter()
             # A caller whose connection failed its check goes back to the front of the queue.
@@ -1619,11 +1766,15 @@ class Pool:
 
     # -- return --------------------------------------------------------------------------------
 
-    def putconn(self, conn: psycopg2.extensions.connection) -> None:
-        """Give back a connection from getconn(); one in a transaction is rolled back first."""
+    def putconn(self, conn: psycopg2.extensions.connection, *, close: bool = False) -> None:
+        """Give back a connection from getconn(); with *close*, the pool closes it and opens another.
+
+        A connection returned inside a transaction is rolled back; its autocommit, readonly and
+        isolation_level go back to the pool's defaults, and reset(conn) runs if configured.
+        """
         pooled: Any = conn
         if getattr(pooled, "_pgops_pool", None) is not self:
-            self._put_unusual(pooled)
+            self._put_unusual(pooled, close)
             return
         if not pooled._pgops_lent:
             # Checked before anything touches the connection: it may already be lent to someone else.
@@ -1635,15 +1786,17 @@ class Pool:
         clean = (
             not pooled.closed
             and pooled.get_transaction_status() == _STATUS_IDLE
-            and not pooled.autocommit
+            and pooled.autocommit is self._autocommit
             and pooled.readonly is self._readonly
-            and pooled.isolation_level is None
+            and pooled.isolation_level == self._isolation_level
             and pooled.deferrable is None
-            and pooled.cursor_factory is _Cursor
+            and pooled.cursor_factory is self._cursor_class
             and now < pooled._pgops_expires
             and not pooled._pgops_refused_write
+            and self.config.reset is None
+            and not close
         )
-        problem = None if clean else self._return_problem(pooled, now)
+        problem = None if clean else "closed" if close else self._return_problem(pooled, now)
         with self._lock:
             self._in_use.discard(pooled)
             self._times["usage_ms"] += (now - pooled._pgops_checked_out) * 1000.0
@@ -1654,9 +1807,11 @@ class Pool:
             if problem == "bad":
                 self._counters["returns_bad"] += 1
             self._fold_queries(pooled)  # in this critical section, so counters never step back
-        self._discard(pooled, problem or "closed", in_use=False)
+        self._discard(pooled, problem if problem and not self._closed else "closed", in_use=False)
 
-    def _put_unusual(self, conn: Any) -> None:
+    _return = putconn  # for pgops' own callers, whatever putconn a subclass has (ThreadedConnectionPool)
+
+    def _put_unusual(self, conn: Any, close: bool) -> None:
         """Take back a connection that is not plainly this pool's, or refuse it."""
         if getattr(conn, "_pgops_inherited", False):
             # Lent when this process was forked (under _deadline() or not): the parent's session,
@@ -1669,7 +1824,7 @@ class Pool:
             conn._pgops_pool = self
             if _watchdog.release(conn):
                 _close_quietly(conn)  # cut off, perhaps between two queries: discarded as stalled
-            self.putconn(conn)
+            Pool.putconn(self, conn, close=close)
         else:
             raise PoolError(
                 "this connection does not belong to this pool; return it to the pool that gave it"
@@ -1686,9 +1841,16 @@ class Pool:
                     "discarding a connection returned in a bad state (transaction status %s)", status
                 )
                 return "bad"
-            _logger.warning("rolling back a connection returned inside a transaction")
+            # As psycopg2's pool does, quietly: getconn, SELECT, putconn is a common way to read.
+            _logger.debug("pool %r: rolling back a connection returned inside a transaction", self.name)
+            with self._lock:
+                self._counters["returns_rolled_back"] += 1
             # Bounded like a check: on a stalled network the rollback would never return.
             problem = _bounded(conn, now + self.config.connect_timeout, _Connection.rollback)
+            if problem is not None:
+                return problem
+        if self.config.reset is not None:
+            problem = self._run_hook("reset", conn, now + self.config.connect_timeout)
             if problem is not None:
                 return problem
         if conn.autocommit:
@@ -1697,9 +1859,13 @@ class Pool:
         # not inherit a read-only or serializable connection. (SET commands are the caller's to undo.)
         # With autocommit off, psycopg2 sends nothing for this: it puts them in the next BEGIN.
         conn.set_session(
-            isolation_level="default", readonly=self._readonly or "default", deferrable="default"
+            isolation_level=self._isolation_level if self._isolation_level is not None else "default",
+            readonly=self._readonly or "default",
+            deferrable="default",
         )
-        conn.cursor_factory = _Cursor
+        if self._autocommit:
+            conn.autocommit = True
+        conn.cursor_factory = self._cursor_class  # type: ignore[assignment]
         if now >= conn._pgops_expires:
             return "expired"
         if conn._pgops_refused_write:
@@ -1709,6 +1875,47 @@ class Pool:
             if not (conn._pgops_read_only_server and self._read_only_reason is not None):
                 return self._writable_problem(conn, now, None)
         return None
+
+    def _run_hook(self, hook: str, conn: _Connection, deadline: float) -> str | None:
+        """Run the configure or reset callback on *conn*; return why the connection must go, or None.
+
+        Bounded by the watchdog like the pool's own checks.  The callback must leave the connection
+        idle (outside a transaction), as psycopg_pool asks too.  A failure is logged at WARNING once
+        per pool and callback, then at DEBUG.
+        """
+        function = getattr(self.config, hook)
+        error: BaseException | None = None
+        _watchdog.guard(conn, deadline)
+        try:
+            function(conn)
+        except Exception as exc:
+            error = exc
+        finally:
+            stalled = _watchdog.release(conn)
+        if stalled:
+            return "stalled"
+        if error is None and conn.get_transaction_status() != _STATUS_IDLE:
+            error = PoolError(
+                f"{hook}() left the connection inside a transaction; end it with conn.commit() "
+                "(or conn.rollback()) before returning"
+            )
+        if error is None:
+            return None
+        with self._lock:
+            first = hook not in self._hook_warned
+            self._hook_warned.add(hook)
+        _logger.log(
+            logging.WARNING if first else logging.DEBUG,
+            "pool %r: %s(conn) failed, discarding the connection: %s",
+            self.name,
+            hook,
+            _one_line(error, self.config._conninfo),
+        )
+        if hook == "configure":
+            if is_retryable(error):  # the connection dropped meanwhile, say: the pool tries again
+                raise error
+            raise PoolError(f"configure(conn) failed: {_one_line(error, self.config._conninfo)}") from error
+        return "bad"
 
     def _fold_queries(self, conn: _Connection) -> None:
         """Move a departing connection's query counters into the pool's totals (lock held)."""
@@ -1859,11 +2066,14 @@ class Pool:
 
     def _connect(self) -> _Connection:
         """Open and prepare one connection (called without the pool lock)."""
-        raw = psycopg2.connect(self.config.dsn, connection_factory=_Connection, **self._connect_kwargs)
+        raw = psycopg2.connect(
+            self.config._conninfo, connection_factory=self._connection_kind, **self._connect_kwargs
+        )
         conn: _Connection = raw
         try:
             # Queries after the connect: a network that stalls now must not hold the worker forever.
-            _watchdog.guard(conn, time.monotonic() + self.config.connect_timeout)
+            deadline = time.monotonic() + self.config.connect_timeout
+            _watchdog.guard(conn, deadline)
             try:
                 pooled, in_recovery, read_only = _probe(conn)
                 if self.config.register_vector:
@@ -1874,12 +2084,9 @@ class Pool:
                 raise psycopg2.OperationalError(
                     f"the server did not answer within connect_timeout={self.config.connect_timeout:g} s"
                 )
-            if pooled:
-                conn.__class__ = _BehindPooler  # the same object, refusing session-level SETs from now on
-            if self._readonly:
-                if not pooled:
-                    conn.__class__ = _ReadPoolConnection  # read-only in autocommit too
-                conn.readonly = True  # sent in each BEGIN (BEGIN READ ONLY), never as a SET
+            self._apply_defaults(conn, pooled)
+            if self.config.configure is not None:
+                self._run_hook("configure", conn, deadline)  # raises what failed: not lent, counted
             conn._pgops_read_only_server = read_only
             self._note_server(in_recovery, read_only, pooled)
             now = time.monotonic()
@@ -1892,6 +2099,25 @@ class Pool:
             _close_quietly(conn)
             raise
         return conn
+
+    def _apply_defaults(self, conn: _Connection, pooled: bool) -> None:
+        """Give a new connection its class, cursor class, readonly, isolation level and autocommit."""
+        factory = self.config.connection_factory
+        if pooled:  # the same object, refusing session-level SETs from now on
+            conn.__class__ = _connection_class(_BehindPooler, factory)
+        elif self._readonly:  # read-only in autocommit too
+            conn.__class__ = _connection_class(_ReadPoolConnection, factory)
+        if self._cursor_class is None:  # the connection_factory's own default cursor, counted
+            conn.cursor_factory = None  # type: ignore[assignment]
+            self._cursor_class = _counting(type(conn.cursor()))
+        conn.cursor_factory = self._cursor_class
+        # With autocommit off psycopg2 sends nothing for these: it puts them in each BEGIN.
+        if self._readonly:
+            conn.readonly = True
+        if self._isolation_level is not None:
+            conn.isolation_level = self._isolation_level
+        if self._autocommit:
+            conn.autocommit = True  # refused through a pooler with readonly set: a session SET
 
     def _note_server(self, in_recovery: bool, read_only: bool, pooled: bool) -> None:
         """Warn once when a pool meant for writes connects to a server that takes none."""
@@ -1916,7 +2142,7 @@ class Pool:
 
     def _connect_failed(self, exc: Exception, start: float) -> None:
         """Record a failed connection attempt; fail waiters at once if waiting cannot help."""
-        message = _one_line(exc, self.config.dsn)
+        message = _one_line(exc, self.config._conninfo)
         fatal = not is_retryable(exc)
         with self._lock:
             self._size -= 1
@@ -2120,6 +2346,127 @@ class Pool:
         _logger.info("pool %r closed for %s", self.name, redact_dsn(self.config.dsn))
 
 
+class ThreadedConnectionPool(Pool, psycopg2.pool.ThreadedConnectionPool):  # type: ignore[override]
+    """psycopg2's ThreadedConnectionPool, made of pgops.Pool: change the import, keep the code.
+
+    The constructor and methods are psycopg2's: ``(minconn, maxconn, *args, **kwargs)`` with
+    psycopg2.connect()'s arguments, ``getconn(key=None)``, ``putconn(conn=None, key=None,
+    close=False)``, ``closeall()``, ``closed``, ``minconn``, ``maxconn``.  It is a pgops.Pool too:
+    getconn waits up to acquire_timeout when every connection is lent (psycopg2's pool raises at
+    once), connections are validated, recycled and replaced, and stats(), health(), HealthApp and
+    connection() work as on any pool.  Keyword arguments that name a PoolConfig setting
+    (acquire_timeout, max_lifetime, configure, autocommit ...) set it; the rest go to libpq.
+    """
+
+    def __init__(self, minconn: int, maxconn: int, *args: Any, **kwargs: Any) -> None:
+        self._keyed: dict[Any, _Connection] = {}  # key -> connection lent under it
+        self._key_of: dict[int, Any] = {}  # id(connection) -> its key
+        Pool.__init__(self, _dropin_config(minconn, maxconn, args, kwargs))
+
+    def _after_fork(self) -> None:
+        super()._after_fork()
+        self._keyed, self._key_of = {}, {}
+
+    @property
+    def minconn(self) -> int:  # type: ignore[override]
+        """min_size, by psycopg2's name."""
+        return self.config.min_size
+
+    @property
+    def maxconn(self) -> int:  # type: ignore[override]
+        """max_size, by psycopg2's name."""
+        return self.config.max_size
+
+    def getconn(self, key: Any = None) -> psycopg2.extensions.connection:
+        """Take a connection, waiting up to acquire_timeout; with *key*, the one lent under that key."""
+        if key is None:
+            return Pool.getconn(self)
+        with self._lock:
+            conn = self._keyed.get(key)
+        if conn is not None:
+            return conn
+        taken: Any = Pool.getconn(self)
+        with self._lock:
+            conn = self._keyed.setdefault(key, taken)
+            if conn is taken:
+                self._key_of[id(taken)] = key
+        if conn is not taken:  # another thread took this key meanwhile: share its connection
+            Pool.putconn(self, taken)
+        return conn
+
+    def putconn(
+        self, conn: psycopg2.extensions.connection | None = None, key: Any = None, close: bool = False
+    ) -> None:
+        """Give back a connection (or the one lent under *key*); with *close*, close it for good."""
+        if self._keyed or key is not None:
+            conn = self._unkey(conn, key)
+        elif conn is None:
+            raise PoolError("putconn() needs the connection or the key it was lent under")
+        Pool.putconn(self, conn, close=close)
+
+    def _unkey(self, conn: psycopg2.extensions.connection | None, key: Any) -> psycopg2.extensions.connection:
+        """Forget the key a connection was lent under; return the connection."""
+        with self._lock:
+            if key is None:
+                if conn is None:
+                    raise PoolError("putconn() needs the connection or the key it was lent under")
+                key = self._key_of.get(id(conn))
+                if key is None:
+                    return conn  # lent without a key
+            keyed = self._keyed.get(key)
+            if keyed is None or (conn is not None and conn is not keyed):
+                raise PoolError(f"no connection is lent under key {key!r}; pass the key getconn() took")
+            del self._keyed[key]
+            del self._key_of[id(keyed)]
+            return keyed
+
+    def closeall(self) -> None:
+        """Close the pool and every connection, lent ones included, as psycopg2's closeall() does."""
+        if self._closed:
+            raise PoolError("the pool is already closed")
+        self.close()
+        with self._lock:
+            lent = list(self._in_use)
+            self._keyed, self._key_of = {}, {}
+        for conn in lent:
+            _close_quietly(conn)
+
+
+def _dropin_config(minconn: int, maxconn: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> PoolConfig:
+    """Make a PoolConfig of psycopg2.pool's constructor arguments (see ThreadedConnectionPool)."""
+    if len(args) > 3:
+        raise TypeError(
+            f"ThreadedConnectionPool() takes minconn, maxconn and at most 3 arguments of "
+            f"psycopg2.connect() (dsn, connection_factory, cursor_factory), not {len(args)}"
+        )
+    positional = dict(zip(("dsn", "connection_factory", "cursor_factory"), args, strict=False))
+    for name in positional:
+        if name in kwargs:
+            raise TypeError(f"ThreadedConnectionPool() got {name} both by position and by keyword")
+    kwargs = {**positional, **kwargs}
+    pool_fields = {f.name for f in dataclasses.fields(PoolConfig) if f.init} - {"dsn", "min_size", "max_size"}
+    options = {name: kwargs.pop(name) for name in list(kwargs) if name in pool_fields}
+    if "readonly" in kwargs:  # psycopg2's name for what a pool of read-only connections has
+        options["read_only"] = bool(kwargs.pop("readonly"))
+    if "connect_timeout" in kwargs:  # libpq's, and the pool's bound of its own checks
+        with contextlib.suppress(TypeError, ValueError):
+            options.setdefault("connect_timeout", float(kwargs["connect_timeout"]))
+    dsn = kwargs.pop("dsn", None) or ""
+    for name in ("async", "async_"):
+        if kwargs.get(name):
+            raise ConfigError(f"{name}=True: an asynchronous connection cannot be pooled")
+        kwargs.pop(name, None)
+    if kwargs:
+        problem: str | None = None
+        try:
+            dsn = psycopg2.extensions.make_dsn(dsn or None, **kwargs)
+        except psycopg2.ProgrammingError as exc:
+            problem = _one_line(exc, psycopg2.extensions.make_dsn(password=kwargs.get("password", "")))
+        if problem is not None:  # raised here: a __context__ would carry libpq's text
+            raise ConfigError(f"ThreadedConnectionPool(): {problem}")
+    return PoolConfig(dsn=dsn, min_size=minconn, max_size=maxconn, **options)
+
+
 def _bounded(conn: _Connection, deadline: float, action: Callable[[_Connection], Any]) -> str | None:
     """Run ``action(conn)``, cut off by the watchdog at *deadline*.
 
@@ -2141,17 +2488,24 @@ def _autocommit_query(conn: _Connection, query: str) -> tuple[Any, ...]:
     A read pool's connection is READ ONLY through psycopg2; that is taken off around the query, with
     autocommit off, when psycopg2 sends nothing for it.
     """
+    if conn.autocommit:  # an autocommit pool's connection: nothing to switch
+        return _fetch_one(conn, query)
     readonly = conn.readonly
     if readonly is not None:
         conn.readonly = None
     conn.autocommit = True
-    cur = psycopg2.extensions.cursor(conn)
-    cur.execute(query)
-    row = cur.fetchone() if cur.description is not None else None
+    row = _fetch_one(conn, query)
     conn.autocommit = False
     if readonly is not None:
         conn.readonly = readonly
-    return row or ()
+    return row
+
+
+def _fetch_one(conn: _Connection, query: str) -> tuple[Any, ...]:
+    """Run *query* with a plain cursor (not the pool's counted one) and return its first row."""
+    cur = psycopg2.extensions.cursor(conn)
+    cur.execute(query)
+    return (cur.fetchone() if cur.description is not None else None) or ()
 
 
 def _page_start(lsn: str, block_size: int) -> str:
@@ -2861,7 +3215,7 @@ class Migrator:
 
     @property
     def _dsn(self) -> str:
-        return self._source.config.dsn if isinstance(self._source, Pool) else self._source
+        return self._source.config._conninfo if isinstance(self._source, Pool) else self._source
 
     def __repr__(self) -> str:
         return f"<Migrator {self.directory!r} -> {redact_dsn(self._dsn)!r} {self.schema}.{self.table}>"
@@ -4328,6 +4682,10 @@ _POOL_METRICS = {
     "requests_queued": ("pgops_requests_queued_total", "Connection requests that had to wait."),
     "requests_errors": ("pgops_requests_errors_total", "Connection requests that failed or timed out."),
     "returns_bad": ("pgops_returns_bad_total", "Connections returned in a bad state."),
+    "returns_rolled_back": (
+        "pgops_returns_rolled_back_total",
+        "Connections returned inside a transaction, which the pool rolled back.",
+    ),
     "connections_num": ("pgops_connections_total", "Connection attempts to the server."),
     "connections_errors": ("pgops_connections_errors_total", "Failed connection attempts."),
     "connections_lost": ("pgops_connections_lost_total", "Connections found broken and discarded."),

@@ -139,8 +139,11 @@ def test_max_waiting_caps_the_queue(dsn: str) -> None:
         waiter = threading.Thread(target=lambda: pool.putconn(pool.getconn()))
         waiter.start()
         wait_until(lambda: pool.stats()["requests_waiting"] == 1, message="waiter not queued")
-        with pytest.raises(PoolTimeout, match="too many requests waiting"):
+        with pytest.raises(pgops.TooManyRequests, match="too many requests waiting") as caught:
             pool.getconn()
+        assert isinstance(caught.value, psycopg2.pool.PoolError)
+        assert not isinstance(caught.value, PoolTimeout)
+        assert not pgops.is_retryable(caught.value)  # a retry would only add to the queue
         pool.putconn(conn)
         waiter.join(10)
 
