@@ -1267,7 +1267,7 @@ class Pool:
         )
         if config.cursor_factory is not None:
             self._cursor_class = _counting(config.cursor_factory)
-        self._hook_warned: set[str] = set()  # configure/reset failures are logged at WARNING once
+        self._reset_warned = False  # a failing reset(conn) is logged at WARNING once
         self._closed = False
         self._start()
         self._start_worker()
@@ -1850,9 +1850,16 @@ class Pool:
             if problem is not None:
                 return problem
         if self.config.reset is not None:
-            problem = self._run_hook("reset", conn, now + self.config.connect_timeout)
-            if problem is not None:
-                return problem
+            _watchdog.guard(conn, now + self.config.connect_timeout)  # bounded like a check
+            try:
+                error = self._hook_error("reset", conn)
+            finally:
+                stalled = _watchdog.release(conn)
+            if stalled:
+                return "stalled"
+            if error is not None:
+                self._reset_failed(error)
+                return "bad"
         if conn.autocommit:
             conn.autocommit = False
         # Session characteristics set through psycopg2 live on the object: the next borrower must
@@ -1876,46 +1883,32 @@ class Pool:
                 return self._writable_problem(conn, now, None)
         return None
 
-    def _run_hook(self, hook: str, conn: _Connection, deadline: float) -> str | None:
-        """Run the configure or reset callback on *conn*; return why the connection must go, or None.
+    def _hook_error(self, hook: str, conn: _Connection) -> BaseException | None:
+        """Run the configure or reset callback on *conn*; return what went wrong, or None.
 
-        Bounded by the watchdog like the pool's own checks.  The callback must leave the connection
-        idle (outside a transaction), as psycopg_pool asks too.  A failure is logged at WARNING once
-        per pool and callback, then at DEBUG.
+        The callback must leave the connection idle (outside a transaction), as psycopg_pool asks.
         """
-        function = getattr(self.config, hook)
-        error: BaseException | None = None
-        _watchdog.guard(conn, deadline)
         try:
-            function(conn)
+            getattr(self.config, hook)(conn)
         except Exception as exc:
-            error = exc
-        finally:
-            stalled = _watchdog.release(conn)
-        if stalled:
-            return "stalled"
-        if error is None and conn.get_transaction_status() != _STATUS_IDLE:
-            error = PoolError(
+            return exc
+        if conn.get_transaction_status() != _STATUS_IDLE:
+            return PoolError(
                 f"{hook}() left the connection inside a transaction; end it with conn.commit() "
                 "(or conn.rollback()) before returning"
             )
-        if error is None:
-            return None
+        return None
+
+    def _reset_failed(self, error: BaseException) -> None:
+        """Log a failed reset(conn): at WARNING the first time, then at DEBUG (each is counted)."""
         with self._lock:
-            first = hook not in self._hook_warned
-            self._hook_warned.add(hook)
+            first, self._reset_warned = not self._reset_warned, True
         _logger.log(
             logging.WARNING if first else logging.DEBUG,
-            "pool %r: %s(conn) failed, discarding the connection: %s",
+            "pool %r: reset(conn) failed, discarding the connection: %s",
             self.name,
-            hook,
             _one_line(error, self.config._conninfo),
         )
-        if hook == "configure":
-            if is_retryable(error):  # the connection dropped meanwhile, say: the pool tries again
-                raise error
-            raise PoolError(f"configure(conn) failed: {_one_line(error, self.config._conninfo)}") from error
-        return "bad"
 
     def _fold_queries(self, conn: _Connection) -> None:
         """Move a departing connection's query counters into the pool's totals (lock held)."""
@@ -2072,11 +2065,15 @@ class Pool:
         conn: _Connection = raw
         try:
             # Queries after the connect: a network that stalls now must not hold the worker forever.
-            deadline = time.monotonic() + self.config.connect_timeout
-            _watchdog.guard(conn, deadline)
+            # The user's configure() is bounded too, like everything the worker does.
+            _watchdog.guard(conn, time.monotonic() + self.config.connect_timeout)
+            error = None
             try:
                 pooled, in_recovery, read_only = _probe(conn)
-                if self.config.register_vector:
+                self._apply_defaults(conn, pooled)
+                if self.config.configure is not None:
+                    error = self._hook_error("configure", conn)
+                if error is None and self.config.register_vector:
                     _register_vector(conn)
             finally:
                 stalled = _watchdog.release(conn)
@@ -2084,9 +2081,12 @@ class Pool:
                 raise psycopg2.OperationalError(
                     f"the server did not answer within connect_timeout={self.config.connect_timeout:g} s"
                 )
-            self._apply_defaults(conn, pooled)
-            if self.config.configure is not None:
-                self._run_hook("configure", conn, deadline)  # raises what failed: not lent, counted
+            if error is not None:  # the connection is not lent; the failure is counted and logged once
+                if is_retryable(error):  # the connection dropped meanwhile, say: the pool tries again
+                    raise error
+                message = _one_line(error, self.config._conninfo)
+                raise PoolError(f"configure(conn) failed: {message}") from error
+            self._set_cursor_class(conn)
             conn._pgops_read_only_server = read_only
             self._note_server(in_recovery, read_only, pooled)
             now = time.monotonic()
@@ -2107,10 +2107,6 @@ class Pool:
             conn.__class__ = _connection_class(_BehindPooler, factory)
         elif self._readonly:  # read-only in autocommit too
             conn.__class__ = _connection_class(_ReadPoolConnection, factory)
-        if self._cursor_class is None:  # the connection_factory's own default cursor, counted
-            conn.cursor_factory = None  # type: ignore[assignment]
-            self._cursor_class = _counting(type(conn.cursor()))
-        conn.cursor_factory = self._cursor_class
         # With autocommit off psycopg2 sends nothing for these: it puts them in each BEGIN.
         if self._readonly:
             conn.readonly = True
@@ -2118,6 +2114,18 @@ class Pool:
             conn.isolation_level = self._isolation_level
         if self._autocommit:
             conn.autocommit = True  # refused through a pooler with readonly set: a session SET
+
+    def _set_cursor_class(self, conn: _Connection) -> None:
+        """Give a new connection the pool's counted cursor class.
+
+        With a connection_factory and no cursor_factory, that is the factory's own default cursor
+        (LoggingConnection's LoggingCursor, say), learnt from the first connection after configure()
+        (which may be what makes the factory ready, as LoggingConnection.initialize() is).
+        """
+        if self._cursor_class is None:
+            conn.cursor_factory = None  # type: ignore[assignment]
+            self._cursor_class = _counting(type(conn.cursor()))
+        conn.cursor_factory = self._cursor_class
 
     def _note_server(self, in_recovery: bool, read_only: bool, pooled: bool) -> None:
         """Warn once when a pool meant for writes connects to a server that takes none."""
