@@ -1261,9 +1261,7 @@ class Pool:
         # The counting cursor class; with a connection_factory and no cursor_factory, the factory's
         # own default cursor, found on the first connection (see _connect).
         self._cursor_class: type[psycopg2.extensions.cursor] | None = (
-            _Cursor
-            if config.connection_factory is None or config.cursor_factory is not None
-            else None
+            _Cursor if config.connection_factory is None or config.cursor_factory is not None else None
         )
         if config.cursor_factory is not None:
             self._cursor_class = _counting(config.cursor_factory)

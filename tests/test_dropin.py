@@ -19,6 +19,7 @@ import psycopg2.pool
 import pytest
 
 import pgops
+from pgbouncer import PgBouncer
 from pgops import ConfigError, Pool, PoolConfig, PoolError, PoolTimeout, ThreadedConnectionPool
 from pgtest import PgServer, scalar, wait_until
 
@@ -505,3 +506,35 @@ def test_max_waiting_comes_from_the_environment(dsn: str) -> None:
     assert PoolConfig.from_env({"DATABASE_URL": dsn, "POOL_MAX_WAITING": "7"}).max_waiting == 7
     with pytest.raises(ConfigError, match="POOL_MAX_WAITING=-1 must be at least 0"):
         PoolConfig.from_env({"DATABASE_URL": dsn, "POOL_MAX_WAITING": "-1"})
+
+
+def test_connection_defaults_through_pgbouncer_leave_no_session_state(
+    pgbouncer: Callable[..., PgBouncer], dbname: str, admin: psycopg2.extensions.connection
+) -> None:
+    """Autocommit and isolation defaults, and the drop-in, work through a transaction pooler without
+    leaving a session SET on a server connection that other clients share."""
+    bouncer = pgbouncer("transaction", pool_size=1)
+    url = bouncer.dsn(dbname)
+    with Pool(url, min_size=1, max_size=2, autocommit=True) as pool:
+        for _ in range(5):
+            with pool.connection() as conn:
+                assert conn.autocommit
+                assert scalar(conn, "SELECT 1") == 1
+    with Pool(url, min_size=1, max_size=2, isolation_level="REPEATABLE READ") as pool:
+        with pool.connection() as conn:  # in BEGIN ISOLATION LEVEL ..., not a session SET
+            assert scalar(conn, "SHOW transaction_isolation") == "repeatable read"
+    dropin = ThreadedConnectionPool(1, 2, url)
+    try:
+        conn = dropin.getconn()
+        assert scalar(conn, "SELECT 1") == 1
+        dropin.putconn(conn)  # rolled back quietly, through the pooler
+    finally:
+        dropin.closeall()
+    # One server connection served all of them: it carries none of their settings.
+    plain = psycopg2.connect(url)
+    try:
+        plain.autocommit = True
+        assert scalar(plain, "SHOW default_transaction_isolation") == "read committed"
+        assert scalar(plain, "SHOW transaction_isolation") == "read committed"
+    finally:
+        plain.close()
