@@ -380,7 +380,7 @@ class PoolConfig:
     reset: Callable[[psycopg2.extensions.connection], object] | None = None
     autocommit: bool = False
     isolation_level: int | str | None = None
-    connect_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    connect_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
     connection_factory: type[psycopg2.extensions.connection] | None = None
     cursor_factory: type[psycopg2.extensions.cursor] | None = None
     # The dsn with connect_kwargs merged in: what pools connect to, and what messages are scrubbed of.
@@ -2454,9 +2454,11 @@ def _dropin_config(minconn: int, maxconn: int, args: tuple[Any, ...], kwargs: di
     options = {name: kwargs.pop(name) for name in list(kwargs) if name in pool_fields}
     if "readonly" in kwargs:  # psycopg2's name for what a pool of read-only connections has
         options["read_only"] = bool(kwargs.pop("readonly"))
-    if "connect_timeout" in kwargs:  # libpq's, and the pool's bound of its own checks
-        with contextlib.suppress(TypeError, ValueError):
-            options.setdefault("connect_timeout", float(kwargs["connect_timeout"]))
+    if isinstance(options.get("connect_timeout"), str):  # libpq takes text; the pool bounds its checks by it
+        try:
+            options["connect_timeout"] = float(options["connect_timeout"])
+        except ValueError:
+            raise ConfigError(f"connect_timeout={options['connect_timeout']!r} is not a number") from None
     dsn = kwargs.pop("dsn", None) or ""
     for name in ("async", "async_"):
         if kwargs.get(name):
@@ -4551,7 +4553,7 @@ class HealthApp:
             pool._nudge()
             with pool._lock:
                 last_error = pool._last_error
-            error = f"cannot connect: {_clean(last_error or 'no connection', pool.config.dsn)}"
+            error = f"cannot connect: {_clean(last_error or 'no connection', pool.config._conninfo)}"
         else:
             try:
                 with pool.connection(timeout=self.ready_timeout) as conn, conn.cursor() as cur:
@@ -4609,7 +4611,7 @@ class HealthApp:
 
     def _check_error(self, exc: BaseException, began: float, pool: Pool) -> str:
         """Describe why a check failed; say so when it ran out of time (a cut-off reads as a lost server)."""
-        text = _sanitized(exc, pool.config.dsn)
+        text = _sanitized(exc, pool.config._conninfo)
         if time.monotonic() - began >= self.ready_timeout:
             return f"no answer within ready_timeout={self.ready_timeout:g} s ({text})"
         return text
@@ -4635,7 +4637,7 @@ def _pool_entry(pool: Pool, now: str) -> dict[str, Any]:
     conns.update(poolSize=stats["pool_size"], poolMin=stats["pool_min"], poolMax=stats["pool_max"])
     conns.update(waiting=stats["requests_waiting"])
     if health.reasons:
-        conns["output"] = _clean("; ".join(health.reasons), pool.config.dsn)
+        conns["output"] = _clean("; ".join(health.reasons), pool.config._conninfo)
     return conns
 
 

@@ -237,7 +237,7 @@ def test_connection_returned_in_a_transaction_is_rolled_back_quietly(
 def test_pool_settings_go_by_keyword_and_libpq_settings_to_libpq(dsn: str) -> None:
     """acquire_timeout= sets the pool's wait; options= and connect_timeout= reach libpq."""
     pool = ThreadedConnectionPool(
-        0, 1, dsn, acquire_timeout=0.3, options="-c statement_timeout=1234", connect_timeout=7
+        0, 1, dsn, acquire_timeout=0.3, options="-c statement_timeout=1234", connect_timeout="7"
     )
     try:
         conn = pool.getconn()
