@@ -1195,18 +1195,15 @@ class PoolHealth:
     success_rate: float | None
 
 
-def _commit(conn: psycopg2.extensions.connection) -> None:
-    """Commit; if the connection dies on the way, say the outcome is unknown rather than failed."""
-    try:
-        conn.commit()
-    except psycopg2.Error as exc:
-        code = _sqlstate(exc)
-        if code is None or code.startswith("08") or code.startswith("57P"):
-            raise CommitUnknown(
-                f"the connection was lost during COMMIT, so the transaction may or may not have been "
-                f"committed ({_one_line(exc)}); re-run it only if it is idempotent"
-            ) from exc
-        raise  # a definite failure, such as a serialization failure detected at commit
+def _commit_unknown(exc: psycopg2.Error) -> CommitUnknown | None:
+    """Return CommitUnknown if a failed COMMIT lost its connection on the way (the outcome is unknown)."""
+    code = _sqlstate(exc)
+    if code is None or code.startswith("08") or code.startswith("57P"):
+        return CommitUnknown(
+            f"the connection was lost during COMMIT, so the transaction may or may not have been "
+            f"committed ({_one_line(exc)}); re-run it only if it is idempotent"
+        )
+    return None
 
 
 class _Checkout:
@@ -1232,7 +1229,13 @@ class _Checkout:
         try:
             if exc_type is None:
                 if not conn.closed:
-                    _commit(conn)
+                    try:
+                        conn.commit()
+                    except psycopg2.Error as error:
+                        unknown = _commit_unknown(error)
+                        if unknown is None:
+                            raise  # a definite failure, such as a serialization failure at commit
+                        raise unknown from error
             elif not conn.closed:
                 # The original exception matters more; putconn discards a broken connection.
                 with contextlib.suppress(psycopg2.Error):
@@ -1266,6 +1269,9 @@ class Pool:
         if config.cursor_factory is not None:
             self._cursor_class = _counting(config.cursor_factory)
         self._reset_warned = False  # a failing reset(conn) is logged at WARNING once
+        # Nothing to do on a plain checkout or return beyond the common checks (see getconn, putconn).
+        self._plain_lend = not config.leak_threshold
+        self._plain_return = config.reset is None
         self._closed = False
         self._start()
         self._start_worker()
@@ -1571,6 +1577,22 @@ class Pool:
                 self._counters["requests_num"] += 1
                 self._wait_counts[0] += 1
         if conn is not None:
+            # The plainest case inline (every cycle of a busy pool): a connection given back less than
+            # _RECENTLY_USED ago, nothing to watch for, and a quiet socket.  Anything else takes the
+            # full check below, which asks all of this again.
+            if (
+                now - conn._pgops_last_used <= _RECENTLY_USED
+                and conn._pgops_last_used >= self._suspect_before
+                and now < conn._pgops_expires
+                and conn._pgops_seen_writable >= self._writable_before
+                and self._plain_lend
+                and not self._bounds
+                and not conn.closed
+                and not conn._pgops_poll.poll(0)
+            ):
+                conn._pgops_lent = True
+                conn._pgops_checked_out = now
+                return conn
             problem = self._check_out_problem(conn, now, timeout)
             if problem is None:
                 return self._lend(conn, now)
@@ -1771,7 +1793,11 @@ class Pool:
         isolation_level go back to the pool's defaults, and reset(conn) runs if configured.
         """
         pooled: Any = conn
-        if getattr(pooled, "_pgops_pool", None) is not self:
+        try:
+            owner = pooled._pgops_pool
+        except AttributeError:  # not a pooled connection at all
+            owner = None
+        if owner is not self:
             self._put_unusual(pooled, close)
             return
         if not pooled._pgops_lent:
@@ -1779,8 +1805,7 @@ class Pool:
             raise PoolError("this connection was already returned to the pool")
         pooled._pgops_lent = False
         now = time.monotonic()
-        if self.config.leak_threshold:
-            pooled._pgops_stack = None
+        pooled._pgops_stack = None
         clean = (
             not pooled.closed
             and pooled.get_transaction_status() == _STATUS_IDLE
@@ -1791,7 +1816,7 @@ class Pool:
             and pooled.cursor_factory is self._cursor_class
             and now < pooled._pgops_expires
             and not pooled._pgops_refused_write
-            and self.config.reset is None
+            and self._plain_return
             and not close
         )
         problem = None if clean else "closed" if close else self._return_problem(pooled, now)
@@ -1800,7 +1825,10 @@ class Pool:
             self._times["usage_ms"] += (now - pooled._pgops_checked_out) * 1000.0
             if problem is None and not self._closed:
                 pooled._pgops_last_used = now
-                self._hand_over(pooled)
+                if self._waiters:
+                    self._hand_over(pooled)
+                else:
+                    self._idle.append(pooled)
                 return
             if problem == "bad":
                 self._counters["returns_bad"] += 1
