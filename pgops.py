@@ -321,6 +321,8 @@ _NOT_LIBPQ = {
     "async": "an asynchronous connection cannot be pooled",
     "async_": "an asynchronous connection cannot be pooled",
 }
+# libpq parameters that say which server and database to reach: a read pool's come from read_dsn.
+_ADDRESS = frozenset({"host", "hostaddr", "port", "dbname", "service"})
 # psycopg2's isolation levels by name, as set_session() takes them.
 _ISOLATION_LEVELS = {
     "READ UNCOMMITTED": psycopg2.extensions.ISOLATION_LEVEL_READ_UNCOMMITTED,
@@ -968,6 +970,9 @@ _SESSION: dict[str, Any] = {
 }
 
 
+_CHARACTERISTICS = ("readonly", "isolation_level", "deferrable")  # psycopg2's, besides autocommit
+
+
 def _is_default(value: object) -> bool:
     return value is None or (isinstance(value, str) and value.lower() == "default")
 
@@ -1042,6 +1047,20 @@ class _BehindPooler(_Connection):
         if level == psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT and self._characteristics():
             raise _refuse_session_set("set_isolation_level(ISOLATION_LEVEL_AUTOCOMMIT) with readonly set")
         super().set_isolation_level(level)
+
+
+def _factory_cursor(kind: type[psycopg2.extensions.connection]) -> type[psycopg2.extensions.cursor] | None:
+    """Return the default cursor class of psycopg2.extras' connection factories (in *kind*'s MRO)."""
+    import psycopg2.extras as extras
+
+    known: dict[type[psycopg2.extensions.connection], type[psycopg2.extensions.cursor]] = {
+        extras.MinTimeLoggingConnection: extras.MinTimeLoggingCursor,
+        extras.LoggingConnection: extras.LoggingCursor,
+        extras.RealDictConnection: extras.RealDictCursor,
+        extras.DictConnection: extras.DictCursor,
+        extras.NamedTupleConnection: extras.NamedTupleCursor,
+    }
+    return next((known[base] for base in kind.__mro__ if base in known), None)
 
 
 def _connection_class(
@@ -1288,8 +1307,20 @@ class Pool:
         # The read pool of DATABASE_READ_URL, on standbys: see read_connection().
         self.replica: Pool | None = None
         if config.read_dsn:
+            # connect_kwargs that read_dsn sets itself, or that say which server to reach, stay the
+            # primary's.  Reads run in READ ONLY transactions at the server's isolation level: a
+            # standby refuses SERIALIZABLE, and a pooler refuses read-only autocommit.
+            given = psycopg2.extensions.parse_dsn(config.read_dsn)
+            kwargs = {k: v for k, v in config.connect_kwargs.items() if k not in given and k not in _ADDRESS}
             replica = dataclasses.replace(
-                config, dsn=config.read_dsn, read_dsn="", read_only=True, name=f"{config.name}-read"
+                config,
+                dsn=config.read_dsn,
+                read_dsn="",
+                read_only=True,
+                name=f"{config.name}-read",
+                connect_kwargs=kwargs,
+                autocommit=False,
+                isolation_level=None,
             )
             self.replica = Pool(replica)
 
@@ -1666,7 +1697,8 @@ class Pool:
                 if first:
                     self._wait_counts[0] += 1
                 return conn
-            if self.config.max_waiting and len(self._waiters) >= self.config.max_waiting:
+            # A caller whose connection failed its check was already served once: never turned away.
+            if first and self.config.max_waiting and len(self._waiters) >= self.config.max_waiting:
                 self._counters["requests_errors"] += 1
                 raise TooManyRequests(
                     f"too many requests waiting; {self._state()} (max_waiting={self.config.max_waiting}); "
@@ -1818,7 +1850,11 @@ class Pool:
             and self._plain_return
             and not close
         )
-        problem = None if clean else "closed" if close else self._return_problem(pooled, now)
+        try:
+            problem = None if clean else "closed" if close else self._return_problem(pooled, now)
+        except BaseException:  # interrupted in rollback or reset(): the slot must not be lost
+            self._discard(pooled, "closed")
+            raise
         with self._lock:
             self._in_use.discard(pooled)
             self._times["usage_ms"] += (now - pooled._pgops_checked_out) * 1000.0
@@ -1874,6 +1910,8 @@ class Pool:
             problem = _bounded(conn, now + self.config.connect_timeout, _Connection.rollback)
             if problem is not None:
                 return problem
+        if now >= conn._pgops_expires or self._closed:
+            return "expired" if not self._closed else "closed"
         if self.config.reset is not None:
             _watchdog.guard(conn, now + self.config.connect_timeout)  # bounded like a check
             try:
@@ -1898,8 +1936,6 @@ class Pool:
         if self._autocommit:
             conn.autocommit = True
         conn.cursor_factory = self._cursor_class  # type: ignore[assignment]
-        if now >= conn._pgops_expires:
-            return "expired"
         if conn._pgops_refused_write:
             conn._pgops_refused_write = False
             # The caller's own READ ONLY transaction, or a server that stopped taking writes?  (Not
@@ -1922,6 +1958,26 @@ class Pool:
                 f"{hook}() left the connection inside a transaction; end it with conn.commit() "
                 "(or conn.rollback()) before returning"
             )
+        changed = self._changed_default(conn)
+        if changed is not None:
+            return PoolError(
+                f"{hook}() changed the connection's {changed}, which the pool sets back on every return; "
+                f"pass {changed}= to the pool instead"
+            )
+        return None
+
+    def _changed_default(self, conn: _Connection) -> str | None:
+        """Return the first of autocommit, readonly, isolation_level, deferrable, cursor_factory that
+        differs from what the pool lends, or None."""
+        for name, expected in (
+            ("autocommit", self._autocommit),
+            ("readonly", self._readonly),
+            ("isolation_level", self._isolation_level),
+            ("deferrable", None),
+            ("cursor_factory", _Cursor),
+        ):
+            if getattr(conn, name) != expected:
+                return name
         return None
 
     def _reset_failed(self, error: BaseException) -> None:
@@ -2059,7 +2115,7 @@ class Pool:
         """Open one connection (a slot is already reserved) and hand it over; back off on failure."""
         start = time.monotonic()
         try:
-            conn = self._connect()
+            conn = self._open()
         except Exception as exc:
             self._connect_failed(exc, start)
             return
@@ -2085,7 +2141,7 @@ class Pool:
         if closed:
             _close_quietly(conn)
 
-    def _connect(self) -> _Connection:
+    def _open(self) -> _Connection:
         """Open and prepare one connection (called without the pool lock)."""
         raw = psycopg2.connect(
             self.config._conninfo, connection_factory=self._connection_kind, **self._connect_kwargs
@@ -2147,12 +2203,20 @@ class Pool:
         """Give a new connection the pool's counted cursor class.
 
         With a connection_factory and no cursor_factory, that is the factory's own default cursor
-        (LoggingConnection's LoggingCursor, say), learnt from the first connection after configure()
-        (which may be what makes the factory ready, as LoggingConnection.initialize() is).
+        (LoggingConnection's LoggingCursor, say): known for psycopg2.extras' factories, else learnt
+        from the first connection that can make a cursor at connect time.  Cursors of a factory that
+        cannot (it needs a call after getconn()) are left as they are, and not counted.
         """
         if self._cursor_class is None:
-            conn.cursor_factory = None  # type: ignore[assignment]
-            self._cursor_class = _counting(type(conn.cursor()))
+            base = _factory_cursor(type(conn))
+            if base is None:  # a factory of its own: ask it, if it can make a cursor yet
+                conn.cursor_factory = None  # type: ignore[assignment]
+                try:
+                    base = type(conn.cursor())
+                except psycopg2.Error:
+                    _logger.debug("pool %r: its connection_factory's cursors are not counted", self.name)
+                    return
+            self._cursor_class = _counting(base)
         conn.cursor_factory = self._cursor_class
 
     def _note_server(self, in_recovery: bool, read_only: bool, pooled: bool) -> None:
@@ -2418,17 +2482,30 @@ class ThreadedConnectionPool(Pool, psycopg2.pool.ThreadedConnectionPool):  # typ
         if key is None:
             return Pool.getconn(self)
         with self._lock:
-            conn = self._keyed.get(key)
+            conn = None if self._closed else self._keyed.get(key)
         if conn is not None:
             return conn
-        taken: Any = Pool.getconn(self)
+        taken: Any = Pool.getconn(self)  # raises PoolClosed on a closed pool
         with self._lock:
-            conn = self._keyed.setdefault(key, taken)
-            if conn is taken:
+            closed = self._closed  # closeall() may have run meanwhile
+            conn = taken if closed else self._keyed.setdefault(key, taken)
+            if conn is taken and not closed:
                 self._key_of[id(taken)] = key
-        if conn is not taken:  # another thread took this key meanwhile: share its connection
+        if closed or conn is not taken:  # closed meanwhile, or another thread took this key
             Pool.putconn(self, taken)
+        if closed:
+            raise PoolClosed("the pool is closed")
         return conn
+
+    def _open(self) -> _Connection:
+        conn: Any = self._connect()  # psycopg2's hook, which subclasses of its pool override
+        if conn.get_transaction_status() in _STATUS_IN_TRANSACTION:
+            conn.commit()  # the override's own set-up (a SET, say), kept as psycopg2's pool keeps it
+        return conn  # type: ignore[no-any-return]
+
+    def _connect(self, key: Any = None) -> psycopg2.extensions.connection:
+        """Open one connection for the pool (psycopg2's hook: override it and call super()._connect())."""
+        return Pool._open(self)
 
     def putconn(
         self, conn: psycopg2.extensions.connection | None = None, key: Any = None, close: bool = False
@@ -2450,6 +2527,10 @@ class ThreadedConnectionPool(Pool, psycopg2.pool.ThreadedConnectionPool):  # typ
                 if key is None:
                     return conn  # lent without a key
             keyed = self._keyed.get(key)
+            if keyed is None and self._closed:  # closeall() forgot the keys: the pool takes it as closed
+                if conn is None:
+                    raise PoolClosed("the pool is closed")
+                return conn
             if keyed is None or (conn is not None and conn is not keyed):
                 raise PoolError(f"no connection is lent under key {key!r}; pass the key getconn() took")
             del self._keyed[key]
@@ -2502,6 +2583,10 @@ def _dropin_config(minconn: int, maxconn: int, args: tuple[Any, ...], kwargs: di
             problem = _one_line(exc, psycopg2.extensions.make_dsn(password=kwargs.get("password", "")))
         if problem is not None:  # raised here: a __context__ would carry libpq's text
             raise ConfigError(f"ThreadedConnectionPool(): {problem}")
+    if not dsn.strip():
+        # psycopg2.connect() with no DSN takes libpq's defaults and PG* variables; PoolConfig wants a
+        # DSN, so it gets one that sets only what pgops sets on every connection anyway.
+        dsn = psycopg2.extensions.make_dsn(application_name=options.get("application_name", "pgops"))
     return PoolConfig(dsn=dsn, min_size=minconn, max_size=maxconn, **options)
 
 
@@ -2523,19 +2608,23 @@ def _bounded(conn: _Connection, deadline: float, action: Callable[[_Connection],
 def _autocommit_query(conn: _Connection, query: str) -> tuple[Any, ...]:
     """Make one round trip in autocommit (no transaction to roll back) and return its row.
 
-    A read pool's connection is READ ONLY through psycopg2; that is taken off around the query, with
-    autocommit off, when psycopg2 sends nothing for it.
+    A read pool's connection is READ ONLY through psycopg2, and a pool may have an isolation level:
+    those are taken off around the query.
     """
     if conn.autocommit:  # an autocommit pool's connection: nothing to switch
         return _fetch_one(conn, query)
-    readonly = conn.readonly
-    if readonly is not None:
-        conn.readonly = None
+    # Set while autocommit is off, psycopg2 would send them as session SETs once it is on (refused
+    # behind a pooler): taken off first, with autocommit off, when psycopg2 sends nothing for them.
+    saved = [(name, _SESSION[name].__get__(conn)) for name in _CHARACTERISTICS]
+    for name, value in saved:
+        if value is not None:
+            setattr(conn, name, None)
     conn.autocommit = True
     row = _fetch_one(conn, query)
     conn.autocommit = False
-    if readonly is not None:
-        conn.readonly = readonly
+    for name, value in saved:
+        if value is not None:
+            setattr(conn, name, value)
     return row
 
 

@@ -538,3 +538,184 @@ def test_connection_defaults_through_pgbouncer_leave_no_session_state(
         assert scalar(plain, "SHOW transaction_isolation") == "read committed"
     finally:
         plain.close()
+
+
+# -- found in review: each of these failed before its fix ----------------------------------------
+
+
+def test_isolation_level_pool_through_pgbouncer_keeps_its_checked_connections(
+    pgbouncer: Callable[..., PgBouncer], dbname: str
+) -> None:
+    """The check of an idle connection (SELECT 1 in autocommit) must not trip over the pool's
+    isolation_level behind a pooler: no connection is thrown away as lost."""
+    bouncer = pgbouncer("transaction", pool_size=2)
+    with Pool(bouncer.dsn(dbname), min_size=2, max_size=2, isolation_level="SERIALIZABLE") as pool:
+        pool.wait(10)
+        for _ in range(4):
+            conns = [pool.getconn() for _ in range(2)]
+            for conn in conns:
+                conn._pgops_last_used -= 10  # type: ignore[attr-defined]  # checked at the next checkout
+                pool.putconn(conn)
+                conn._pgops_last_used -= 10  # type: ignore[attr-defined]
+        with pool.connection() as conn:
+            assert scalar(conn, "SHOW transaction_isolation") == "serializable"
+        stats = pool.stats()
+        assert (stats["connections_lost"], stats["connections_num"]) == (0, 2)
+
+
+def test_logging_connection_initialized_after_getconn_as_psycopg2_programs_do(dsn: str) -> None:
+    """A psycopg2 program calls initialize() after getconn(); the pool must connect before that."""
+    logged: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            logged.append(record.getMessage())
+
+    logger = logging.getLogger("test_dropin.late")
+    logger.addHandler(Collect())
+    logger.setLevel(logging.DEBUG)
+    pool = ThreadedConnectionPool(1, 2, dsn, connection_factory=psycopg2.extras.LoggingConnection)
+    try:
+        conn = pool.getconn()
+        conn.initialize(logger)
+        with conn.cursor() as cur:
+            cur.execute("SELECT 7")
+        conn.commit()
+        pool.putconn(conn)
+        assert any("SELECT 7" in line for line in logged)
+        assert pool.stats()["queries_num"] >= 1
+    finally:
+        pool.closeall()
+
+
+def test_dropin_without_a_dsn_uses_libpq_environment(
+    pg_server: PgServer, dbname: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ThreadedConnectionPool(1, 2) with PGHOST, PGUSER ... set, as psycopg2.connect() takes them."""
+    names = {
+        "host": "PGHOST",
+        "port": "PGPORT",
+        "user": "PGUSER",
+        "password": "PGPASSWORD",
+        "dbname": "PGDATABASE",
+    }
+    for key, value in psycopg2.extensions.parse_dsn(pg_server.dsn(dbname)).items():
+        if key in names:
+            monkeypatch.setenv(names[key], value)
+    for args in [(), ("",)]:
+        pool = ThreadedConnectionPool(1, 2, *args)
+        try:
+            conn = pool.getconn()
+            assert scalar(conn, "SELECT current_database()") == dbname
+            pool.putconn(conn)
+        finally:
+            pool.closeall()
+
+
+def test_connect_kwargs_do_not_redirect_the_read_pool(pg_server: PgServer, dbname: str) -> None:
+    """An address in connect_kwargs is the primary's: the read pool goes where read_dsn says."""
+    primary = pg_server.dsn("postgres")
+    with Pool(
+        primary, min_size=0, max_size=1, connect_kwargs={"dbname": dbname}, read_dsn=pg_server.dsn("postgres")
+    ) as pool:
+        with pool.connection() as conn:
+            assert scalar(conn, "SELECT current_database()") == dbname
+        with pool.read_connection() as conn:
+            assert scalar(conn, "SELECT current_database()") == "postgres"
+        assert pool.replica is not None
+        assert pool.stats()["connections_num"] == 1 and pool.replica.stats()["reads_fallback"] == 0
+
+
+def test_the_read_pool_reads_in_read_only_transactions_whatever_the_primary_pool_does(dsn: str) -> None:
+    """autocommit and isolation_level stay with the primary pool: a standby refuses SERIALIZABLE and a
+    pooler refuses read-only autocommit."""
+    with Pool(dsn, min_size=0, max_size=1, autocommit=True, read_dsn=dsn) as pool:
+        assert pool.replica is not None
+        assert (pool.replica.config.autocommit, pool.replica.config.isolation_level) == (False, None)
+        with pool.read_connection() as conn:
+            assert not conn.autocommit and conn.readonly
+        with pool.connection() as conn:
+            assert conn.autocommit
+
+
+def test_a_caller_requeued_after_a_failed_check_is_never_turned_away(dsn: str) -> None:
+    """max_waiting turns away new requests only: a caller whose connection failed its check queues again."""
+    with Pool(dsn, min_size=0, max_size=1, max_waiting=1, acquire_timeout=10) as pool:
+        held = pool.getconn()
+        waiter = threading.Thread(target=lambda: pool.putconn(pool.getconn()))
+        waiter.start()
+        wait_until(lambda: pool.stats()["requests_waiting"] == 1, message="waiter not queued")
+        start = pgops.time.monotonic()
+        with pytest.raises(PoolTimeout):  # queued, then timed out: not TooManyRequests
+            pool._take(start, start + 0.2, first=False)
+        pool.putconn(held)
+        waiter.join(10)
+
+
+def test_configure_must_not_change_what_the_pool_resets(dsn: str) -> None:
+    """A configure() that sets autocommit would hold for one checkout only: refused, naming the fix."""
+
+    def configure(conn: psycopg2.extensions.connection) -> None:
+        conn.autocommit = True
+
+    with Pool(dsn, min_size=0, max_size=1, configure=configure) as pool:
+        with pytest.raises(
+            pgops.CannotConnect, match=r"changed the connection's autocommit.*pass autocommit="
+        ):
+            pool.getconn()
+
+
+def test_a_subclass_overriding_psycopg2s_connect_hook_works(dsn: str) -> None:
+    """The psycopg2 recipe: override _connect(key=None), call super()._connect(key), set the connection up."""
+
+    class Tuned(ThreadedConnectionPool):
+        def _connect(self, key: Any = None) -> Any:
+            conn = super()._connect(key)
+            with conn.cursor() as cur:
+                cur.execute("SET search_path TO tuned, public")
+            return conn
+
+    pool = Tuned(1, 2, dsn)
+    try:
+        for _ in range(3):
+            conn = pool.getconn()
+            conn._pgops_last_used -= 10  # type: ignore[attr-defined]  # the check runs next time
+            assert scalar(conn, "SHOW search_path") == "tuned, public"
+            pool.putconn(conn)
+        assert pool.stats()["connections_lost"] == 0
+    finally:
+        pool.closeall()
+
+
+def test_keyed_getconn_on_a_closed_pool_raises(tpool: ThreadedConnectionPool) -> None:
+    """After closeall() a key gives no connection back, and returning one by key says the pool is closed."""
+    tpool.getconn("k")
+    tpool.closeall()
+    with pytest.raises(pgops.PoolClosed):
+        tpool.getconn("k")
+    with pytest.raises(pgops.PoolClosed):
+        tpool.putconn(key="k")
+
+
+def test_reset_is_skipped_on_a_closed_pool_and_an_interrupted_reset_keeps_the_books(dsn: str) -> None:
+    """No user code runs on a connection about to be closed; a KeyboardInterrupt in reset loses no slot."""
+    calls: list[int] = []
+    interrupt = threading.Event()
+
+    def reset(conn: psycopg2.extensions.connection) -> None:
+        calls.append(1)
+        if interrupt.is_set():
+            raise KeyboardInterrupt
+
+    with Pool(dsn, min_size=0, max_size=1, reset=reset, acquire_timeout=5) as pool:
+        interrupt.set()
+        conn = pool.getconn()
+        with pytest.raises(KeyboardInterrupt):
+            pool.putconn(conn)
+        assert pool.stats()["pool_in_use"] == 0
+        interrupt.clear()
+        conn = pool.getconn()  # the slot is free again
+        pool.close()
+        calls.clear()
+        pool.putconn(conn)
+        assert calls == [] and conn.closed
