@@ -282,6 +282,20 @@ def test_readonly_true_makes_a_read_pool(dsn: str) -> None:
 # -- factories: connection_factory and cursor_factory as psycopg2.connect() takes them -------------
 
 
+def sql_logger(name: str) -> tuple[logging.Logger, list[str]]:
+    """A logger for LoggingConnection.initialize() and the list of the lines it receives."""
+    logged: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            logged.append(record.getMessage())
+
+    logger = logging.getLogger(name)
+    logger.addHandler(Collect())
+    logger.setLevel(logging.DEBUG)
+    return logger, logged
+
+
 def test_cursor_factory_is_used_and_still_counted(dsn: str) -> None:
     """cursor_factory=RealDictCursor gives dict rows, and the pool still counts the statements."""
     pool = ThreadedConnectionPool(0, 1, dsn, cursor_factory=psycopg2.extras.RealDictCursor)
@@ -302,15 +316,7 @@ def test_cursor_factory_is_used_and_still_counted(dsn: str) -> None:
 
 def test_connection_factory_keeps_its_own_cursor(dsn: str) -> None:
     """LoggingConnection, initialized in configure(), logs through its LoggingCursor as it would alone."""
-    logged: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            logged.append(record.getMessage())
-
-    logger = logging.getLogger("test_dropin.sql")
-    logger.addHandler(Collect())
-    logger.setLevel(logging.DEBUG)
+    logger, logged = sql_logger("test_dropin.sql")
     pool = ThreadedConnectionPool(
         0,
         1,
@@ -565,15 +571,7 @@ def test_isolation_level_pool_through_pgbouncer_keeps_its_checked_connections(
 
 def test_logging_connection_initialized_after_getconn_as_psycopg2_programs_do(dsn: str) -> None:
     """A psycopg2 program calls initialize() after getconn(); the pool must connect before that."""
-    logged: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            logged.append(record.getMessage())
-
-    logger = logging.getLogger("test_dropin.late")
-    logger.addHandler(Collect())
-    logger.setLevel(logging.DEBUG)
+    logger, logged = sql_logger("test_dropin.late")
     pool = ThreadedConnectionPool(1, 2, dsn, connection_factory=psycopg2.extras.LoggingConnection)
     try:
         conn = pool.getconn()
