@@ -332,6 +332,16 @@ _ISOLATION_LEVELS = {
 }
 
 
+def _merge_dsn(dsn: str | None, kwargs: Mapping[str, Any], what: str) -> str:
+    """Merge libpq keyword arguments into *dsn* as psycopg2.connect() does; ConfigError if libpq balks."""
+    problem: str | None = None
+    try:
+        return str(psycopg2.extensions.make_dsn(dsn, **kwargs))
+    except psycopg2.ProgrammingError as exc:
+        problem = _one_line(exc, psycopg2.extensions.make_dsn(password=kwargs.get("password", "")))
+    raise ConfigError(f"{what}: {problem}")  # outside the except block: no __context__ with libpq's text
+
+
 def _isolation_level(value: object) -> int | None:
     """Return psycopg2's number for an isolation level given by number or name (None: the server's)."""
     if value is None or (isinstance(value, str) and value.strip().upper() == "DEFAULT"):
@@ -445,13 +455,7 @@ class PoolConfig:
         object.__setattr__(self, "connect_kwargs", types.MappingProxyType(dict(kwargs)))
         conninfo = self.dsn
         if kwargs:
-            problem: str | None = None
-            try:
-                conninfo = psycopg2.extensions.make_dsn(self.dsn, **kwargs)
-            except psycopg2.ProgrammingError as exc:
-                problem = _one_line(exc, psycopg2.extensions.make_dsn(password=kwargs.get("password", "")))
-            if problem is not None:  # raised here: a __context__ would carry libpq's text
-                raise ConfigError(f"connect_kwargs are not libpq parameters: {problem}")
+            conninfo = _merge_dsn(self.dsn, kwargs, "connect_kwargs are not libpq parameters")
             _check_dsn(conninfo, "dsn with connect_kwargs")
         object.__setattr__(self, "_conninfo", conninfo)  # the dsn with connect_kwargs: what connects
 
@@ -2576,13 +2580,7 @@ def _dropin_config(minconn: int, maxconn: int, args: tuple[Any, ...], kwargs: di
             raise ConfigError(f"{name}=True: an asynchronous connection cannot be pooled")
         kwargs.pop(name, None)
     if kwargs:
-        problem: str | None = None
-        try:
-            dsn = psycopg2.extensions.make_dsn(dsn or None, **kwargs)
-        except psycopg2.ProgrammingError as exc:
-            problem = _one_line(exc, psycopg2.extensions.make_dsn(password=kwargs.get("password", "")))
-        if problem is not None:  # raised here: a __context__ would carry libpq's text
-            raise ConfigError(f"ThreadedConnectionPool(): {problem}")
+        dsn = _merge_dsn(dsn or None, kwargs, "ThreadedConnectionPool()")
     if not dsn.strip():
         # psycopg2.connect() with no DSN takes libpq's defaults and PG* variables; PoolConfig wants a
         # DSN, so it gets one that sets only what pgops sets on every connection anyway.

@@ -636,20 +636,6 @@ def test_the_read_pool_reads_in_read_only_transactions_whatever_the_primary_pool
             assert conn.autocommit
 
 
-def test_a_caller_requeued_after_a_failed_check_is_never_turned_away(dsn: str) -> None:
-    """max_waiting turns away new requests only: a caller whose connection failed its check queues again."""
-    with Pool(dsn, min_size=0, max_size=1, max_waiting=1, acquire_timeout=10) as pool:
-        held = pool.getconn()
-        waiter = threading.Thread(target=lambda: pool.putconn(pool.getconn()))
-        waiter.start()
-        wait_until(lambda: pool.stats()["requests_waiting"] == 1, message="waiter not queued")
-        start = pgops.time.monotonic()
-        with pytest.raises(PoolTimeout):  # queued, then timed out: not TooManyRequests
-            pool._take(start, start + 0.2, first=False)
-        pool.putconn(held)
-        waiter.join(10)
-
-
 def test_configure_must_not_change_what_the_pool_resets(dsn: str) -> None:
     """A configure() that sets autocommit would hold for one checkout only: refused, naming the fix."""
 

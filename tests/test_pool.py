@@ -132,20 +132,37 @@ def test_waiters_are_served_first_come_first_served(dsn: str) -> None:
         assert order == [0, 1, 2, 3, 4]
 
 
-def test_max_waiting_caps_the_queue(dsn: str) -> None:
-    """Beyond max_waiting queued callers, getconn fails at once."""
+@contextlib.contextmanager
+def full_queue(dsn: str) -> Iterator[Pool]:
+    """A pool of one connection, lent, with max_waiting=1 and one caller already waiting."""
     with Pool(dsn, min_size=0, max_size=1, acquire_timeout=10.0, max_waiting=1) as pool:
-        conn = pool.getconn()
+        held = pool.getconn()
         waiter = threading.Thread(target=lambda: pool.putconn(pool.getconn()))
         waiter.start()
-        wait_until(lambda: pool.stats()["requests_waiting"] == 1, message="waiter not queued")
+        try:
+            wait_until(lambda: pool.stats()["requests_waiting"] == 1, message="waiter not queued")
+            yield pool
+        finally:
+            pool.putconn(held)
+            waiter.join(10)
+
+
+def test_max_waiting_caps_the_queue(dsn: str) -> None:
+    """Beyond max_waiting queued callers, getconn fails at once."""
+    with full_queue(dsn) as pool:
         with pytest.raises(pgops.TooManyRequests, match="too many requests waiting") as caught:
             pool.getconn()
         assert isinstance(caught.value, psycopg2.pool.PoolError)
         assert not isinstance(caught.value, PoolTimeout)
         assert not pgops.is_retryable(caught.value)  # a retry would only add to the queue
-        pool.putconn(conn)
-        waiter.join(10)
+
+
+def test_a_caller_requeued_after_a_failed_check_is_never_turned_away(dsn: str) -> None:
+    """max_waiting turns away new requests only: a caller whose connection failed its check queues again."""
+    with full_queue(dsn) as pool:
+        start = time.monotonic()
+        with pytest.raises(PoolTimeout):  # queued, then timed out: not TooManyRequests
+            pool._take(start, start + 0.2, first=False)
 
 
 def test_connection_block_commits_and_rolls_back(pool: Pool, admin: psycopg2.extensions.connection) -> None:
