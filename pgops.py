@@ -2745,6 +2745,9 @@ if hasattr(os, "register_at_fork"):  # POSIX
 
 # \Z, not $: a name ending in a newline is not a migration file.
 _MIGRATION_FILE = re.compile(r"^(?P<version>[0-9]+)_(?P<description>[A-Za-z0-9_-]+)(?P<down>\.down)?\.sql\Z")
+# Flyway's repeatable migrations: re-applied whenever their text changes, after the versioned ones.
+_REPEATABLE_FILE = re.compile(r"^R__(?P<description>[A-Za-z0-9_-]+)(?P<down>\.down)?\.sql\Z")
+_BASELINE = "baseline"  # the checksum column of the row that `baseline V` writes (never a sha256 digest)
 _NO_TRANSACTION = re.compile(r"^--\s*pgops:\s*no-transaction\s*$", re.IGNORECASE)
 _MAX_VERSION = 2**63 - 1  # the history table's version column is a bigint
 _LOCK_CLASS = 0x7067_6F70  # "pgop": the first key of every pgops advisory lock
@@ -2797,6 +2800,8 @@ class Migration:
     transactional: bool
     sql: str = dataclasses.field(repr=False)
     down_path: str | None = None
+    # An R__name.sql file: its version is the (negative) key of its history row, made from its name.
+    repeatable: bool = False
 
     @property
     def name(self) -> str:
@@ -2808,10 +2813,12 @@ class Migration:
 class MigrationStatus:
     """One row of ``status()``: a file, a history row, or both."""
 
-    version: int
+    version: int | None  # None for a repeatable migration
     description: str
     # applied, pending, failed, running, changed (edited since), conflict (another file under its
-    # version), missing (file gone), future (newer than every file)
+    # version), missing (file gone), future (newer than every file), baseline (the row `baseline`
+    # wrote), below-baseline (a file at or under it, never run); a repeatable: applied, pending,
+    # outdated (changed since it was last applied), missing
     state: str
     applied_at: str | None = None
     execution_ms: float | None = None
@@ -2865,8 +2872,6 @@ def _read_sql(path: str) -> str:
         remedy = "it looks like UTF-16; save it as UTF-8" if wide else "remove it"
         raise BadMigration(f"migration {path!r} contains a NUL byte at offset {text.index(chr(0))}; {remedy}")
     statements = [(start, end) for start, end, code in _scan_sql(text) if code]  # scanned once, used twice
-    if not statements:
-        raise BadMigration(f"migration {path!r} has no SQL statement; add one or delete the file")
     _refuse_copy(text, path, statements)
     if _transactional(text):
         _refuse_transaction_control(text, path, statements)
@@ -2937,52 +2942,121 @@ def _refuse_transaction_control(text: str, path: str, statements: list[tuple[int
 
 
 def load_migrations(directory: str) -> list[Migration]:
-    """Read and check every migration in *directory*, ordered by version."""
+    """Read and check every migration in *directory*: versioned ones by version, then repeatable ones
+    by name; raise BadMigration naming the first file that cannot be used."""
+    migrations, problems = _scan_migrations(directory)
+    if problems:
+        raise BadMigration(problems[0])
+    return migrations
+
+
+def _scan_migrations(directory: str) -> tuple[list[Migration], list[str]]:
+    """Read every migration in *directory*; return those that can be used and what is wrong with the rest.
+
+    A file with a problem is left out, except one whose name is fine and whose content is not: it is
+    kept, so that status still shows its version as applied or pending. Two files under one version
+    are both left out.
+    """
     if not os.path.isdir(directory):
         problem = "is not a directory" if os.path.exists(directory) else "does not exist"
         raise ConfigError(
             f"migrations directory {directory!r} {problem}; pass --dir or set PGOPS_MIGRATIONS_DIR"
         )
-    ups: dict[int, tuple[str, str]] = {}
-    downs: dict[int, str] = {}
+    problems: list[str] = []
+    ups: dict[int, list[tuple[str, str, bool]]] = {}
+    downs: dict[int, list[str]] = {}
     for filename in sorted(os.listdir(directory)):
         path = os.path.join(directory, filename)
         if not filename.lower().endswith(".sql"):
             continue
         if not os.path.isfile(path):
-            if _MIGRATION_FILE.match(filename) is None:
+            if _MIGRATION_FILE.match(filename) is None and _REPEATABLE_FILE.match(filename) is None:
                 continue  # a folder such as archive.sql
             # Skipping it would hide a migration, and a later real file would then look out of order.
-            raise BadMigration(f"migration {path!r} {_not_a_file(path)}; make it a regular file or remove it")
-        version, description, is_down = parse_migration_name(filename)
-        seen = downs if is_down else ups
-        if version in seen:
-            other = downs[version] if is_down else ups[version][0]
-            raise BadMigration(
-                f"migration version {version} is used twice: {other!r} and {path!r}; renumber one"
-            )
+            problems.append(f"migration {path!r} {_not_a_file(path)}; make it a regular file or remove it")
+            continue
+        named = _REPEATABLE_FILE.match(filename)
+        try:
+            if named is not None:
+                description, is_down = named["description"], named["down"] is not None
+                version = _repeatable_key(description)
+                if is_down:
+                    raise BadMigration(
+                        f"repeatable migration {path!r} cannot have a down file (it is applied again "
+                        "whenever it changes); remove it"
+                    )
+            else:
+                version, description, is_down = parse_migration_name(filename)
+        except BadMigration as exc:
+            problems.append(str(exc))
+            continue
         if is_down:
-            downs[version] = path
+            downs.setdefault(version, []).append(path)
         else:
-            ups[version] = (path, description)
-    for version, path in downs.items():
-        if version not in ups:
-            raise BadMigration(f"down migration {path!r} has no matching up migration {version}")
-    migrations = []
-    for version, (path, description) in sorted(ups.items()):
-        text = _read_sql(path)
-        migrations.append(
-            Migration(
-                version=version,
-                description=description,
-                path=path,
-                checksum=migration_checksum(text),
-                transactional=_transactional(text),
-                sql=text,
-                down_path=downs.get(version),
+            ups.setdefault(version, []).append((path, description, named is not None))
+    for version, paths in [*((v, [u[0] for u in f]) for v, f in ups.items()), *downs.items()]:
+        if len(paths) > 1:
+            problems.append(
+                f"migration version {version} is used twice: {paths[0]!r} and {paths[1]!r}; renumber one"
             )
+    for version, paths in downs.items():
+        if version not in ups:
+            problems.append(f"down migration {paths[0]!r} has no matching up migration {version}")
+    migrations: list[Migration] = []
+    # Versioned files by version, then repeatable ones by name.
+    for version, found in sorted(ups.items(), key=lambda item: (item[0] < 0, max(item[0], 0), item[1][0][0])):
+        if len(found) > 1 or len(downs.get(version, ())) > 1:
+            continue
+        path, description, repeatable = found[0]
+        try:
+            text = _read_sql(path)
+            checksum = migration_checksum(text)
+        except BadMigration as exc:
+            problems.append(str(exc))
+            text, checksum = "", "unusable"  # a checksum no history row has: pending, or changed
+        except OSError as exc:
+            problems.append(f"migration {path!r} cannot be read ({exc.strerror or exc}); fix its permissions")
+            continue
+        migration = Migration(
+            version=version,
+            description=description,
+            path=path,
+            checksum=checksum,
+            transactional=_transactional(text),
+            sql=text,
+            down_path=downs.get(version, [None])[0],
+            repeatable=repeatable,
         )
-    return migrations
+        if repeatable and not migration.transactional:
+            problems.append(
+                f"repeatable migration {path!r} says no-transaction; a repeatable migration runs in one "
+                "transaction: remove the marker, or make it a numbered migration"
+            )
+            continue
+        migrations.append(migration)
+    return migrations, problems
+
+
+def _repeatable_key(description: str) -> int:
+    """Return the history table's version for a repeatable migration: negative, made from its name."""
+    import hashlib
+
+    digest = hashlib.sha256(description.encode("utf-8")).digest()
+    return -1 - (int.from_bytes(digest[:8], "big") >> 1)
+
+
+def _statementless(migrations: Iterable[Migration]) -> frozenset[int]:
+    """Return the versions of the migrations that hold no SQL statement (a fresh template of `new`)."""
+    return frozenset(m.version for m in migrations if not any(code for *_, code in _scan_sql(m.sql)))
+
+
+def _refuse_statementless(migrations: Iterable[Migration], statementless: frozenset[int]) -> None:
+    """Raise BadMigration naming the first of *migrations*, about to run, that has no SQL statement."""
+    for migration in migrations:
+        if migration.version in statementless:
+            raise BadMigration(
+                f"migration {migration.path!r} has no SQL statement; add one or delete the file"
+            )
 
 
 def _not_a_file(path: str) -> str:
@@ -3134,6 +3208,51 @@ def _applied_state(
     if migration.checksum == checksum:
         return "applied"
     return "changed" if migration.description == description else "conflict"
+
+
+def _newest_file(files: Iterable[Migration]) -> int:
+    """Return the highest version among the versioned files (0 when there is none)."""
+    return max((m.version for m in files if not m.repeatable), default=0)
+
+
+def _newest_applied(history: Mapping[int, tuple[Any, ...]]) -> int:
+    """Return the highest version in the history (a baseline counts; repeatable rows do not)."""
+    return max((v for v in history if v >= 0), default=0)
+
+
+def _baseline_version(history: Mapping[int, tuple[Any, ...]]) -> int | None:
+    """Return the version that `baseline` recorded, or None."""
+    return next((v for v, row in history.items() if row[1] == _BASELINE and row[2] == "applied"), None)
+
+
+def _pending(
+    files: Iterable[Migration], history: Mapping[int, tuple[Any, ...]], target: int | None = None
+) -> list[Migration]:
+    """Return the versioned migrations to apply, in order: not in the history, above any baseline, up
+    to *target*."""
+    floor = _baseline_version(history)
+    return [
+        m
+        for m in files
+        if not m.repeatable
+        and m.version not in history
+        and (floor is None or m.version > floor)
+        and (target is None or m.version <= target)
+    ]
+
+
+def _repeatables_due(files: Sequence[Migration], history: Mapping[int, tuple[Any, ...]]) -> list[Migration]:
+    """Return the repeatable migrations that are new or changed since they were last applied, by name.
+
+    None while the history holds versions newer than every file here: an older release during a
+    rollout must not put its older views and functions back over the newer release's.
+    """
+    newest_file = _newest_file(files)
+    if any(v > newest_file and row[1] != _BASELINE for v, row in history.items()):
+        return []
+    return [
+        m for m in files if m.repeatable and (m.version not in history or history[m.version][1] != m.checksum)
+    ]
 
 
 def _failure(
@@ -3334,6 +3453,7 @@ class Migrator:
         self._at_version = 0  # the database's version when migrate() last found nothing more to do
         self._checked: dict[int, tuple[Any, ...]] = {}  # the history as this runner last checked it
         self._print: tuple[int, int, int] = (0, 0, 0)  # and its _fingerprint
+        self._statementless: frozenset[int] = frozenset()  # versions of files with no statement, per run
         import zlib
 
         self._lock_key = zlib.crc32(f"{schema}.{table}".encode()) & 0x7FFF_FFFF
@@ -3644,12 +3764,19 @@ class Migrator:
     def _problems(self, files: list[Migration], history: dict[int, tuple[Any, ...]]) -> list[str]:
         """Return drift problems: changed files, other files under applied versions, files gone."""
         by_version = {m.version: m for m in files}
-        newest_file = max(by_version, default=0)
+        newest_file = _newest_file(files)
         problems = []
         for version, (description, checksum, status, *_rest) in history.items():
-            if status != "applied":
+            if status != "applied" or checksum == _BASELINE:
                 continue
             migration = by_version.get(version)
+            if version < 0:  # a repeatable migration: changing is what it is for
+                if migration is None:
+                    _logger.warning(
+                        "repeatable migration R__%s.sql was applied but has no file here; repair forgets it",
+                        description,
+                    )
+                continue
             state = _applied_state(version, description, checksum, migration, newest_file)
             if state == "future":
                 # A newer deploy got here first (or this is an older replica during a rollout):
@@ -3672,44 +3799,63 @@ class Migrator:
                 problems.append(
                     f"migration {migration.path!r} is a different migration from the one applied as "
                     f"version {version} ({description!r}, not {migration.description!r}); give the file "
-                    f"a version above {max(history)}, or restore the file of {description!r}"
+                    f"a version above {_newest_applied(history)}, or restore the file of {description!r}"
                 )
         return problems
 
-    def status(self) -> list[MigrationStatus]:
-        """Return every migration and its state, as MigrationStatus.state lists them."""
-        files = load_migrations(self.directory)
+    def _read_history(self) -> dict[int, tuple[Any, ...]]:
+        """Read the history through a lent connection, without the lock (status, pending, validate)."""
         with self._connection() as conn:
-            history = self._history_rows(conn.cursor())
-        rows: list[MigrationStatus] = []
+            return self._history_rows(conn.cursor())
+
+    def status(self) -> list[MigrationStatus]:
+        """Return every migration and its state, as MigrationStatus.state lists them.
+
+        Files that cannot be used are left out rather than refused: validate() names them.
+        """
+        files, _problems = _scan_migrations(self.directory)
+        history = self._read_history()
         by_version = {m.version: m for m in files}
-        newest_file = max(by_version, default=0)
-        for version in sorted(set(by_version) | set(history)):
+        newest_file = _newest_file(files)
+        floor = _baseline_version(history)
+        rows: list[MigrationStatus] = []
+        # Versioned migrations by version, then repeatable ones by name.
+        for version in sorted(set(by_version) | set(history), key=lambda v: (v < 0, max(v, 0))):
             migration = by_version.get(version)
+            shown: int | None = version if version >= 0 else None
             if version not in history:
                 assert migration is not None
-                rows.append(MigrationStatus(version, migration.description, "pending"))
+                if migration.repeatable:
+                    state = "pending"
+                else:
+                    state = "below-baseline" if floor is not None and version <= floor else "pending"
+                rows.append(MigrationStatus(shown, migration.description, state))
                 continue
             description, checksum, state, applied_at, ms, by, error = history[version]
-            if state == "applied":
+            if state == "applied" and checksum == _BASELINE:
+                state = "baseline"
+            elif state == "applied" and version < 0:
+                same = migration is not None and migration.checksum == checksum
+                state = "missing" if migration is None else "applied" if same else "outdated"
+            elif state == "applied":
                 state = _applied_state(version, description, checksum, migration, newest_file)
             at = applied_at.isoformat(timespec="seconds") if applied_at is not None else None
-            rows.append(MigrationStatus(version, description, state, at, ms, by, error))
-        return rows
+            rows.append(MigrationStatus(shown, description, state, at, ms, by, error))
+        repeatable = [r for r in rows if r.version is None]
+        return [r for r in rows if r.version is not None] + sorted(repeatable, key=lambda r: r.description)
 
     def pending(self) -> list[Migration]:
-        """Return the migrations not yet applied, in version order."""
+        """Return what migrate() would apply: versioned migrations in order, then repeatable ones."""
         files = load_migrations(self.directory)
-        with self._connection() as conn:
-            history = self._history_rows(conn.cursor())
-        return [m for m in files if m.version not in history]
+        history = self._read_history()
+        return _pending(files, history) + _repeatables_due(files, history)
 
     def validate(self) -> list[str]:
-        """Return what would stop migrate (drift, missing files, failed runs); empty when all is well."""
-        files = load_migrations(self.directory)
-        with self._connection() as conn:
-            history = self._history_rows(conn.cursor())
-        problems = self._problems(files, history)
+        """Return what would stop migrate (bad files, drift, missing files, failed runs); empty when all
+        is well. A pending file with no statement yet (a fresh ``new``) is not a problem here."""
+        files, problems = _scan_migrations(self.directory)
+        history = self._read_history()
+        problems += self._problems(files, history)
         problems += [
             f"migration {v} ({row[0]}) is {row[2]}; fix it, then run repair"
             for v, row in history.items()
@@ -3718,14 +3864,14 @@ class Migrator:
         return problems + self._order_problems(files, history)
 
     def _order_problems(self, files: list[Migration], history: dict[int, tuple[Any, ...]]) -> list[str]:
-        if self.allow_out_of_order or not history:
+        highest = _newest_applied(history)
+        if self.allow_out_of_order or highest == 0:
             return []
-        highest = max(history)
         return [
             f"pending migration {m.path!r} is older than applied version {highest}; renumber it above "
             f"{highest}, or pass --allow-out-of-order"
-            for m in files
-            if m.version not in history and m.version < highest
+            for m in _pending(files, history)
+            if m.version < highest
         ]
 
     # -- applying ------------------------------------------------------------------------------
@@ -3737,18 +3883,25 @@ class Migrator:
         *,
         on_applied: Callable[[Migration, float], None] | None = None,
     ) -> list[Migration]:
-        """Apply pending migrations up to *target* (all by default) and return those applied."""
+        """Apply pending migrations up to *target* (all by default) and return those applied.
+
+        Repeatable migrations (R__name.sql) new or changed since last applied follow the versioned
+        ones, in name order, unless a *target* below the newest file stops short of them.
+        """
         if target is not None and target < 0:
             raise ConfigError(
                 f"target version {target} is negative; pass a migration's version, or none for all"
             )
         files = load_migrations(self.directory)
+        repeat = target is None or target >= _newest_file(files)
         if dry_run:
-            with self._connection() as conn:
-                history = self._history_rows(conn.cursor())
+            history = self._read_history()
             self._refuse_unsafe(files, history)
-            return [m for m in files if m.version not in history and (target is None or m.version <= target)]
+            due = _pending(files, history, target) + (_repeatables_due(files, history) if repeat else [])
+            _refuse_statementless(due, _statementless(due))
+            return due
         by_version = {m.version: m for m in files}
+        self._statementless = _statementless(files)
 
         def rolled_back_whole(exc: BaseException) -> bool:
             # A transactional file that timed out waiting for a table lock left nothing behind: run it
@@ -3763,11 +3916,15 @@ class Migrator:
         applied: list[Migration] = []
         with self._session() as cur, _Announcer("applying") as announcer:
             wait = _Wait(self.lock_timeout)
+            step, repeated = self._migrate_one, set[int]()
             while True:
                 done = retry_call(
-                    self._migrate_one, cur, files, target, wait, announcer,
+                    step, cur, files, target, wait, announcer, repeated,
                     policy=_LOCK_RETRY, retry_on=rolled_back_whole,
                 )  # fmt: skip
+                if done is None and step == self._migrate_one and repeat:
+                    step = self._repeat_one
+                    continue
                 if done is None:
                     break
                 migration, elapsed = done
@@ -3784,15 +3941,16 @@ class Migrator:
         target: int | None,
         wait: _Wait,
         announcer: _Announcer,
+        repeated: set[int],
     ) -> tuple[Migration, float] | None:
         """Apply the next pending migration in one locked transaction; None when nothing is pending."""
         with self._transaction(cur, wait) as history:
             if history is not self._checked:  # else: as this runner left it, and checked then
                 self._refuse_unsafe(files, history)
-            pending = (m for m in files if m.version not in history)
-            migration = next((m for m in pending if target is None or m.version <= target), None)
+                _refuse_statementless(_pending(files, history, target), self._statementless)
+            migration = next(iter(_pending(files, history, target)), None)
             if migration is None:
-                self._at_version = max(history, default=0)  # with other runners, maybe above ours
+                self._at_version = _newest_applied(history)  # with other runners, maybe above ours
                 return None
             started = time.perf_counter()
             with announcer.running(migration.name):
@@ -3804,6 +3962,34 @@ class Migrator:
             self._checked, self._print = history, _fingerprint(history, self._print, migration.version)
             if not migration.transactional:
                 self._checked = {}
+            return migration, (time.perf_counter() - started) * 1000.0
+
+    def _repeat_one(
+        self,
+        cur: psycopg2.extensions.cursor,
+        files: list[Migration],
+        target: int | None,
+        wait: _Wait,
+        announcer: _Announcer,
+        repeated: set[int],
+    ) -> tuple[Migration, float] | None:
+        """Apply the next repeatable migration that is new or changed, once per run; None when none is.
+
+        A repeatable row changes in place (its checksum), which the history's fingerprint does not
+        see: the history is read in full each time.
+        """
+        self._checked = {}
+        with self._transaction(cur, wait) as history:
+            self._refuse_unsafe(files, history)
+            due = [m for m in _repeatables_due(files, history) if m.version not in repeated]
+            _refuse_statementless(due, self._statementless)
+            if not due:
+                return None
+            migration = due[0]
+            started = time.perf_counter()
+            with announcer.running(migration.name):
+                self._apply(cur, migration, record=True)
+            repeated.add(migration.version)
             return migration, (time.perf_counter() - started) * 1000.0
 
     def _refuse_unsafe(self, files: list[Migration], history: dict[int, tuple[Any, ...]]) -> None:
@@ -3915,6 +4101,12 @@ class Migrator:
             "INSERT INTO {} (version, description, checksum, status, execution_ms, runner) "
             "VALUES (%s, %s, %s, 'applied', %s, %s)"
         )
+        if migration.repeatable:  # applied again: the row of its last application is replaced
+            sql += (
+                " ON CONFLICT (version) DO UPDATE SET description = EXCLUDED.description, "
+                "checksum = EXCLUDED.checksum, applied_at = now(), execution_ms = EXCLUDED.execution_ms, "
+                "applied_by = current_user, runner = EXCLUDED.runner"
+            )
         values = (migration.version, migration.description, migration.checksum, ms, self._runner)
         return psycopg2.sql.SQL(sql).format(self._history), values
 
@@ -4057,23 +4249,28 @@ class Migrator:
                 raise failure from None
 
     def rollback(
-        self, target: int, *, on_reverted: Callable[[Migration, float], None] | None = None
+        self, target: int | None = None, *, on_reverted: Callable[[Migration, float], None] | None = None
     ) -> list[Migration]:
-        """Revert applied migrations above *target* with their .down.sql files, newest first."""
-        if target < 0:
+        """Revert applied migrations above *target* with their .down.sql files, newest first.
+
+        Without a target, the newest applied migration alone (dbmate's rollback, alembic's
+        ``downgrade -1``). The version the database is now at is in ``at_version`` afterwards.
+        """
+        if target is not None and target < 0:
             raise ConfigError(f"cannot roll back to version {target}; pass an applied version, or 0 for all")
         files = {m.version: m for m in load_migrations(self.directory)}
         reverted: list[Migration] = []
         downs: dict[int, Migration] | None = None
+        end = 0  # where the rollback ends: *target*, checked under the lock
         with self._session() as cur, _Announcer("reverting") as announcer:
             wait = _Wait(self.lock_timeout)
             while True:
                 with self._transaction(cur, wait) as history:
                     self._refuse_unsafe(list(files.values()), history)
                     if downs is None:
-                        self._check_rollback_target(target, history)
-                        downs = self._down_files(target, files, history)
-                    version = max((v for v in history if v > target), default=None)
+                        end = self._at_version = _rollback_target(target, history)
+                        downs = self._down_files(end, files, history)
+                    version = max((v for v in history if v > end), default=None)
                     if version is None:
                         break
                     if version not in downs or files[version] in reverted:
@@ -4116,34 +4313,56 @@ class Migrator:
             downs[version] = dataclasses.replace(
                 files[version], path=path, sql=text, transactional=_transactional(text), down_path=None
             )
+        _refuse_statementless(downs.values(), _statementless(downs.values()))  # a fresh template of `new`
         return downs
 
-    @staticmethod
-    def _check_rollback_target(target: int, history: dict[int, tuple[Any, ...]]) -> None:
-        """Raise ConfigError unless *target* is 0 or an applied version: where the rollback would end."""
-        if target == 0 or target in history:
-            return
-        current = max(history, default=0)
-        if target > current:
-            raise ConfigError(
-                f"cannot roll back to version {target}: the database is at version {current}; "
-                "pass an applied version below it, or 0 to revert everything"
+    @property
+    def at_version(self) -> int:
+        """The database's version when the last migrate() ended, or where the last rollback() went."""
+        return self._at_version
+
+    def baseline(self, version: int) -> None:
+        """Record that the database is already at *version*: files up to it are never run.
+
+        For a database made before pgops (Flyway's baseline, alembic's stamp). Refused once the
+        history records any migration. The row has checksum 'baseline'; status() shows it as
+        ``baseline`` and the files at or under it as ``below-baseline``.
+        """
+        if not 0 <= version <= _MAX_VERSION:
+            raise ConfigError(f"baseline version {version} is out of range; pass a version of 0 or more")
+        files = {m.version: m for m in load_migrations(self.directory) if not m.repeatable}
+        with self._session() as cur, self._transaction(cur, _Wait(self.lock_timeout)) as history:
+            recorded = sorted(v for v in history if v >= 0)
+            if recorded:
+                raise ConfigError(
+                    f"cannot baseline {self.schema}.{self.table} at {version}: it already records "
+                    f"migration(s) {recorded[0]}..{recorded[-1]}; baseline is for a database pgops has "
+                    "not migrated yet"
+                )
+            migration = files.get(version)
+            cur.execute(
+                psycopg2.sql.SQL(
+                    "INSERT INTO {} (version, description, checksum, status, execution_ms, runner) "
+                    "VALUES (%s, %s, %s, 'applied', 0, %s)"
+                ).format(self._history),
+                (version, migration.description if migration else "baseline", _BASELINE, self._runner),
             )
-        below = max((v for v in history if v < target), default=0)
-        raise ConfigError(
-            f"cannot roll back to version {target}: it is not applied; pass an applied version "
-            f"(the nearest below is {below}), or 0 to revert everything"
-        )
+        self._at_version = version
+        _logger.info("baseline: %s.%s is now at version %d", self.schema, self.table, version)
 
     def repair(self) -> list[str]:
-        """Remove failed and running rows and accept changed checksums; return what was done."""
+        """Remove failed and running rows and accept changed checksums; return what was done.
+
+        Also forgets repeatable migrations whose file is gone. A baseline row is left as it is.
+        """
         files = {m.version: m for m in load_migrations(self.directory)}
+        newest_file = _newest_file(files.values())
         actions: list[str] = []
         with self._session() as cur, self._transaction(cur, _Wait(self.lock_timeout)) as history:
             states = {
-                version: _applied_state(version, row[0], row[1], files.get(version), max(files, default=0))
+                version: _applied_state(version, row[0], row[1], files.get(version), newest_file)
                 for version, row in history.items()
-                if row[2] == "applied"
+                if row[2] == "applied" and row[1] != _BASELINE and version >= 0
             }
             if "conflict" in states.values():
                 # Accepting its checksum would mark another migration applied without running it.
@@ -4157,7 +4376,13 @@ class Migrator:
                         (version,),
                     )
                     actions.append(f"removed the {status} row of migration {version} ({description})")
-                elif migration is not None and states[version] == "changed":
+                elif version < 0 and migration is None:
+                    cur.execute(
+                        psycopg2.sql.SQL("DELETE FROM {} WHERE version = %s").format(self._history),
+                        (version,),
+                    )
+                    actions.append(f"forgot repeatable migration R__{description}.sql, whose file is gone")
+                elif migration is not None and states.get(version) == "changed":
                     cur.execute(
                         psycopg2.sql.SQL("UPDATE {} SET checksum = %s WHERE version = %s").format(
                             self._history
@@ -4168,6 +4393,41 @@ class Migrator:
         for action in actions:
             _logger.info("repair: %s", action)
         return actions
+
+
+def _rollback_target(target: int | None, history: Mapping[int, tuple[Any, ...]]) -> int:
+    """Return where a rollback ends: *target* checked, or the version below the newest applied one.
+
+    Raise ConfigError unless it is 0 or an applied version, at or above any baseline.
+    """
+    current = _newest_applied(history)
+    floor = _baseline_version(history)
+    if target is None:
+        if not any(v >= 0 for v in history):
+            raise ConfigError("nothing to roll back: no migration is applied")
+        if current == floor:
+            raise ConfigError(
+                f"nothing to roll back: the database is at its baseline, version {floor} (files up to it "
+                "were never run by pgops)"
+            )
+        return max((v for v in history if 0 <= v < current), default=0)
+    if floor is not None and target < floor:
+        raise ConfigError(
+            f"cannot roll back to version {target}: the database was baselined at {floor} and pgops never "
+            f"ran the files below it; pass {floor} or above"
+        )
+    if target == 0 or target in history:
+        return target
+    if target > current:
+        raise ConfigError(
+            f"cannot roll back to version {target}: the database is at version {current}; "
+            "pass an applied version below it, or 0 to revert everything"
+        )
+    below = max((v for v in history if 0 <= v < target), default=0)
+    raise ConfigError(
+        f"cannot roll back to version {target}: it is not applied; pass an applied version "
+        f"(the nearest below is {below}), or 0 to revert everything"
+    )
 
 
 # ================================================================================================
@@ -5415,9 +5675,15 @@ def _migrator(args: Any, environ: Mapping[str, str]) -> Migrator:
     )
 
 
-def _print_applied(verb: str) -> Callable[[Migration, float], None]:
+def _say(args: Any, text: str) -> None:
+    """Print one line of a command's report, unless -q asked for errors only."""
+    if not args.quiet:
+        print(text, flush=True)
+
+
+def _print_applied(args: Any, verb: str) -> Callable[[Migration, float], None]:
     def report(migration: Migration, ms: float) -> None:
-        print(f"{verb} {migration.name} ({ms:.1f} ms)", flush=True)
+        _say(args, f"{verb} {migration.name} ({ms:.1f} ms)")
 
     return report
 
@@ -5428,37 +5694,46 @@ def _cmd_migrate(args: Any, environ: Mapping[str, str]) -> int:
     if args.dry_run:
         pending = migrator.migrate(target=args.target, dry_run=True)
         for migration in pending:
-            print(f"would apply {migration.name}")
-        print(f"dry run: {len(pending)} migration(s) would be applied; nothing was changed")
+            print(f"would apply {migration.name}")  # the answer asked for: shown even with -q
+        _say(args, f"dry run: {len(pending)} migration(s) would be applied; nothing was changed")
         return _EXIT_OK
     with _cancel_on_signals(migrator):
-        applied = migrator.migrate(target=args.target, on_applied=_print_applied("applied"))
+        applied = migrator.migrate(target=args.target, on_applied=_print_applied(args, "applied"))
     total = (time.perf_counter() - started) * 1000.0
     # The database's version, not the newest this process applied: runners take turns.
-    where = f"; now at version {migrator._at_version}" if applied else "; already up to date"
-    print(f"applied {len(applied)} migration(s) in {total:.0f} ms{where}")
+    where = f"; now at version {migrator.at_version}" if applied else "; already up to date"
+    _say(args, f"applied {len(applied)} migration(s) in {total:.0f} ms{where}")
     return _EXIT_OK
 
 
 def _cmd_status(args: Any, environ: Mapping[str, str]) -> int:
-    rows = _migrator(args, environ).status()
+    migrator = _migrator(args, environ)
+    rows = migrator.status()
+    problems = migrator.validate()  # files status had to leave out, drift, dirty rows: said, not refused
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
+        for problem in problems:
+            print(f"pgops: problem: {problem}", file=sys.stderr)
     else:
-        _print_status(rows)
+        _print_status(rows, problems)
     return _EXIT_OK
 
 
-def _print_status(rows: list[MigrationStatus]) -> None:
+def _print_status(rows: list[MigrationStatus], problems: Sequence[str] = ()) -> None:
     table = [("version", "description", "state", "applied at", "ms")]
     for r in rows:
         ms = f"{r.execution_ms:.1f}" if r.execution_ms else ""
-        table.append((str(r.version), r.description, r.state, r.applied_at or "", ms))
+        version = "R" if r.version is None else str(r.version)  # a repeatable migration
+        table.append((version, r.description, r.state, r.applied_at or "", ms))
     widths = [max(len(row[i]) for row in table) for i in range(5)]
     for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
-    pending = sum(r.state == "pending" for r in rows)
+    pending = sum(r.state in ("pending", "outdated") for r in rows)
     print(f"{len(rows) - pending} applied or recorded, {pending} pending")
+    if problems:
+        print(f"{len(problems)} problem(s):")
+        for problem in problems:
+            print(f"  {problem}")
 
 
 def _cmd_validate(args: Any, environ: Mapping[str, str]) -> int:
@@ -5485,10 +5760,37 @@ def _cmd_validate(args: Any, environ: Mapping[str, str]) -> int:
 
 def _cmd_rollback(args: Any, environ: Mapping[str, str]) -> int:
     migrator = _migrator(args, environ)
+    if args.to == 0 and not args.yes:
+        _confirm_everything(migrator)
     with _cancel_on_signals(migrator):
-        reverted = migrator.rollback(args.to, on_reverted=_print_applied("reverted"))
-    # rollback() accepts only 0 or an applied version as the target: that is where the database is now.
-    print(f"reverted {len(reverted)} migration(s); now at version {args.to}")
+        reverted = migrator.rollback(args.to, on_reverted=_print_applied(args, "reverted"))
+    # rollback() ends only at 0 or an applied version: that is where the database is now.
+    _say(args, f"reverted {len(reverted)} migration(s); now at version {migrator.at_version}")
+    return _EXIT_OK
+
+
+def _confirm_everything(migrator: Migrator) -> None:
+    """Ask on the terminal before `rollback --to 0` reverts every migration; without one, ask for --yes."""
+    where = f"{redact_dsn(migrator._dsn)!r} ({migrator.schema}.{migrator.table})"
+    if not sys.stdin.isatty():
+        raise ConfigError(
+            f"rollback --to 0 reverts every applied migration in {where}; pass --yes to confirm "
+            "(stdin is not a terminal, so pgops cannot ask)"
+        )
+    print(f"rollback --to 0 reverts every applied migration in {where}.", flush=True)
+    try:
+        answer = input("Type 'yes' to go on: ")
+    except EOFError:
+        answer = ""
+    if answer.strip().lower() != "yes":
+        raise ConfigError("rollback --to 0 not confirmed; nothing was reverted")
+
+
+def _cmd_baseline(args: Any, environ: Mapping[str, str]) -> int:
+    migrator = _migrator(args, environ)
+    with _cancel_on_signals(migrator):
+        migrator.baseline(args.version)
+    _say(args, f"baselined at version {args.version}: migrate will not run the files up to it")
     return _EXIT_OK
 
 
@@ -5497,8 +5799,8 @@ def _cmd_repair(args: Any, environ: Mapping[str, str]) -> int:
     with _cancel_on_signals(migrator):
         actions = migrator.repair()
     for action in actions:
-        print(action)
-    print(f"repair: {len(actions)} change(s)" if actions else "repair: nothing to do")
+        _say(args, action)
+    _say(args, f"repair: {len(actions)} change(s)" if actions else "repair: nothing to do")
     return _EXIT_OK
 
 
@@ -5516,7 +5818,14 @@ def _cmd_new(args: Any, environ: Mapping[str, str]) -> int:
     number = max((v for v, _ in versions), default=0) + 1
     width = max((w for _, w in versions), default=4)  # as wide as the widest existing file
     path = os.path.join(args.dir, f"{number:0{width}d}_{args.name}.sql")
+    down = path.removesuffix(".sql") + ".down.sql"
     try:
+        # The longer name first: a name too long for the file system leaves no half of the pair.
+        with open(down, "x", encoding="utf-8") as fh:
+            fh.write(
+                f"-- undo {os.path.basename(path)}: what `pgops rollback` runs; delete this file if the\n"
+            )
+            fh.write("-- change cannot be undone (rollback then refuses to go below it).\n")
         with open(path, "x", encoding="utf-8") as fh:
             fh.write(f"-- {args.name}: write the change below; one transaction unless the next line says\n")
             fh.write("-- otherwise ('-- pgops: no-transaction' as one of the first lines).\n")
@@ -5529,6 +5838,7 @@ def _cmd_new(args: Any, environ: Mapping[str, str]) -> int:
             f"{args.dir!r}; shorten it"
         ) from None
     print(path)
+    print(down)
     return _EXIT_OK
 
 
@@ -5585,7 +5895,7 @@ def _demo(dsn: str, args: Any) -> None:
     """Migrate, load documents with 3072-d embeddings through the pool, search, report, serve."""
     with Pool(dsn, min_size=2, max_size=8, application_name="pgops-demo", monitor_interval=0) as pool:
         migrator = Migrator(pool, args.dir)
-        migrator.migrate(on_applied=_print_applied("applied"))
+        migrator.migrate(on_applied=_print_applied(args, "applied"))
         rng = random.Random(7)
         kinds = ["rust", "jupyter", "cilium", "talos", "solana", "ebpf"]
         vectors = [[rng.gauss(0.0, 1.0) for _ in range(3072)] for _ in range(args.documents)]
@@ -5657,18 +5967,35 @@ def _call_wsgi(app: _WSGIApp, path: str) -> bytes:
 def _parser() -> Any:
     import argparse
 
+    def common_options(p: Any, defaults: bool) -> None:
+        """Add the options every command takes: before the command (like git) or after it."""
+
+        def default(value: object) -> object:
+            # After the command, an option that is not given must not undo the one given before it.
+            return value if defaults else argparse.SUPPRESS
+
+        p.add_argument(
+            "--dsn",
+            default=default(None),
+            help="libpq URL or key=value string (default: $DATABASE_URL; migration commands read "
+            "$PGOPS_MIGRATE_URL first); connecting gives up after "
+            f"connect_timeout seconds: the DSN's, else $PGCONNECT_TIMEOUT, else {_CONNECT_TIMEOUT:g}",
+        )
+        p.add_argument(
+            "--dir",
+            default=default(None),
+            help="migrations folder (default: $PGOPS_MIGRATIONS_DIR or ./migrations)",
+        )
+        p.add_argument(
+            "-v", "--verbose", action="count", default=default(0), help="more log output (-v: SQL too)"
+        )
+        p.add_argument("-q", "--quiet", action="store_true", default=default(False), help="print errors only")
+
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--dsn",
-        help="libpq URL or key=value string (default: $DATABASE_URL; migration commands read "
-        "$PGOPS_MIGRATE_URL first); connecting gives up after "
-        f"connect_timeout seconds: the DSN's, else $PGCONNECT_TIMEOUT, else {_CONNECT_TIMEOUT:g}",
-    )
-    common.add_argument("--dir", help="migrations folder (default: $PGOPS_MIGRATIONS_DIR or ./migrations)")
-    common.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v: SQL too)")
-    common.add_argument("-q", "--quiet", action="store_true", help="errors only")
+    common_options(common, defaults=False)
     parser = argparse.ArgumentParser(prog="pgops", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"pgops {__version__}")
+    common_options(parser, defaults=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def seconds(text: str) -> float:
@@ -5708,8 +6035,18 @@ def _parser() -> Any:
     p = command("status", _cmd_status, "show applied and pending migrations")
     p.add_argument("--json", action="store_true", help="print JSON")
     command("validate", _cmd_validate, "check applied migrations against their files")
-    p = command("rollback", _cmd_rollback, "revert migrations above a version with their .down.sql files")
-    p.add_argument("--to", type=int, required=True, metavar="V", help="version to return to (0: everything)")
+    p = command(
+        "rollback", _cmd_rollback, "revert the newest migration, or those above --to V, with their .down.sql"
+    )
+    p.add_argument(
+        "--to", type=int, metavar="V", help="version to return to (0: everything; default: undo the newest)"
+    )
+    p.add_argument("--yes", action="store_true", help="confirm --to 0 without asking")
+    p.add_argument("--lock-timeout", type=seconds, default=60.0, metavar="SECONDS")
+    p = command("baseline", _cmd_baseline, "record that the database is already at version V")
+    p.add_argument(
+        "version", type=int, metavar="V", help="the version the database is at; files up to it never run"
+    )
     p.add_argument("--lock-timeout", type=seconds, default=60.0, metavar="SECONDS")
     p = command("repair", _cmd_repair, "remove failed history rows and accept changed checksums")
     p.add_argument("--lock-timeout", type=seconds, default=60.0, metavar="SECONDS")

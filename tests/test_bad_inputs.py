@@ -526,7 +526,7 @@ CLI_CASES = [
     ),
     pytest.param(
         Cli(
-            ("rollback", "--to", "0", "--dir", "{dir}"),
+            ("rollback", "--to", "0", "--yes", "--dir", "{dir}"),
             files={"0001_base.down.sql": "DROP FUNCTION base_count();\nCOMMIT;\nDROP TABLE base;\n"},
             code=4,
             names=("0001_base.down.sql:2:", "COMMIT"),
@@ -565,7 +565,20 @@ CLI_CASES = [
         id="cli-target-abc",
     ),
     pytest.param(
-        Cli(("rollback", "--dir", "{dir}"), code=2, names=("--to",), usage=True), id="cli-rollback-without-to"
+        Cli(("rollback", "--to", "0", "--dir", "{dir}"), code=2, names=("every applied migration", "--yes")),
+        id="cli-rollback-everything-unconfirmed",
+    ),
+    pytest.param(
+        Cli(("baseline", "--dir", "{dir}"), code=2, names=("V",), usage=True),
+        id="cli-baseline-without-version",
+    ),
+    pytest.param(
+        Cli(("baseline", "one", "--dir", "{dir}"), code=2, names=("'one'",), usage=True),
+        id="cli-baseline-word",
+    ),
+    pytest.param(
+        Cli(("baseline", "5", "--dir", "{dir}"), code=2, names=("cannot baseline", "already records")),
+        id="cli-baseline-on-a-migrated-database",
     ),
     pytest.param(
         Cli(("rollback", "--dir", "{dir}", "--to", "last"), code=2, names=("--to", "'last'"), usage=True),

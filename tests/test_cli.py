@@ -424,7 +424,7 @@ def test_lock_held_by_another_runner_exits_3_naming_it(
         assert "--lock-timeout" in proc.stderr
         assert history(admin) is None
         for command in ("rollback", "repair"):
-            extra = ["--to", "0"] if command == "rollback" else []
+            extra = ["--to", "0", "--yes"] if command == "rollback" else []
             assert cli(command, *extra, "--lock-timeout", "0.5").returncode == 3
     finally:
         holder.close()
@@ -494,7 +494,7 @@ def test_rollback_without_a_down_file_changes_nothing(cli: Run, admin: Conn, mdi
     simple_set(mdir, 3)
     (mdir / "0002_table_2.down.sql").unlink()
     assert cli("migrate").returncode == 0
-    proc = cli("rollback", "--to", "0")
+    proc = cli("rollback", "--to", "0", "--yes")
     assert proc.returncode == 4
     assert str(mdir / "0002_table_2.sql") in proc.stderr
     assert "reverted" not in proc.stdout
@@ -567,13 +567,16 @@ def test_status_table_and_json(cli: Run, mdir: Path) -> None:
 def test_new_writes_the_next_number_padded_to_the_widest(
     mdir: Path, tmp_path: Path, existing: list[str], expected: str
 ) -> None:
-    """`new NAME` creates the next version, zero-padded like the widest existing file, and prints it."""
+    """`new NAME` creates the next version, zero-padded like the widest existing file, and its down file,
+    and prints both paths."""
     for name in existing:
         write(mdir, name, "SELECT 1;\n")
     proc = run_pgops("new", "add_users", "--dir", str(mdir), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == str(mdir / expected)
+    down = expected.replace(".sql", ".down.sql")
+    assert proc.stdout.splitlines() == [str(mdir / expected), str(mdir / down)]
     assert (mdir / expected).is_file()
+    assert (mdir / down).is_file()
     assert pgops.parse_migration_name(expected)[1] == "add_users"
 
 
@@ -606,7 +609,8 @@ def test_new_rejects_a_bad_name_with_exit_2(mdir: Path, tmp_path: Path, name: st
     ids=["url", "key=value"],
 )
 @pytest.mark.parametrize(
-    "args", [["migrate"], ["migrate", "-v"], ["status", "--json"], ["validate"], ["rollback", "--to", "0"]]
+    "args",
+    [["migrate"], ["migrate", "-v"], ["status", "--json"], ["validate"], ["rollback", "--to", "0", "--yes"]],
 )
 def test_unreachable_database_exits_6_without_the_password(
     mdir: Path, tmp_path: Path, url: str, args: list[str]
@@ -630,7 +634,7 @@ def test_unreachable_database_exits_6_without_the_password(
 
 
 @pytest.mark.parametrize(
-    "command", [["migrate"], ["status"], ["validate"], ["rollback", "--to", "0"], ["repair"]]
+    "command", [["migrate"], ["status"], ["validate"], ["rollback", "--to", "0", "--yes"], ["repair"]]
 )
 def test_missing_database_url_exits_2(mdir: Path, tmp_path: Path, command: list[str]) -> None:
     """Without DATABASE_URL or --dsn every database command exits 2 saying what to set."""

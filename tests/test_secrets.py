@@ -167,7 +167,7 @@ def cli_session(evidence: Evidence, label: str, url: str, mdir: Path, tmp_path: 
         ["status", *d],
         ["status", "--json", *d],
         ["validate", *d],
-        ["rollback", "--to", "0", *d],
+        ["rollback", "--to", "0", "--yes", *d],
         ["repair", *d],
         ["new", "add_more", "--dir", str(tmp_path / f"new-{label}-{len(evidence.items)}"), *v],
     ):
@@ -208,7 +208,7 @@ def cli_refused(
         ["status"],
         ["status", "--json"],
         ["validate"],
-        ["rollback", "--to", "0"],
+        ["rollback", "--to", "0", "--yes"],
         ["repair"],
     ]
     with ThreadPoolExecutor(max_workers=4) as workers:
