@@ -3902,6 +3902,10 @@ class Migrator:
             return due
         by_version = {m.version: m for m in files}
         self._statementless = _statementless(files)
+        if self._statementless:  # refused before the session, which would create the history table
+            history = self._read_history()
+            due = _pending(files, history, target) + (_repeatables_due(files, history) if repeat else [])
+            _refuse_statementless(due, self._statementless)
 
         def rolled_back_whole(exc: BaseException) -> bool:
             # A transactional file that timed out waiting for a table lock left nothing behind: run it

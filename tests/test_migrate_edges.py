@@ -134,9 +134,9 @@ def test_a_non_file_named_like_a_migration_is_an_error(dsn: str, admin: Conn, md
     with pytest.raises(BadMigration, match=kind.removeprefix("dangling ")) as info:
         load_migrations(str(mdir))
     assert str(entry) in str(info.value)
-    for call in (Migrator(dsn, str(mdir)).migrate, Migrator(dsn, str(mdir)).validate):
-        with pytest.raises(BadMigration):
-            call()
+    with pytest.raises(BadMigration):
+        Migrator(dsn, str(mdir)).migrate()
+    assert any(str(entry) in problem for problem in Migrator(dsn, str(mdir)).validate())
     assert history(admin) is None
 
 
