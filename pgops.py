@@ -4922,7 +4922,12 @@ def _default_migrator(pool: Pool, environ: Mapping[str, str]) -> Migrator | None
 
 
 def create_app(environ: Mapping[str, str] | None = None) -> HealthApp:
-    """Build a HealthApp from DATABASE_URL, POOL_*, PGOPS_MIGRATIONS_DIR and PGOPS_HEALTH_* (os.environ)."""
+    """Build a HealthApp from DATABASE_URL, POOL_*, PGOPS_MIGRATIONS_DIR and PGOPS_HEALTH_* (os.environ).
+
+    Its pool holds 1 to 2 connections (POOL_MIN_CONNECTIONS / POOL_MAX_CONNECTIONS change that): it
+    is for a process that serves health only.  Next to an application with a pool of its own, mount
+    ``HealthApp(app_pool)`` instead, and the checks borrow one of its connections for a moment.
+    """
     environ = os.environ if environ is None else environ
     raw_ttl = environ.get("PGOPS_HEALTH_CACHE_TTL", "").strip()
     cache_ttl = _env_float("PGOPS_HEALTH_CACHE_TTL", raw_ttl) if raw_ttl else 5.0
@@ -4936,9 +4941,27 @@ def create_app(environ: Mapping[str, str] | None = None) -> HealthApp:
             "details without one"
         )
     # The pool connects in the background: a database that is down does not stop start-up.
-    pool = Pool(PoolConfig.from_env(environ))
+    pool = Pool(PoolConfig.from_env(environ, **_health_pool_sizes(environ)))
     migrator = _default_migrator(pool, environ)
     return HealthApp(pool, migrator=migrator, cache_ttl=cache_ttl, token=token and token.strip())
+
+
+def _health_pool_sizes(environ: Mapping[str, str]) -> dict[str, int]:
+    """Return create_app's pool bounds: 1 to 2 connections, unless POOL_MIN/MAX_CONNECTIONS say otherwise.
+
+    Its checks run one at a time (single flight), each on one connection: a preset's production
+    sizes would hold 5 connections per gunicorn worker for nothing.  One stays open so that a probe
+    does not wait for a new connection; the second is a spare for a check cut off at ready_timeout.
+    """
+    raw_min = environ.get("POOL_MIN_CONNECTIONS", "").strip()
+    raw_max = environ.get("POOL_MAX_CONNECTIONS", "").strip()
+    if raw_min and raw_max:
+        return {}
+    if raw_min:
+        return {"max_size": max(2, _env_int("POOL_MIN_CONNECTIONS", raw_min))}
+    if raw_max:
+        return {"min_size": min(1, _env_int("POOL_MAX_CONNECTIONS", raw_max))}
+    return {"min_size": 1, "max_size": 2}
 
 
 # The built-in server's limits.  A kubelet probe gives up after 1 s, so a connection must never sit in
