@@ -4538,7 +4538,7 @@ class HealthApp:
         families += [
             _family("pgops_up", "1 when the last database check passed.", check.error is None),
             ("pgops_health_status", "gauge", "1 for the current health status.", by_status),
-            _family("pgops_check_duration_seconds", "Duration of the last database check.", took),
+            _family("pgops_check_duration_seconds", "Seconds the last database check took.", took),
             _family("pgops_health_checks_total", "Database checks run.", self.checks_run),
             _family("pgops_uptime_seconds", "Seconds since the health app started.", uptime),
             _family("pgops_start_time_seconds", "Unix time the health app started.", self._start_time),
@@ -4802,10 +4802,12 @@ _POOL_METRICS = {
     "pool_size": ("pgops_pool_size", "Connections open or being opened."),
     "pool_available": ("pgops_pool_available", "Idle connections ready to be handed out."),
     "pool_in_use": ("pgops_pool_in_use", "Connections lent to callers."),
-    "requests_waiting": ("pgops_requests_waiting", "Callers waiting for a connection."),
-    "requests_num": ("pgops_requests_total", "Connection requests."),
-    "requests_queued": ("pgops_requests_queued_total", "Connection requests that had to wait."),
-    "requests_errors": ("pgops_requests_errors_total", "Connection requests that failed or timed out."),
+    # Checkouts, not "requests": a pool's requests_num counts callers asking it for a connection, and
+    # pgops_requests_total read like the HTTP requests a service counts under that name.
+    "requests_waiting": ("pgops_checkouts_waiting", "Callers waiting for a connection."),
+    "requests_num": ("pgops_checkouts_total", "Connection checkouts asked of the pool, served or not."),
+    "requests_queued": ("pgops_checkouts_queued_total", "Checkouts that had to wait for a connection."),
+    "requests_errors": ("pgops_checkouts_errors_total", "Checkouts that failed, timed out or were refused."),
     "returns_bad": ("pgops_returns_bad_total", "Connections returned in a bad state."),
     "returns_rolled_back": (
         "pgops_returns_rolled_back_total",
@@ -4832,7 +4834,7 @@ _POOL_METRICS = {
     ),
     "queries_num": ("pgops_queries_total", "Statements executed on pooled connections."),
     "queries_errors": ("pgops_queries_errors_total", "Statements that failed."),
-    "requests_wait_ms": ("pgops_requests_wait_seconds_total", "Time callers spent waiting for a connection."),
+    "requests_wait_ms": ("pgops_checkouts_wait_seconds_total", "Time callers waited for a connection."),
     "connections_ms": ("pgops_connections_seconds_total", "Time spent opening connections."),
     "usage_ms": ("pgops_usage_seconds_total", "Time connections spent lent to callers."),
     "queries_ms": ("pgops_queries_seconds_total", "Time spent executing statements."),
