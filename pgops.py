@@ -5690,11 +5690,14 @@ def _demo_postgres(
     # Output to a file, not a pipe, which the server could inherit and hold open; a session of its
     # own, so that Ctrl-C reaches only the demo, which then stops the server.
     with open(log, "a", encoding="utf-8") as out:
-        done = subprocess.run(
-            [os.path.join(bindir, prog), *args],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.path.dirname(log),
-            start_new_session=True, check=False, timeout=120, **account,
-        )  # fmt: skip
+        try:
+            done = subprocess.run(
+                [os.path.join(bindir, prog), *args],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                cwd=os.path.dirname(log), start_new_session=True, check=False, timeout=120, **account,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise ConfigError(f"{prog} in {bindir!r} did not finish within 120 s") from None
     if check and done.returncode != 0:
         lines: list[str] = []
         for path in (log, os.path.join(os.path.dirname(log), "postgres.log")):  # pg_ctl start's server log
@@ -5749,6 +5752,7 @@ def _demo(dsn: str, args: Any) -> None:
 
 
 def _demo_query(conn: psycopg2.extensions.connection) -> None:
+    """Keep a pooled connection busy for a moment, so that 16 threads share 8 connections."""
     with conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM generate_series(1, 100000)")
 
@@ -5873,7 +5877,11 @@ def _parser() -> Any:
         ("demo", _cmd_demo, "run everything on a throwaway PostgreSQL (pgserver, else the system's)"),
     ):
         p = command(name, func, text)
-        p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+        p.add_argument(
+            "--host",
+            default="127.0.0.1",
+            help="address to bind (default 127.0.0.1, this host only; in a pod: 0.0.0.0 or the pod's IP)",
+        )
         p.add_argument("--port", type=port, default=3001, help="port (default 3001; 0 picks a free one)")
         p.add_argument("--cache-ttl", type=seconds, metavar="SECONDS", help="health cache TTL (default 5)")
     p.add_argument(
