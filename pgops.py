@@ -4802,7 +4802,7 @@ class HealthApp:
         families += [
             _family("pgops_up", "1 when the last database check passed.", check.error is None),
             ("pgops_health_status", "gauge", "1 for the current health status.", by_status),
-            _family("pgops_check_duration_seconds", "Duration of the last database check.", took),
+            _family("pgops_check_duration_seconds", "Seconds the last database check took.", took),
             _family("pgops_health_checks_total", "Database checks run.", self.checks_run),
             _family("pgops_uptime_seconds", "Seconds since the health app started.", uptime),
             _family("pgops_start_time_seconds", "Unix time the health app started.", self._start_time),
@@ -5066,10 +5066,12 @@ _POOL_METRICS = {
     "pool_size": ("pgops_pool_size", "Connections open or being opened."),
     "pool_available": ("pgops_pool_available", "Idle connections ready to be handed out."),
     "pool_in_use": ("pgops_pool_in_use", "Connections lent to callers."),
-    "requests_waiting": ("pgops_requests_waiting", "Callers waiting for a connection."),
-    "requests_num": ("pgops_requests_total", "Connection requests."),
-    "requests_queued": ("pgops_requests_queued_total", "Connection requests that had to wait."),
-    "requests_errors": ("pgops_requests_errors_total", "Connection requests that failed or timed out."),
+    # Checkouts, not "requests": a pool's requests_num counts callers asking it for a connection, and
+    # pgops_requests_total read like the HTTP requests a service counts under that name.
+    "requests_waiting": ("pgops_checkouts_waiting", "Callers waiting for a connection."),
+    "requests_num": ("pgops_checkouts_total", "Connection checkouts asked of the pool, served or not."),
+    "requests_queued": ("pgops_checkouts_queued_total", "Checkouts that had to wait for a connection."),
+    "requests_errors": ("pgops_checkouts_errors_total", "Checkouts that failed, timed out or were refused."),
     "returns_bad": ("pgops_returns_bad_total", "Connections returned in a bad state."),
     "returns_rolled_back": (
         "pgops_returns_rolled_back_total",
@@ -5096,7 +5098,7 @@ _POOL_METRICS = {
     ),
     "queries_num": ("pgops_queries_total", "Statements executed on pooled connections."),
     "queries_errors": ("pgops_queries_errors_total", "Statements that failed."),
-    "requests_wait_ms": ("pgops_requests_wait_seconds_total", "Time callers spent waiting for a connection."),
+    "requests_wait_ms": ("pgops_checkouts_wait_seconds_total", "Time callers waited for a connection."),
     "connections_ms": ("pgops_connections_seconds_total", "Time spent opening connections."),
     "usage_ms": ("pgops_usage_seconds_total", "Time connections spent lent to callers."),
     "queries_ms": ("pgops_queries_seconds_total", "Time spent executing statements."),
@@ -5186,7 +5188,12 @@ def _default_migrator(pool: Pool, environ: Mapping[str, str]) -> Migrator | None
 
 
 def create_app(environ: Mapping[str, str] | None = None) -> HealthApp:
-    """Build a HealthApp from DATABASE_URL, POOL_*, PGOPS_MIGRATIONS_DIR and PGOPS_HEALTH_* (os.environ)."""
+    """Build a HealthApp from DATABASE_URL, POOL_*, PGOPS_MIGRATIONS_DIR and PGOPS_HEALTH_* (os.environ).
+
+    Its pool holds 1 to 2 connections (POOL_MIN_CONNECTIONS / POOL_MAX_CONNECTIONS change that): it
+    is for a process that serves health only.  Next to an application with a pool of its own, mount
+    ``HealthApp(app_pool)`` instead, and the checks borrow one of its connections for a moment.
+    """
     environ = os.environ if environ is None else environ
     raw_ttl = environ.get("PGOPS_HEALTH_CACHE_TTL", "").strip()
     cache_ttl = _env_float("PGOPS_HEALTH_CACHE_TTL", raw_ttl) if raw_ttl else 5.0
@@ -5200,9 +5207,27 @@ def create_app(environ: Mapping[str, str] | None = None) -> HealthApp:
             "details without one"
         )
     # The pool connects in the background: a database that is down does not stop start-up.
-    pool = Pool(PoolConfig.from_env(environ))
+    pool = Pool(PoolConfig.from_env(environ, **_health_pool_sizes(environ)))
     migrator = _default_migrator(pool, environ)
     return HealthApp(pool, migrator=migrator, cache_ttl=cache_ttl, token=token and token.strip())
+
+
+def _health_pool_sizes(environ: Mapping[str, str]) -> dict[str, int]:
+    """Return create_app's pool bounds: 1 to 2 connections, unless POOL_MIN/MAX_CONNECTIONS say otherwise.
+
+    Its checks run one at a time (single flight), each on one connection: a preset's production
+    sizes would hold 5 connections per gunicorn worker for nothing.  One stays open so that a probe
+    does not wait for a new connection; the second is a spare for a check cut off at ready_timeout.
+    """
+    raw_min = environ.get("POOL_MIN_CONNECTIONS", "").strip()
+    raw_max = environ.get("POOL_MAX_CONNECTIONS", "").strip()
+    if raw_min and raw_max:
+        return {}
+    if raw_min:
+        return {"max_size": max(2, _env_int("POOL_MIN_CONNECTIONS", raw_min))}
+    if raw_max:
+        return {"min_size": min(1, _env_int("POOL_MAX_CONNECTIONS", raw_max))}
+    return {"min_size": 1, "max_size": 2}
 
 
 # The built-in server's limits.  A kubelet probe gives up after 1 s, so a connection must never sit in
@@ -5882,8 +5907,8 @@ def _cmd_demo(args: Any, environ: Mapping[str, str]) -> int:
             import importlib
 
             pgserver = importlib.import_module("pgserver")
-    except ImportError:
-        raise ConfigError("the demo needs the embedded PostgreSQL: pip install 'pgops[embedded]'") from None
+    except ImportError:  # no wheel for this Python (3.13+) or not installed: the system's PostgreSQL
+        return _demo_on_system_postgres(args)
     with tempfile.TemporaryDirectory(prefix="pgops-demo-") as data:
         print(f"starting an embedded PostgreSQL with pgvector in {data}", flush=True)
         server = pgserver.get_server(data, cleanup_mode="stop")
@@ -5895,54 +5920,137 @@ def _cmd_demo(args: Any, environ: Mapping[str, str]) -> int:
     return _EXIT_OK
 
 
+def _demo_on_system_postgres(args: Any) -> int:
+    """Run the demo on a throwaway cluster made with the system's initdb and pg_ctl, then remove it."""
+    import tempfile
+
+    bindir = _system_bindir()
+    if bindir is None:
+        raise ConfigError(
+            "the demo needs PostgreSQL: pip install pgserver (Python 3.10 to 3.12; from a checkout: "
+            "pip install '.[embedded]'), or install the PostgreSQL server so that initdb and pg_ctl are "
+            "on PATH or in `pg_config --bindir`"
+        )
+    run_as = _demo_account()
+    with tempfile.TemporaryDirectory(prefix="pgops-demo-") as data:
+        if run_as is not None:
+            os.chown(data, *run_as)  # stays 0700: only that account (and root) can reach the socket
+        who = "" if run_as is None else " as the system user 'postgres'"
+        print(f"starting a throwaway PostgreSQL from {bindir}{who} in {data} (no pgserver)", flush=True)
+        cluster, log = os.path.join(data, "pgdata"), os.path.join(data, "postgres.log")
+        run = functools.partial(_demo_postgres, bindir, run_as, os.path.join(data, "commands.log"))
+        run("initdb", "-D", cluster, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync")
+        # A Unix socket in the private directory and no TCP port: no other user can connect.
+        quoted = data.replace("'", "''")
+        with open(os.path.join(cluster, "postgresql.conf"), "a", encoding="utf-8") as conf:
+            conf.write(f"listen_addresses = ''\nunix_socket_directories = '{quoted}'\n")
+            conf.write("port = 5432\nfsync = off\n")
+        dsn = psycopg2.extensions.make_dsn(host=data, port=5432, user="postgres", dbname="postgres")
+        try:
+            run("pg_ctl", "start", "-w", "-t", "60", "-D", cluster, "-l", log)
+            _demo(dsn, args)
+        finally:
+            run("pg_ctl", "stop", "-m", "fast", "-w", "-D", cluster, check=False)
+            print("PostgreSQL stopped", flush=True)
+    return _EXIT_OK
+
+
+def _system_bindir() -> str | None:
+    """Return the directory of the system's initdb and pg_ctl: `pg_config --bindir`, else PATH."""
+    import shutil
+    import subprocess
+
+    pg_config = shutil.which("pg_config")
+    if pg_config is not None:
+        try:
+            run = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            run = None
+        found = run.stdout.strip() if run is not None and run.returncode == 0 else ""
+        if found and all(shutil.which(prog, path=found) for prog in ("initdb", "pg_ctl")):
+            return found
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if initdb and pg_ctl:
+        return os.path.dirname(os.path.realpath(initdb))
+    return None
+
+
+def _demo_account() -> tuple[int, int] | None:
+    """Return (uid, gid) of the 'postgres' account when running as root (initdb refuses root), else None."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        entry = pwd.getpwnam("postgres")  # made by every distribution's server package
+    except KeyError:
+        raise ConfigError(
+            "the demo runs PostgreSQL as the system user 'postgres' when started as root (initdb refuses "
+            "root), and there is no such user; run the demo as an ordinary user"
+        ) from None
+    return entry.pw_uid, entry.pw_gid
+
+
+def _demo_postgres(
+    bindir: str, run_as: tuple[int, int] | None, log: str, prog: str, *args: str, check: bool = True
+) -> None:
+    """Run initdb or pg_ctl from *bindir* (as *run_as*), output appended to *log*; on failure say why."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}  # no PGDATA, PGPORT, ...
+    account: dict[str, Any] = {}
+    if run_as is not None:
+        account = {"user": run_as[0], "group": run_as[1], "extra_groups": []}
+    # Output to a file, not a pipe, which the server could inherit and hold open; a session of its
+    # own, so that Ctrl-C reaches only the demo, which then stops the server.
+    with open(log, "a", encoding="utf-8") as out:
+        try:
+            done = subprocess.run(
+                [os.path.join(bindir, prog), *args],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                cwd=os.path.dirname(log), start_new_session=True, check=False, timeout=120, **account,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise ConfigError(f"{prog} in {bindir!r} did not finish within 120 s") from None
+    if check and done.returncode != 0:
+        lines: list[str] = []
+        for path in (log, os.path.join(os.path.dirname(log), "postgres.log")):  # pg_ctl start's server log
+            with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as fh:
+                lines += [line.strip() for line in fh if line.strip()]
+        # The server's own complaint says more than pg_ctl's summary ("could not start server").
+        serious = [line for line in lines if re.search(r"\b(FATAL|PANIC|ERROR|error):", line)]
+        reason = (serious or lines or [f"exit status {done.returncode}"])[-1]
+        raise ConfigError(f"{prog} in {bindir!r} failed: {reason}")
+
+
 def _demo(dsn: str, args: Any) -> None:
     """Migrate, load documents with 3072-d embeddings through the pool, search, report, serve."""
     with Pool(dsn, min_size=2, max_size=8, application_name="pgops-demo", monitor_interval=0) as pool:
         migrator = Migrator(pool, args.dir)
-        migrator.migrate(on_applied=_print_applied(args, "applied"))
-        rng = random.Random(7)
-        kinds = ["rust", "jupyter", "cilium", "talos", "solana", "ebpf"]
-        vectors = [[rng.gauss(0.0, 1.0) for _ in range(3072)] for _ in range(args.documents)]
-        docs = [
-            (kinds[n % len(kinds)], f"guide/{n:04d}.md", f"document {n}", _vector_text(v), 500 + n)
-            for n, v in enumerate(vectors)
-        ]
-
-        def load(conn: psycopg2.extensions.connection) -> None:
-            with conn.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO documents (doc_type, source_name, doc_path, content, embedding, "
-                    "token_count) VALUES (%s, 'demo', %s, %s, %s::vector, %s) ON CONFLICT DO NOTHING",
-                    docs,
-                )
-
-        started = time.perf_counter()
-        pool.run(load, retry=RetryPolicy(max_attempts=3, initial_delay=0.2))
-        took = time.perf_counter() - started
-        print(f"inserted {len(docs)} documents with 3072-dimension embeddings in {took:.2f} s")
-        query = _vector_text([x + rng.gauss(0.0, 0.1) for x in vectors[0]])
-
-        def nearest(conn: psycopg2.extensions.connection) -> list[tuple[Any, ...]]:
-            with conn.cursor() as cur:
-                cur.execute(
-                    "SELECT doc_path, embedding <=> %s::vector AS distance FROM documents "
-                    "ORDER BY embedding <=> %s::vector LIMIT 3",
-                    (query, query),
-                )
-                return cur.fetchall()
-
-        workers = [threading.Thread(target=pool.run, args=(nearest,)) for _ in range(16)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-        print("exact nearest neighbours of a noisy copy of guide/0000.md (cosine distance):")
-        for path, distance in pool.run(nearest):
-            print(f"  {path}  {distance:.4f}")
+        with pool.connection() as conn, conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'")
+            has_vector, major = cur.fetchone() is not None, conn.server_version // 10000
+        if has_vector:
+            migrator.migrate(on_applied=_print_applied(args, "applied"))
+            _demo_documents(pool, args)
+        else:
+            print(
+                f"pgvector is not installed for this PostgreSQL {major}: skipping the migrations in "
+                f"{args.dir!r} (they create the vector extension) and the embedding search; to see them, "
+                f"install it (Debian/Ubuntu: apt install postgresql-{major}-pgvector; macOS: brew install "
+                "pgvector)"
+            )
+            workers = [threading.Thread(target=pool.run, args=(_demo_query,)) for _ in range(16)]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+            print("ran 16 pooled transactions from 16 threads")
         print("\nmigration status:")
         _print_status(migrator.status())
         print("\npool stats:", json.dumps(pool.stats()))
-        app = HealthApp(pool, migrator=migrator, cache_ttl=args.cache_ttl or 5.0, service="pgops-demo")
+        watched = migrator if has_vector else None  # pending migrations would fail the health check
+        app = HealthApp(pool, migrator=watched, cache_ttl=args.cache_ttl or 5.0, service="pgops-demo")
         detailed = _call_wsgi(app, "/health/detailed")
         print("\nGET /health/detailed:", json.dumps(json.loads(detailed), indent=2))
 
@@ -5955,6 +6063,55 @@ def _demo(dsn: str, args: Any) -> None:
             print("until " + (f"{args.seconds:g} s have passed" if args.seconds else "Ctrl-C"), flush=True)
 
         serve(app, args.host, args.port, ready=ready)
+
+
+def _demo_query(conn: psycopg2.extensions.connection) -> None:
+    """Keep a pooled connection busy for a moment, so that 16 threads share 8 connections."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM generate_series(1, 100000)")
+
+
+def _demo_documents(pool: Pool, args: Any) -> None:
+    """Load documents with 3072-d embeddings through the pool and search them from 16 threads."""
+    rng = random.Random(7)
+    kinds = ["rust", "jupyter", "cilium", "talos", "solana", "ebpf"]
+    vectors = [[rng.gauss(0.0, 1.0) for _ in range(3072)] for _ in range(args.documents)]
+    docs = [
+        (kinds[n % len(kinds)], f"guide/{n:04d}.md", f"document {n}", _vector_text(v), 500 + n)
+        for n, v in enumerate(vectors)
+    ]
+
+    def load(conn: psycopg2.extensions.connection) -> None:
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO documents (doc_type, source_name, doc_path, content, embedding, "
+                "token_count) VALUES (%s, 'demo', %s, %s, %s::vector, %s) ON CONFLICT DO NOTHING",
+                docs,
+            )
+
+    started = time.perf_counter()
+    pool.run(load, retry=RetryPolicy(max_attempts=3, initial_delay=0.2))
+    took = time.perf_counter() - started
+    print(f"inserted {len(docs)} documents with 3072-dimension embeddings in {took:.2f} s")
+    query = _vector_text([x + rng.gauss(0.0, 0.1) for x in vectors[0]])
+
+    def nearest(conn: psycopg2.extensions.connection) -> list[tuple[Any, ...]]:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT doc_path, embedding <=> %s::vector AS distance FROM documents "
+                "ORDER BY embedding <=> %s::vector LIMIT 3",
+                (query, query),
+            )
+            return cur.fetchall()
+
+    workers = [threading.Thread(target=pool.run, args=(nearest,)) for _ in range(16)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    print("exact nearest neighbours of a noisy copy of guide/0000.md (cosine distance):")
+    for path, distance in pool.run(nearest):
+        print(f"  {path}  {distance:.4f}")
 
 
 def _vector_text(values: list[float]) -> str:
@@ -6058,10 +6215,14 @@ def _parser() -> Any:
     p.add_argument("name", help="description: letters, digits, '_' or '-'")
     for name, func, text in (
         ("serve", _cmd_serve, "serve /health/* and /metrics (wsgiref, threaded)"),
-        ("demo", _cmd_demo, "run everything on an embedded PostgreSQL with pgvector (pgops[embedded])"),
+        ("demo", _cmd_demo, "run everything on a throwaway PostgreSQL (pgserver, else the system's)"),
     ):
         p = command(name, func, text)
-        p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+        p.add_argument(
+            "--host",
+            default="127.0.0.1",
+            help="address to bind (default 127.0.0.1, this host only; in a pod: 0.0.0.0 or the pod's IP)",
+        )
         p.add_argument("--port", type=port, default=3001, help="port (default 3001; 0 picks a free one)")
         p.add_argument("--cache-ttl", type=seconds, metavar="SECONDS", help="health cache TTL (default 5)")
     p.add_argument(

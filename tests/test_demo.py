@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import pgops
 import pgtest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,17 +61,85 @@ def test_demo_runs_end_to_end_and_leaves_nothing_running() -> None:
     assert postgres_processes_under(data_dir) == []
 
 
-def test_demo_without_pgserver_says_what_to_install() -> None:
-    """Without the embedded extra, the demo prints one line naming it and exits 2."""
-    script = "import sys; sys.modules['pgserver'] = None; import pgops; sys.exit(pgops.main(['demo']))"
+# The demo as it runs where pgserver has no wheel (Python 3.13+) or is not installed.
+WITHOUT_PGSERVER = (
+    "import sys; sys.modules['pgserver'] = None; import pgops; sys.exit(pgops.main(sys.argv[1:]))"
+)
+
+
+def test_demo_without_any_postgresql_says_what_to_install(tmp_path: Path) -> None:
+    """Without pgserver and with no initdb/pg_config on PATH, the demo names the fixes in one line, exit 2."""
     done = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, env=pgops_env(), capture_output=True, text=True, timeout=60
-    )
+        [sys.executable, "-c", WITHOUT_PGSERVER, "demo"],
+        cwd=ROOT, env=pgops_env(PATH=str(tmp_path)), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
     assert done.returncode == 2
-    assert (
-        done.stderr.strip()
-        == "pgops: error: the demo needs the embedded PostgreSQL: pip install 'pgops[embedded]'"
+    assert done.stderr.strip() == (
+        "pgops: error: the demo needs PostgreSQL: pip install pgserver (Python 3.10 to 3.12; from a "
+        "checkout: pip install '.[embedded]'), or install the PostgreSQL server so that initdb and pg_ctl "
+        "are on PATH or in `pg_config --bindir`"
     )
+
+
+def test_no_message_points_at_an_unpublished_package() -> None:
+    """No file tells users to install the embedded extra by the package's name: pgops is not on PyPI."""
+    files = [ROOT / name for name in ("README.md", "pyproject.toml", "tox.ini", "pgops.py", ".ci/run")]
+    files += sorted([*(ROOT / "tests").glob("*.py"), *(ROOT / "bench").glob("*")])
+    unpublished = "pgops" + "[embedded]"  # in two parts, so that this file does not match itself
+    assert [f.name for f in files if unpublished in f.read_text(encoding="utf-8")] == []
+
+
+STARTED = re.compile(
+    r"^starting a throwaway PostgreSQL from (\S+)( as the system user 'postgres')? in (\S+) ", re.M
+)
+
+
+def test_demo_falls_back_to_the_system_postgresql() -> None:
+    """Without pgserver the demo runs on the system's initdb/pg_ctl, exits 0 and removes the cluster."""
+    bindir = pgops._system_bindir()
+    if bindir is None:
+        pytest.skip("no system PostgreSQL (initdb and pg_ctl on PATH or in pg_config --bindir)")
+    as_root = os.geteuid() == 0
+    if as_root:
+        import pwd
+
+        try:
+            pwd.getpwnam("postgres")  # the account the demo runs the server as
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' account to run the server")
+    demo = ["demo", "--seconds", "1", "--port", "0", "--documents", "20"]
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_PGSERVER, *demo],
+        cwd=ROOT, env=pgops_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    started = STARTED.search(out)
+    assert started is not None, out
+    assert started[1] == bindir and bool(started[2]) == as_root
+    if _has_vector_extension():
+        assert "inserted 20 documents with 3072-dimension embeddings" in out
+        assert "guide/0000.md  0.0" in out
+    else:
+        assert re.search(
+            r"^pgvector is not installed for this PostgreSQL \d+: skipping the migrations", out, re.M
+        )
+        assert "ran 16 pooled transactions from 16 threads" in out
+        assert "0 applied or recorded, 3 pending" in out
+    assert '"status": "pass"' in out and "serving /health/live" in out and "PostgreSQL stopped" in out
+    assert "Traceback" not in done.stderr
+    data_dir = started[3]
+    assert not Path(data_dir).exists()
+    assert postgres_processes_under(data_dir) == []
+
+
+def _has_vector_extension() -> bool:
+    """Tell whether pgvector is installed for the system's PostgreSQL (pg_config --sharedir)."""
+    pg_config = shutil.which("pg_config")
+    if pg_config is None:
+        return False
+    sharedir = subprocess.run([pg_config, "--sharedir"], capture_output=True, text=True, check=True).stdout
+    return (Path(sharedir.strip()) / "extension" / "vector.control").exists()
 
 
 def test_serve_command_answers_probes_and_stops_on_sigterm(dsn: str, tmp_path: Path) -> None:

@@ -389,7 +389,7 @@ def test_health_of_a_pool_with_a_read_pool(ha_pool: tuple[Pool, LocalServer, Sta
     assert 'pgops_pool_size{pool="default-read"} ' in metrics
     assert 'pgops_acquire_wait_seconds_bucket{pool="default-read",le="+Inf"} ' in metrics
     for line in metrics.splitlines():
-        if line.startswith(("pgops_pool_", "pgops_requests", "pgops_connections", "pgops_queries")):
+        if line.startswith(("pgops_pool_", "pgops_checkouts", "pgops_connections", "pgops_queries")):
             assert '{pool="' in line, line
             name, value = line.split("} ")
             if not name.split("{")[0].endswith("seconds_total"):

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg2.extensions
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -330,7 +332,7 @@ GAUGES = [
     "pgops_pool_size",
     "pgops_pool_available",
     "pgops_pool_in_use",
-    "pgops_requests_waiting",
+    "pgops_checkouts_waiting",
     "pgops_up",
     "pgops_health_status",
     "pgops_check_duration_seconds",
@@ -339,16 +341,16 @@ GAUGES = [
     "pgops_info",
 ]
 COUNTERS = [
-    "pgops_requests_total",
-    "pgops_requests_queued_total",
-    "pgops_requests_errors_total",
+    "pgops_checkouts_total",
+    "pgops_checkouts_queued_total",
+    "pgops_checkouts_errors_total",
     "pgops_returns_bad_total",
     "pgops_connections_total",
     "pgops_connections_errors_total",
     "pgops_connections_lost_total",
     "pgops_queries_total",
     "pgops_queries_errors_total",
-    "pgops_requests_wait_seconds_total",
+    "pgops_checkouts_wait_seconds_total",
     "pgops_connections_seconds_total",
     "pgops_usage_seconds_total",
     "pgops_queries_seconds_total",
@@ -394,6 +396,23 @@ def test_metrics_parse_as_prometheus_text(pool: Pool) -> None:
     assert [s.value for s in buckets] == sorted(s.value for s in buckets)
     assert sample(families, "pgops_acquire_wait_seconds_count") == buckets[-1].value >= 1
     assert sample(families, "pgops_acquire_wait_seconds_sum") >= 0
+
+
+def test_every_metric_is_in_the_readme_table(pool: Pool) -> None:
+    """Each family /metrics emits has a row in README's metrics table, and each row names a real one."""
+    app = HealthApp(pool, migrator=FakeMigrator(), clock=frozen)
+    text = call(app, "/metrics").body.decode()
+    emitted = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    rows = re.findall(r"^\| ((?:`pgops_\w+`(?:, )?)+) \|", (ROOT / "README.md").read_text(), re.M)
+    documented = {name for row in rows for name in re.findall(r"`(pgops_\w+)`", row)}
+    assert emitted - documented == set()
+    # Read pools add these; the rest must all be emitted above (a renamed metric leaves a stale row).
+    read_pool_only = {
+        "pgops_reads_waited_total",
+        "pgops_reads_fallback_total",
+        "pgops_replication_lag_seconds",
+    }
+    assert documented - emitted == read_pool_only
 
 
 def test_render_prometheus_escapes_label_values_and_help() -> None:
@@ -632,6 +651,75 @@ def test_create_app_reads_the_environment(dsn: str, tmp_path: Path, monkeypatch:
         assert call(app, "/metrics").status == 401
     finally:
         app.pool.close()
+
+
+def test_create_app_holds_one_or_two_connections(
+    dsn: str, admin: psycopg2.extensions.connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """create_app's pool (production preset) opens at most 2 backends under concurrent probes, not 5."""
+    monkeypatch.chdir(tmp_path)  # no ./migrations here: no migrator
+    app_name = f"pgops-health-{secrets.token_hex(4)}"
+    app = create_app({"DATABASE_URL": dsn, "APP_NAME": app_name, "PGOPS_HEALTH_CACHE_TTL": "0"})
+    try:
+        assert (app.pool.config.min_size, app.pool.config.max_size) == (1, 2)
+        statuses: list[int] = []
+
+        def probe() -> None:
+            for path in ("/health/ready", "/health/detailed", "/metrics") * 3:
+                statuses.append(call(app, path).status)
+
+        threads = [threading.Thread(target=probe) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert statuses == [200] * 72
+        assert app.checks_run >= 2  # TTL 0: the requests ran checks of their own
+
+        def backends() -> int:
+            query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+            return int(pgtest.scalar(admin, query, (app_name,)))
+
+        def settled() -> int | None:
+            """Return the backends once all the pool opens are there (a production min_size: 5)."""
+            n = backends()
+            return n if n >= 1 and n == app.pool.stats()["pool_size"] else None
+
+        opened = pgtest.wait_until(settled, timeout=30, message="the pool's backends never settled")
+        assert 1 <= opened <= 2
+        assert app.pool.stats()["connections_num"] <= 2
+    finally:
+        app.pool.close()
+
+
+@pytest.mark.parametrize(
+    ("variables", "sizes"),
+    [
+        ({}, (1, 2)),
+        ({"POOL_PRESET": "high_traffic"}, (1, 2)),
+        ({"POOL_MIN_CONNECTIONS": "3"}, (3, 3)),
+        ({"POOL_MIN_CONNECTIONS": "0"}, (0, 2)),
+        ({"POOL_MAX_CONNECTIONS": "1"}, (1, 1)),
+        ({"POOL_MAX_CONNECTIONS": "10"}, (1, 10)),
+        ({"POOL_MIN_CONNECTIONS": "4", "POOL_MAX_CONNECTIONS": "6"}, (4, 6)),
+    ],
+)
+def test_create_app_pool_sizes_follow_pool_connections_variables(
+    dsn: str, variables: dict[str, str], sizes: tuple[int, int]
+) -> None:
+    """POOL_MIN/MAX_CONNECTIONS override create_app's 1-2 bounds; one alone moves the other as needed."""
+    app = create_app({"DATABASE_URL": dsn, **variables})
+    try:
+        assert (app.pool.config.min_size, app.pool.config.max_size) == sizes
+    finally:
+        app.pool.close()
+
+
+@pytest.mark.parametrize("variable", ["POOL_MIN_CONNECTIONS", "POOL_MAX_CONNECTIONS"])
+def test_create_app_names_a_bad_pool_size_variable(dsn: str, variable: str) -> None:
+    """A bad POOL_MIN/MAX_CONNECTIONS stops create_app with a message naming the variable and value."""
+    with pytest.raises(ConfigError, match=f"^{variable}='many' is not an integer$"):
+        create_app({"DATABASE_URL": dsn, variable: "many"})
 
 
 @pytest.mark.parametrize("ttl", ["abc", "-1", "nan"])
