@@ -42,7 +42,7 @@ import psycopg2.extensions
 import psycopg2.pool
 import psycopg2.sql
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BadMigration",
@@ -2818,7 +2818,8 @@ class MigrationStatus:
     # applied, pending, failed, running, changed (edited since), conflict (another file under its
     # version), missing (file gone), future (newer than every file), baseline (the row `baseline`
     # wrote), below-baseline (a file at or under it, never run); a repeatable: applied, pending,
-    # outdated (changed since it was last applied), missing
+    # outdated (changed since it was last applied), missing; invalid: a file that cannot be used (two
+    # under one version, bad content), which validate() names
     state: str
     applied_at: str | None = None
     execution_ms: float | None = None
@@ -2944,25 +2945,23 @@ def _refuse_transaction_control(text: str, path: str, statements: list[tuple[int
 def load_migrations(directory: str) -> list[Migration]:
     """Read and check every migration in *directory*: versioned ones by version, then repeatable ones
     by name; raise BadMigration naming the first file that cannot be used."""
-    migrations, problems = _scan_migrations(directory)
+    migrations, problems, _invalid = _scan_migrations(directory)
     if problems:
         raise BadMigration(problems[0])
     return migrations
 
 
-def _scan_migrations(directory: str) -> tuple[list[Migration], list[str]]:
-    """Read every migration in *directory*; return those that can be used and what is wrong with the rest.
-
-    A file with a problem is left out, except one whose name is fine and whose content is not: it is
-    kept, so that status still shows its version as applied or pending. Two files under one version
-    are both left out.
-    """
+def _scan_migrations(directory: str) -> tuple[list[Migration], list[str], dict[int, str]]:
+    """Read every migration in *directory*; return those that can be used, what is wrong with the rest,
+    and the versions (with a description) of well-named files that cannot be used: two under one
+    version, or bad content. status shows those as 'invalid', not as missing or changed."""
     if not os.path.isdir(directory):
         problem = "is not a directory" if os.path.exists(directory) else "does not exist"
         raise ConfigError(
             f"migrations directory {directory!r} {problem}; pass --dir or set PGOPS_MIGRATIONS_DIR"
         )
     problems: list[str] = []
+    invalid: dict[int, str] = {}
     ups: dict[int, list[tuple[str, str, bool]]] = {}
     downs: dict[int, list[str]] = {}
     for filename in sorted(os.listdir(directory)):
@@ -3005,23 +3004,24 @@ def _scan_migrations(directory: str) -> tuple[list[Migration], list[str]]:
     migrations: list[Migration] = []
     # Versioned files by version, then repeatable ones by name.
     for version, found in sorted(ups.items(), key=lambda item: (item[0] < 0, max(item[0], 0), item[1][0][0])):
-        if len(found) > 1 or len(downs.get(version, ())) > 1:
-            continue
         path, description, repeatable = found[0]
+        if len(found) > 1 or len(downs.get(version, ())) > 1:
+            invalid[version] = description
+            continue
         try:
             text = _read_sql(path)
-            checksum = migration_checksum(text)
-        except BadMigration as exc:
-            problems.append(str(exc))
-            text, checksum = "", "unusable"  # a checksum no history row has: pending, or changed
-        except OSError as exc:
-            problems.append(f"migration {path!r} cannot be read ({exc.strerror or exc}); fix its permissions")
+        except (BadMigration, OSError) as exc:
+            unreadable = (
+                f"migration {path!r} cannot be read ({getattr(exc, 'strerror', None) or exc}); fix it"
+            )
+            problems.append(str(exc) if isinstance(exc, BadMigration) else unreadable)
+            invalid[version] = description
             continue
         migration = Migration(
             version=version,
             description=description,
             path=path,
-            checksum=checksum,
+            checksum=migration_checksum(text),
             transactional=_transactional(text),
             sql=text,
             down_path=downs.get(version, [None])[0],
@@ -3032,9 +3032,10 @@ def _scan_migrations(directory: str) -> tuple[list[Migration], list[str]]:
                 f"repeatable migration {path!r} says no-transaction; a repeatable migration runs in one "
                 "transaction: remove the marker, or make it a numbered migration"
             )
+            invalid[version] = description
             continue
         migrations.append(migration)
-    return migrations, problems
+    return migrations, problems, invalid
 
 
 def _repeatable_key(description: str) -> int:
@@ -3454,6 +3455,7 @@ class Migrator:
         self._checked: dict[int, tuple[Any, ...]] = {}  # the history as this runner last checked it
         self._print: tuple[int, int, int] = (0, 0, 0)  # and its _fingerprint
         self._statementless: frozenset[int] = frozenset()  # versions of files with no statement, per run
+        self._warned: set[int] = set()  # repeatable rows without a file, warned about in this session
         import zlib
 
         self._lock_key = zlib.crc32(f"{schema}.{table}".encode()) & 0x7FFF_FFFF
@@ -3550,6 +3552,7 @@ class Migrator:
             if self._pooled:
                 _logger.info("a connection pooler sits between pgops and PostgreSQL")
             self._history_ready = False
+            self._warned = set()
             self._checked = {}  # the files may have changed since the last run
             self._runner = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(16):04x}"
             self._active = conn
@@ -3761,17 +3764,24 @@ class Migrator:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def _problems(self, files: list[Migration], history: dict[int, tuple[Any, ...]]) -> list[str]:
-        """Return drift problems: changed files, other files under applied versions, files gone."""
+    def _problems(
+        self, files: list[Migration], history: dict[int, tuple[Any, ...]], invalid: Iterable[int] = ()
+    ) -> list[str]:
+        """Return drift problems: changed files, other files under applied versions, files gone.
+
+        Versions in *invalid* have a file that cannot be used, reported as such: not judged here.
+        """
         by_version = {m.version: m for m in files}
         newest_file = _newest_file(files)
+        skip = set(invalid)
         problems = []
         for version, (description, checksum, status, *_rest) in history.items():
-            if status != "applied" or checksum == _BASELINE:
+            if status != "applied" or checksum == _BASELINE or version in skip:
                 continue
             migration = by_version.get(version)
             if version < 0:  # a repeatable migration: changing is what it is for
-                if migration is None:
+                if migration is None and version not in self._warned:
+                    self._warned.add(version)  # once per run, not once per repeatable applied
                     _logger.warning(
                         "repeatable migration R__%s.sql was applied but has no file here; repair forgets it",
                         description,
@@ -3813,16 +3823,23 @@ class Migrator:
 
         Files that cannot be used are left out rather than refused: validate() names them.
         """
-        files, _problems = _scan_migrations(self.directory)
+        files, _problems, invalid = _scan_migrations(self.directory)
         history = self._read_history()
         by_version = {m.version: m for m in files}
         newest_file = _newest_file(files)
         floor = _baseline_version(history)
         rows: list[MigrationStatus] = []
         # Versioned migrations by version, then repeatable ones by name.
-        for version in sorted(set(by_version) | set(history), key=lambda v: (v < 0, max(v, 0))):
+        for version in sorted(
+            set(by_version) | set(history) | set(invalid), key=lambda v: (v < 0, max(v, 0))
+        ):
             migration = by_version.get(version)
             shown: int | None = version if version >= 0 else None
+            if version in invalid:  # validate() and the CLI's status say what is wrong with the file
+                row = history.get(version, (invalid[version], "", "", None, None, None, None))
+                at = row[3].isoformat(timespec="seconds") if row[3] is not None else None
+                rows.append(MigrationStatus(shown, row[0], "invalid", at, row[4], row[5], row[6]))
+                continue
             if version not in history:
                 assert migration is not None
                 if migration.repeatable:
@@ -3853,9 +3870,9 @@ class Migrator:
     def validate(self) -> list[str]:
         """Return what would stop migrate (bad files, drift, missing files, failed runs); empty when all
         is well. A pending file with no statement yet (a fresh ``new``) is not a problem here."""
-        files, problems = _scan_migrations(self.directory)
+        files, problems, invalid = _scan_migrations(self.directory)
         history = self._read_history()
-        problems += self._problems(files, history)
+        problems += self._problems(files, history, invalid)
         problems += [
             f"migration {v} ({row[0]}) is {row[2]}; fix it, then run repair"
             for v, row in history.items()
@@ -4272,7 +4289,8 @@ class Migrator:
                 with self._transaction(cur, wait) as history:
                     self._refuse_unsafe(list(files.values()), history)
                     if downs is None:
-                        end = self._at_version = _rollback_target(target, history)
+                        end = _rollback_target(target, history)
+                        self._at_version = max(end, 0)
                         downs = self._down_files(end, files, history)
                     version = max((v for v in history if v > end), default=None)
                     if version is None:
@@ -4291,7 +4309,22 @@ class Migrator:
                 reverted.append(files[version])
                 if on_reverted is not None:
                     on_reverted(files[version], elapsed)
+            if reverted:
+                self._forget_repeatables(cur, wait)
         return reverted
+
+    def _forget_repeatables(self, cur: psycopg2.extensions.cursor, wait: _Wait) -> None:
+        """Forget every repeatable migration after a rollback, so that the next migrate applies them again.
+
+        A down file may have dropped what they made (a view on a dropped table goes with CASCADE);
+        they are written to run again, and nothing tells which ones a rollback touched.
+        """
+        with self._transaction(cur, wait):
+            cur.execute(psycopg2.sql.SQL("DELETE FROM {} WHERE version < 0").format(self._history))
+            if cur.rowcount:
+                _logger.info(
+                    "forgot %d repeatable migration(s): the next migrate applies them again", cur.rowcount
+                )
 
     def _down_files(
         self, target: int, files: dict[int, Migration], history: dict[int, tuple[Any, ...]]
@@ -4335,6 +4368,14 @@ class Migrator:
         if not 0 <= version <= _MAX_VERSION:
             raise ConfigError(f"baseline version {version} is out of range; pass a version of 0 or more")
         files = {m.version: m for m in load_migrations(self.directory) if not m.repeatable}
+        migration = files.get(version)
+        if migration is None:
+            # Else the next file `new` writes could be numbered at or under V, and never run.
+            raise ConfigError(
+                f"cannot baseline at version {version}: there is no migration {version} in "
+                f"{self.directory!r}; baseline at the version of an existing file (one that creates the "
+                "schema as it is, for new databases), so that newer files are numbered above it"
+            )
         with self._session() as cur, self._transaction(cur, _Wait(self.lock_timeout)) as history:
             recorded = sorted(v for v in history if v >= 0)
             if recorded:
@@ -4343,13 +4384,12 @@ class Migrator:
                     f"migration(s) {recorded[0]}..{recorded[-1]}; baseline is for a database pgops has "
                     "not migrated yet"
                 )
-            migration = files.get(version)
             cur.execute(
                 psycopg2.sql.SQL(
                     "INSERT INTO {} (version, description, checksum, status, execution_ms, runner) "
                     "VALUES (%s, %s, %s, 'applied', 0, %s)"
                 ).format(self._history),
-                (version, migration.description if migration else "baseline", _BASELINE, self._runner),
+                (version, migration.description, _BASELINE, self._runner),
             )
         self._at_version = version
         _logger.info("baseline: %s.%s is now at version %d", self.schema, self.table, version)
@@ -4414,7 +4454,8 @@ def _rollback_target(target: int | None, history: Mapping[int, tuple[Any, ...]])
                 f"nothing to roll back: the database is at its baseline, version {floor} (files up to it "
                 "were never run by pgops)"
             )
-        return max((v for v in history if 0 <= v < current), default=0)
+        # Below the newest; -1 when that is version 0 (a file 0000_x.sql): "--to 0" would keep it.
+        return max((v for v in history if 0 <= v < current), default=-1 if current == 0 else 0)
     if floor is not None and target < floor:
         raise ConfigError(
             f"cannot roll back to version {target}: the database was baselined at {floor} and pgops never "
@@ -4909,7 +4950,10 @@ class HealthApp:
             check = self._check_server(self.pool, began)
             if check.error is None and self.migrator is not None:
                 try:
-                    pending = tuple(_migration_name(m) for m in self.migrator.pending())
+                    # Versioned migrations only: two releases during a rollout see each other's
+                    # repeatable files as changed, and neither should go unready for it.
+                    due = self.migrator.pending()
+                    pending = tuple(_migration_name(m) for m in due if not getattr(m, "repeatable", False))
                 except _CHECK_ERRORS as exc:
                     migrations_error = self._check_error(exc, began, self.pool)
             replica_check = None if replica is None else self._check_server(replica, began)
@@ -5032,6 +5076,8 @@ def _iso(timestamp: float) -> str:
 
 
 def _migration_name(migration: Any) -> str:
+    if getattr(migration, "repeatable", False):
+        return str(migration.name)
     version = getattr(migration, "version", None)
     return str(migration) if version is None else f"{version} {getattr(migration, 'description', '')}".strip()
 
@@ -5772,18 +5818,18 @@ def _cmd_validate(args: Any, environ: Mapping[str, str]) -> int:
     if spec is not None and not problems:
         pending = migrator.pending()
         if pending:
-            print(f"schema check skipped: {len(pending)} migration(s) pending")
+            _say(args, f"schema check skipped: {len(pending)} migration(s) pending")
         else:
             with migrator._connection() as conn:
                 report = check_schema(conn, **spec)
             problems += report.problems
             for note in report.notes:
-                print(f"note: {note}")
+                _say(args, f"note: {note}")
     for problem in problems:
         print(f"pgops: {problem}", file=sys.stderr)
     if problems:
         return _EXIT_INVALID
-    print("migrations valid" + (" and schema as expected" if spec is not None else ""))
+    _say(args, "migrations valid" + (" and schema as expected" if spec is not None else ""))
     return _EXIT_OK
 
 
@@ -5806,11 +5852,10 @@ def _confirm_everything(migrator: Migrator) -> None:
             f"rollback --to 0 reverts every applied migration in {where}; pass --yes to confirm "
             "(stdin is not a terminal, so pgops cannot ask)"
         )
-    print(f"rollback --to 0 reverts every applied migration in {where}.", flush=True)
-    try:
-        answer = input("Type 'yes' to go on: ")
-    except EOFError:
-        answer = ""
+    # The question goes to stderr, which a redirected stdout (`> rollback.log`) does not hide.
+    print(f"rollback --to 0 reverts every applied migration in {where}.", file=sys.stderr)
+    print("Type 'yes' to go on: ", end="", file=sys.stderr, flush=True)
+    answer = sys.stdin.readline()
     if answer.strip().lower() != "yes":
         raise ConfigError("rollback --to 0 not confirmed; nothing was reverted")
 

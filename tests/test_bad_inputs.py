@@ -577,8 +577,12 @@ CLI_CASES = [
         id="cli-baseline-word",
     ),
     pytest.param(
-        Cli(("baseline", "5", "--dir", "{dir}"), code=2, names=("cannot baseline", "already records")),
+        Cli(("baseline", "1", "--dir", "{dir}"), code=2, names=("cannot baseline", "already records")),
         id="cli-baseline-on-a-migrated-database",
+    ),
+    pytest.param(
+        Cli(("baseline", "7", "--dir", "{dir}"), code=2, names=("cannot baseline", "no migration 7")),
+        id="cli-baseline-without-its-file",
     ),
     pytest.param(
         Cli(("rollback", "--dir", "{dir}", "--to", "last"), code=2, names=("--to", "'last'"), usage=True),

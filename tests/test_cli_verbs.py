@@ -95,7 +95,7 @@ def test_rollback_everything_asks_on_a_terminal(
 
     proc = answer("no\n")
     assert proc.returncode == 2
-    assert "every applied migration" in proc.stdout
+    assert "every applied migration" in proc.stderr
     assert "not confirmed" in proc.stderr
     assert history(admin) == applied(1, 2)
     proc = answer("yes\n")
@@ -324,12 +324,88 @@ def test_global_options_before_the_command(
 def test_quiet_prints_errors_only(cli: Run, admin: Conn, mdir: Path) -> None:
     """-q: migrate, rollback and repair print nothing when all is well, and the one error line when not."""
     simple_set(mdir, 2)
-    for args in (("migrate", "-q"), ("rollback", "-q"), ("repair", "-q"), ("baseline", "-q", "9")):
+    for args in (("migrate", "-q"), ("rollback", "-q"), ("repair", "-q"), ("validate", "-q")):
         proc = cli(*args)
-        assert (proc.stdout, proc.stderr) == ("", "") if args[0] != "baseline" else proc.returncode == 2
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
     assert history(admin) == applied(1)
     write(mdir, "0003_bad.sql", "SELECT nope;\n")
     proc = cli("migrate", "-q")
     assert proc.returncode == 1
     assert proc.stdout == ""
     assert proc.stderr.startswith("pgops: error: ") and proc.stderr.count("\n") == 1
+
+
+# -- what a review found ---------------------------------------------------------------------------
+
+
+def test_rollback_forgets_repeatables_so_migrate_makes_them_again(cli: Run, admin: Conn, mdir: Path) -> None:
+    """A down file that drops what a repeatable made (CASCADE) does not leave it missing for good."""
+    write(mdir, "0001_items.sql", "CREATE TABLE items (id int);\n")
+    write(mdir, "0001_items.down.sql", "DROP TABLE items CASCADE;\n")
+    write(mdir, "R__v.sql", "CREATE OR REPLACE VIEW v AS SELECT id FROM items;\n")
+    assert cli("migrate").returncode == 0
+    assert cli("rollback").returncode == 0
+    assert not relation_exists(admin, "v")
+    assert states(cli) == [(1, "items", "pending"), (None, "v", "pending")]
+    assert cli("migrate").returncode == 0
+    assert relation_exists(admin, "v")
+
+
+def test_rollback_reverts_a_version_0_migration(cli: Run, admin: Conn, mdir: Path) -> None:
+    """`rollback` with only 0000_x.sql applied reverts it (the newest), though `--to 0` keeps it."""
+    write(mdir, "0000_zero.sql", "CREATE TABLE zero (id int);\n")
+    write(mdir, "0000_zero.down.sql", "DROP TABLE zero;\n")
+    assert cli("migrate").returncode == 0
+    proc = cli("rollback")
+    assert proc.returncode == 0, proc.stderr
+    assert history(admin) == []
+    assert not relation_exists(admin, "zero")
+
+
+def test_baseline_needs_the_file_of_its_version(cli: Run, admin: Conn, mdir: Path) -> None:
+    """`baseline 5` with no file 5 is refused (exit 2): `new` would number the next file under it."""
+    write(mdir, "0001_a.sql", "SELECT 1;\n")
+    proc = cli("baseline", "5")
+    assert proc.returncode == 2
+    assert "no migration 5" in proc.stderr
+    assert history(admin) is None
+
+
+def test_a_version_used_twice_is_invalid_not_missing(cli: Run, admin: Conn, mdir: Path) -> None:
+    """An applied version that gains a second file shows as invalid, and validate says "used twice",
+    not that the applied file is missing."""
+    simple_set(mdir, 2)
+    assert cli("migrate").returncode == 0
+    write(mdir, "2_other.sql", "SELECT 2;\n")
+    assert [state for _v, _d, state in states(cli)] == ["applied", "invalid"]
+    proc = cli("validate")
+    assert proc.returncode == 4
+    assert "used twice" in proc.stderr
+    assert "no file" not in proc.stderr and "restore" not in proc.stderr
+
+
+def test_an_applied_file_that_became_invalid_is_not_offered_to_repair(cli: Run, mdir: Path) -> None:
+    """An applied file given a COMMIT is named with its line, not called "changed" with advice to repair."""
+    simple_set(mdir, 1)
+    assert cli("migrate").returncode == 0
+    path = mdir / "0001_table_1.sql"
+    path.write_text(path.read_text() + "COMMIT;\n")
+    assert [state for _v, _d, state in states(cli)] == ["invalid"]
+    proc = cli("validate")
+    assert proc.returncode == 4
+    assert "0001_table_1.sql:2:" in proc.stderr
+    assert "repair" not in proc.stderr
+
+
+def test_a_missing_repeatable_is_warned_about_once_per_run(cli: Run, mdir: Path) -> None:
+    """One deleted repeatable file and several others due: one warning line, not one per repeatable."""
+    write(mdir, "0001_items.sql", "CREATE TABLE items (id int);\n")
+    for name in ("gone", "a", "b", "c"):
+        write(mdir, f"R__{name}.sql", f"CREATE OR REPLACE VIEW {name} AS SELECT id FROM items;\n")
+    assert cli("migrate").returncode == 0
+    (mdir / "R__gone.sql").unlink()
+    for name in ("a", "b", "c"):
+        write(mdir, f"R__{name}.sql", f"CREATE OR REPLACE VIEW {name} AS SELECT id, 1 AS one FROM items;\n")
+    proc = cli("migrate")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("R__gone.sql") == 1

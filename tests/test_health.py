@@ -27,6 +27,7 @@ import pgtest
 from pgops import (
     ConfigError,
     HealthApp,
+    Migrator,
     Pool,
     create_app,
     make_server,
@@ -248,6 +249,25 @@ def test_pending_migration_makes_ready_fail_and_detailed_warn(pool: Pool) -> Non
     assert families["pgops_migrations_pending"].type == "gauge"
     assert sample(families, "pgops_migrations_pending") == 1
     assert app.checks_run == 1
+
+
+def test_a_changed_repeatable_migration_does_not_make_ready_fail(pool: Pool, dsn: str, mdir: Path) -> None:
+    """Readiness waits for versioned migrations only: during a rollout, two releases see each other's
+    repeatable files as changed, and neither should go unready for it."""
+    pgtest.write(mdir, "0001_items.sql", "CREATE TABLE items (id int);\n")
+    pgtest.write(mdir, "R__v.sql", "CREATE OR REPLACE VIEW v AS SELECT id FROM items;\n")
+    Migrator(dsn, str(mdir)).migrate()
+    pgtest.write(mdir, "R__v.sql", "CREATE OR REPLACE VIEW v AS SELECT id, 1 AS one FROM items;\n")
+    pgtest.write(mdir, "0002_more.sql", "SELECT 1;\n")
+    assert [m.name for m in Migrator(dsn, str(mdir)).pending()] == ["0002_more.sql", "R__v.sql"]
+    ready = call(HealthApp(pool, migrator=Migrator(pool, str(mdir))), "/health/ready")
+    assert ready.status == 503
+    assert ready.json()["reasons"] == ["migrations: 1 pending: 2 more"]
+    Migrator(dsn, str(mdir)).migrate(target=1)
+    assert call(HealthApp(pool, migrator=Migrator(pool, str(mdir))), "/health/ready").status == 503
+    (mdir / "0002_more.sql").unlink()
+    assert [m.name for m in Migrator(dsn, str(mdir)).pending()] == ["R__v.sql"]
+    assert call(HealthApp(pool, migrator=Migrator(pool, str(mdir))), "/health/ready").status == 200
 
 
 def test_no_pending_migration_is_ready(pool: Pool) -> None:
