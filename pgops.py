@@ -5685,7 +5685,9 @@ def _call_wsgi(app: _WSGIApp, path: str) -> bytes:
 def _parser() -> Any:
     import argparse
 
-    common = argparse.ArgumentParser(add_help=False)
+    # Given a width, argparse does not import shutil (and bz2, lzma, fnmatch with it): 5 ms a command.
+    formatter = functools.partial(argparse.HelpFormatter, width=_help_width())
+    common = argparse.ArgumentParser(add_help=False, formatter_class=formatter)
     common.add_argument(
         "--dsn",
         help="libpq URL or key=value string (default: $DATABASE_URL; migration commands read "
@@ -5695,7 +5697,8 @@ def _parser() -> Any:
     common.add_argument("--dir", help="migrations folder (default: $PGOPS_MIGRATIONS_DIR or ./migrations)")
     common.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v: SQL too)")
     common.add_argument("-q", "--quiet", action="store_true", help="errors only")
-    parser = argparse.ArgumentParser(prog="pgops", description=__doc__.splitlines()[0] if __doc__ else None)
+    description = __doc__.splitlines()[0] if __doc__ else None
+    parser = argparse.ArgumentParser(prog="pgops", description=description, formatter_class=formatter)
     parser.add_argument("--version", action="version", version=f"pgops {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -5716,7 +5719,7 @@ def _parser() -> Any:
         return int(text)
 
     def command(name: str, func: Callable[[Any, Mapping[str, str]], int], help: str) -> Any:
-        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p = sub.add_parser(name, parents=[common], help=help, description=help, formatter_class=formatter)
         p.set_defaults(func=func)
         return p
 
@@ -5756,6 +5759,21 @@ def _parser() -> Any:
     )
     p.add_argument("--documents", type=int, default=300, metavar="N", help="documents to load (default 300)")
     return parser
+
+
+def _help_width() -> int:
+    """Return the width argparse wraps help to: shutil.get_terminal_size()'s columns, less 2."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        stdout = sys.__stdout__
+        try:
+            columns = os.get_terminal_size(stdout.fileno()).columns if stdout is not None else 0
+        except (OSError, ValueError):  # not a terminal, or no file descriptor
+            columns = 0
+    return (columns or 80) - 2
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:

@@ -20,11 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 120.0
 
 # Imported by pgops for other commands, or for the type checker only: typing (about 6 ms a run),
-# the health server's modules, the demo's tempfile, hmac for a health token, psycopg2.extras for
-# cursor factories.
+# shutil (argparse's terminal width: 5 ms with bz2, lzma and fnmatch), the health server's modules,
+# the demo's tempfile, hmac for a health token, psycopg2.extras for cursor factories.
 NOT_FOR_MIGRATE = frozenset(
     {
         "typing",
+        "shutil",
         "wsgiref.simple_server",
         "http.server",
         "socketserver",
@@ -73,6 +74,22 @@ def test_migrate_imports_only_what_it_needs(dsn: str, mdir: Path, tmp_path: Path
         )
         assert {"argparse", "hashlib"} <= modules  # what it does need, so the listing is read right
         assert modules & NOT_FOR_MIGRATE == set()
+
+
+def test_help_is_wrapped_to_the_columns_variable(tmp_path: Path) -> None:
+    """Help text wraps to $COLUMNS, as argparse does by itself through shutil."""
+    for columns in (50, 150):
+        proc = subprocess.run(
+            [sys.executable, "-m", "pgops", "migrate", "--help"],
+            env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": str(columns)},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=True,
+        )
+        widest = max(len(line) for line in proc.stdout.splitlines())
+        assert columns - 30 < widest <= columns - 2
 
 
 def test_lazy_patterns_work_as_compiled_ones() -> None:
