@@ -90,7 +90,7 @@ __all__ = [
 ]
 
 # What only the type checker needs stays out of the import every `pgops` command pays for (annotations
-# are strings here): importing typing alone costs a CLI run about 6 ms. Type checkers take a
+# are strings here): importing typing alone costs a CLI run about 5 ms. Type checkers take a
 # TYPE_CHECKING of the module's own as True, as they do typing's.
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ from pgtest import write
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 120.0
 
-# Imported by pgops for other commands, or for the type checker only: typing (about 6 ms a run),
+# Imported by pgops for other commands, or for the type checker only: typing (about 5 ms a run),
 # shutil (argparse's terminal width: 5 ms with bz2, lzma and fnmatch), the health server's modules,
 # the demo's tempfile, hmac for a health token, psycopg2.extras for cursor factories.
 NOT_FOR_MIGRATE = frozenset(
