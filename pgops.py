@@ -34,7 +34,6 @@ import traceback
 import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg2
 import psycopg2.errors
@@ -90,15 +89,50 @@ __all__ = [
     "split_sql",
 ]
 
+# What only the type checker needs stays out of the import every `pgops` command pays for (annotations
+# are strings here): importing typing alone costs a CLI run about 5 ms. Type checkers take a
+# TYPE_CHECKING of the module's own as True, as they do typing's.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, TypeVar
     from wsgiref.simple_server import WSGIServer
+
+    _T = TypeVar("_T")
+    _WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+    _Response = tuple[str, list[tuple[str, str]], bytes]
+    _Sample = tuple[str, Mapping[str, str], float]  # suffix, labels, value
+    _Family = tuple[str, str, str, Iterable[_Sample]]
+    _regex = re.compile
+else:
+
+    def _regex(pattern, flags=0):
+        return _LazyPattern(pattern, flags)
+
 
 _logger = logging.getLogger("pgops")  # a fixed name: under python -m, __name__ is __main__
 # Without it, an application that configures no logging gets pgops' warnings as bare stderr lines
 # from Python's last-resort handler; with logging configured, records propagate as usual.
 _logger.addHandler(logging.NullHandler())
 
-_T = TypeVar("_T")
+
+class _LazyPattern:
+    """A regular expression compiled when first used (``_regex``): a CLI run compiles only what it needs.
+
+    Compiling them all at import cost every command about 3 ms, for patterns most never use. Each
+    attribute (``match``, ``sub``...) is looked up on the compiled pattern once and then kept on the
+    instance, so later calls cost what they cost on the pattern itself.
+    """
+
+    def __init__(self, pattern: str, flags: int) -> None:
+        self._args = (pattern, flags)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(re.compile(*self._args), name)  # re caches: a second attribute compiles nothing
+        setattr(self, name, value)
+        return value
+
+    def __repr__(self) -> str:
+        return f"<lazy {re.compile(*self._args)!r}>"
 
 
 # ================================================================================================
@@ -194,26 +228,24 @@ class MigrationFailed(MigrationError):
 # the password, never less.
 # URL user info: libpq stops it at the first '@' or '/', so an unencoded '@', '/', '#' or '?' in a
 # password splits it into host, port or database; a person meant everything up to the last '@'.
-_URL_PASSWORD = re.compile(r"(?P<head>^\s*[A-Za-z][A-Za-z0-9+.-]*://[^:/@]*:)(?P<pw>.*)(?=@)", re.DOTALL)
+_URL_PASSWORD = _regex(r"(?P<head>^\s*[A-Za-z][A-Za-z0-9+.-]*://[^:/@]*:)(?P<pw>.*)(?=@)", re.DOTALL)
 # URL query: libpq ends a value at '&' only ('#' is no fragment to it); a person who wrote '&' in a
 # password meant it to go on up to the next "&key=".
-_QUERY_PASSWORD = re.compile(r"(?P<head>[?&]password=)(?P<pw>.*?)(?=&[^&=]*=|\Z)", re.IGNORECASE | re.DOTALL)
+_QUERY_PASSWORD = _regex(r"(?P<head>[?&]password=)(?P<pw>.*?)(?=&[^&=]*=|\Z)", re.IGNORECASE | re.DOTALL)
 # key=value: a value is quoted ('...', to the end when unterminated), backslash-escaped or plain, and
 # ends at whitespace; a person who wrote a space in it meant it to go on up to the next " key=".
-_KV_PASSWORD = re.compile(
+_KV_PASSWORD = _regex(
     r"(?P<head>\bpassword\s*=\s*)"
     r"(?P<pw>(?:'(?:[^'\\]|\\.)*(?:'|\Z)|\\.|.)*?)(?=(?<!\\)\s+[A-Za-z_]\w*\s*=|\s*\Z)",
     re.IGNORECASE | re.DOTALL,
 )
 # A person who wrote an unbalanced quote into a password meant it up to the next " key=", not to the end.
-_KV_WORDS = re.compile(
-    r"\bpassword\s*=\s*(?P<pw>.*?)(?=\s+[A-Za-z_]\w*\s*=|\s*\Z)", re.IGNORECASE | re.DOTALL
-)
-_IS_URL = re.compile(r"^\s*[A-Za-z][A-Za-z0-9+.-]*://")
-_QUOTED = re.compile(r"\"(?P<double>[^\"]*)\"|'(?P<single>[^']*)'")  # how libpq and repr() quote values
-_CUTS = re.compile(r"[\s@/:?&=,'\"\\%\[\]]+")  # where libpq may cut a password written unencoded
+_KV_WORDS = _regex(r"\bpassword\s*=\s*(?P<pw>.*?)(?=\s+[A-Za-z_]\w*\s*=|\s*\Z)", re.IGNORECASE | re.DOTALL)
+_IS_URL = _regex(r"^\s*[A-Za-z][A-Za-z0-9+.-]*://")
+_QUOTED = _regex(r"\"(?P<double>[^\"]*)\"|'(?P<single>[^']*)'")  # how libpq and repr() quote values
+_CUTS = _regex(r"[\s@/:?&=,'\"\\%\[\]]+")  # where libpq may cut a password written unencoded
 _MIN_PIECE = 4  # shorter pieces go only where quoted (see _scrub): "app" or "5432" is no secret alone
-_KV_ESCAPE = re.compile(r"\\(.)|'", re.DOTALL)
+_KV_ESCAPE = _regex(r"\\(.)|'", re.DOTALL)
 
 
 def _password_patterns(dsn: str) -> tuple[re.Pattern[str], ...]:
@@ -610,7 +642,7 @@ def _env_bool(var: str, raw: str) -> bool:
 
 _RETRY_SQLSTATES = frozenset({"40001", "40P01", "53300", "55P03", "57P01", "57P02", "57P03", "25006"})
 # Connect-time errors carry no SQLSTATE in psycopg2, so these are recognised by libpq's words.
-_FATAL_CONNECT = re.compile(
+_FATAL_CONNECT = _regex(
     r"password authentication failed|authentication failed|no password supplied|"
     # The server quotes the name ("no such db"), so a name may hold spaces.
     r'no pg_hba\.conf entry|(?:role|database) (?:".*"|\S+) does not exist|'
@@ -797,7 +829,7 @@ _READ_ONLY_WAIT = (0.002, 0.05)  # first and longest pause while a replica catch
 _READ_ONLY_QUIET = 10.0  # seconds: one warning per episode of connections discarded as read-only
 _NUDGE_EVERY = 1.0  # seconds between connection attempts of a read pool that reads turn away from
 _READ_ONLY_RECHECK = 2.0  # seconds between asking a read-only server of a write pool if it takes writes
-_LSN = re.compile(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}\Z")
+_LSN = _regex(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}\Z")
 _STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 _STATUS_IN_TRANSACTION = (
     psycopg2.extensions.TRANSACTION_STATUS_INTRANS,
@@ -4643,10 +4675,6 @@ def load_schema_spec(directory: str) -> dict[str, Any] | None:
 # Health
 # ================================================================================================
 
-_WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
-_Response = tuple[str, list[tuple[str, str]], bytes]
-_Sample = tuple[str, Mapping[str, str], float]  # suffix, labels, value
-_Family = tuple[str, str, str, Iterable[_Sample]]
 _JSON, _HEALTH_JSON = "application/json", "application/health+json"
 _STATUS_OF_POOL = {"healthy": "pass", "degraded": "warn", "unhealthy": "fail"}
 _RANK = {"pass": 0, "warn": 1, "fail": 2}
@@ -6197,9 +6225,12 @@ def _parser() -> Any:
         )
         p.add_argument("-q", "--quiet", action="store_true", default=default(False), help="print errors only")
 
-    common = argparse.ArgumentParser(add_help=False)
+    # Given a width, argparse does not import shutil (and bz2, lzma, fnmatch with it): 5 ms a command.
+    formatter = functools.partial(argparse.HelpFormatter, width=_help_width())
+    common = argparse.ArgumentParser(add_help=False, formatter_class=formatter)
     common_options(common, defaults=False)
-    parser = argparse.ArgumentParser(prog="pgops", description=__doc__.splitlines()[0] if __doc__ else None)
+    description = __doc__.splitlines()[0] if __doc__ else None
+    parser = argparse.ArgumentParser(prog="pgops", description=description, formatter_class=formatter)
     parser.add_argument("--version", action="version", version=f"pgops {__version__}")
     common_options(parser, defaults=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -6221,7 +6252,7 @@ def _parser() -> Any:
         return int(text)
 
     def command(name: str, func: Callable[[Any, Mapping[str, str]], int], help: str) -> Any:
-        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p = sub.add_parser(name, parents=[common], help=help, description=help, formatter_class=formatter)
         p.set_defaults(func=func)
         return p
 
@@ -6275,6 +6306,21 @@ def _parser() -> Any:
     )
     p.add_argument("--documents", type=int, default=300, metavar="N", help="documents to load (default 300)")
     return parser
+
+
+def _help_width() -> int:
+    """Return the width argparse wraps help to: shutil.get_terminal_size()'s columns, less 2."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        stdout = sys.__stdout__
+        try:
+            columns = os.get_terminal_size(stdout.fileno()).columns if stdout is not None else 0
+        except (OSError, ValueError):  # not a terminal, or no file descriptor
+            columns = 0
+    return (columns or 80) - 2
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
