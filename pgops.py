@@ -33,7 +33,7 @@ import time
 import traceback
 import types
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 
 import psycopg2
 import psycopg2.errors
@@ -2890,6 +2890,11 @@ def parse_migration_name(filename: str) -> tuple[int, str, bool]:
 
 def _read_sql(path: str) -> str:
     """Read a migration file as UTF-8 text; raise BadMigration naming it if it cannot be used."""
+    return _read_sql_file(path)[0]
+
+
+def _read_sql_file(path: str) -> tuple[str, bool]:
+    """Read and check a migration file as _read_sql does; also tell whether it holds a statement."""
     with open(path, "rb") as fh:
         data = fh.read()
     try:
@@ -2908,7 +2913,7 @@ def _read_sql(path: str) -> str:
     _refuse_copy(text, path, statements)
     if _transactional(text):
         _refuse_transaction_control(text, path, statements)
-    return text
+    return text, bool(statements)
 
 
 def _transactional(text: str) -> bool:
@@ -2977,16 +2982,31 @@ def _refuse_transaction_control(text: str, path: str, statements: list[tuple[int
 def load_migrations(directory: str) -> list[Migration]:
     """Read and check every migration in *directory*: versioned ones by version, then repeatable ones
     by name; raise BadMigration naming the first file that cannot be used."""
-    migrations, problems, _invalid = _scan_migrations(directory)
-    if problems:
-        raise BadMigration(problems[0])
-    return migrations
+    return _load_folder(directory).migrations
 
 
-def _scan_migrations(directory: str) -> tuple[list[Migration], list[str], dict[int, str]]:
-    """Read every migration in *directory*; return those that can be used, what is wrong with the rest,
-    and the versions (with a description) of well-named files that cannot be used: two under one
-    version, or bad content. status shows those as 'invalid', not as missing or changed."""
+@dataclasses.dataclass
+class _Folder:
+    """A migrations folder as _scan_migrations read it."""
+
+    migrations: list[Migration]  # those that can be used: versioned by version, then repeatable by name
+    problems: list[str]  # what is wrong with the others, one line each
+    # Versions (with a description) of well-named files that cannot be used: two under one version,
+    # or bad content. status shows them as 'invalid', not as missing or changed.
+    invalid: dict[int, str]
+    statementless: set[int]  # versions of files with no statement yet (a fresh template of `new`)
+
+
+def _load_folder(directory: str) -> _Folder:
+    """Read a migrations folder; raise BadMigration naming the first file that cannot be used."""
+    folder = _scan_migrations(directory)
+    if folder.problems:
+        raise BadMigration(folder.problems[0])
+    return folder
+
+
+def _scan_migrations(directory: str) -> _Folder:
+    """Read every migration in *directory*, whatever is wrong with some of them."""
     if not os.path.isdir(directory):
         problem = "is not a directory" if os.path.exists(directory) else "does not exist"
         raise ConfigError(
@@ -2994,6 +3014,7 @@ def _scan_migrations(directory: str) -> tuple[list[Migration], list[str], dict[i
         )
     problems: list[str] = []
     invalid: dict[int, str] = {}
+    statementless: set[int] = set()
     ups: dict[int, list[tuple[str, str, bool]]] = {}
     downs: dict[int, list[str]] = {}
     for filename in sorted(os.listdir(directory)):
@@ -3041,7 +3062,7 @@ def _scan_migrations(directory: str) -> tuple[list[Migration], list[str], dict[i
             invalid[version] = description
             continue
         try:
-            text = _read_sql(path)
+            text, has_statement = _read_sql_file(path)
         except (BadMigration, OSError) as exc:
             unreadable = (
                 f"migration {path!r} cannot be read ({getattr(exc, 'strerror', None) or exc}); fix it"
@@ -3066,8 +3087,10 @@ def _scan_migrations(directory: str) -> tuple[list[Migration], list[str], dict[i
             )
             invalid[version] = description
             continue
+        if not has_statement:
+            statementless.add(version)
         migrations.append(migration)
-    return migrations, problems, invalid
+    return _Folder(migrations, problems, invalid, statementless)
 
 
 def _repeatable_key(description: str) -> int:
@@ -3078,12 +3101,7 @@ def _repeatable_key(description: str) -> int:
     return -1 - (int.from_bytes(digest[:8], "big") >> 1)
 
 
-def _statementless(migrations: Iterable[Migration]) -> frozenset[int]:
-    """Return the versions of the migrations that hold no SQL statement (a fresh template of `new`)."""
-    return frozenset(m.version for m in migrations if not any(code for *_, code in _scan_sql(m.sql)))
-
-
-def _refuse_statementless(migrations: Iterable[Migration], statementless: frozenset[int]) -> None:
+def _refuse_statementless(migrations: Iterable[Migration], statementless: Container[int]) -> None:
     """Raise BadMigration naming the first of *migrations*, about to run, that has no SQL statement."""
     for migration in migrations:
         if migration.version in statementless:
@@ -3486,7 +3504,7 @@ class Migrator:
         self._at_version = 0  # the database's version when migrate() last found nothing more to do
         self._checked: dict[int, tuple[Any, ...]] = {}  # the history as this runner last checked it
         self._print: tuple[int, int, int] = (0, 0, 0)  # and its _fingerprint
-        self._statementless: frozenset[int] = frozenset()  # versions of files with no statement, per run
+        self._statementless: set[int] = set()  # versions of files with no statement, per run
         self._warned: set[int] = set()  # repeatable rows without a file, warned about in this session
         import zlib
 
@@ -3855,7 +3873,8 @@ class Migrator:
 
         Files that cannot be used are left out rather than refused: validate() names them.
         """
-        files, _problems, invalid = _scan_migrations(self.directory)
+        folder = _scan_migrations(self.directory)
+        files, invalid = folder.migrations, folder.invalid
         history = self._read_history()
         by_version = {m.version: m for m in files}
         newest_file = _newest_file(files)
@@ -3902,9 +3921,10 @@ class Migrator:
     def validate(self) -> list[str]:
         """Return what would stop migrate (bad files, drift, missing files, failed runs); empty when all
         is well. A pending file with no statement yet (a fresh ``new``) is not a problem here."""
-        files, problems, invalid = _scan_migrations(self.directory)
+        folder = _scan_migrations(self.directory)
+        files, problems = folder.migrations, folder.problems
         history = self._read_history()
-        problems += self._problems(files, history, invalid)
+        problems += self._problems(files, history, folder.invalid)
         problems += [
             f"migration {v} ({row[0]}) is {row[2]}; fix it, then run repair"
             for v, row in history.items()
@@ -3941,16 +3961,17 @@ class Migrator:
             raise ConfigError(
                 f"target version {target} is negative; pass a migration's version, or none for all"
             )
-        files = load_migrations(self.directory)
+        folder = _load_folder(self.directory)
+        files = folder.migrations
         repeat = target is None or target >= _newest_file(files)
         if dry_run:
             history = self._read_history()
             self._refuse_unsafe(files, history)
             due = _pending(files, history, target) + (_repeatables_due(files, history) if repeat else [])
-            _refuse_statementless(due, _statementless(due))
+            _refuse_statementless(due, folder.statementless)
             return due
         by_version = {m.version: m for m in files}
-        self._statementless = _statementless(files)
+        self._statementless = folder.statementless
         if self._statementless:  # refused before the session, which would create the history table
             history = self._read_history()
             due = _pending(files, history, target) + (_repeatables_due(files, history) if repeat else [])
@@ -4376,13 +4397,16 @@ class Migrator:
                 "write them first"
             )
         downs = {}
+        statementless = []  # a fresh template of `new`
         for version in victims:
             path = files[version].down_path or ""
-            text = _read_sql(path)
+            text, has_statement = _read_sql_file(path)
             downs[version] = dataclasses.replace(
                 files[version], path=path, sql=text, transactional=_transactional(text), down_path=None
             )
-        _refuse_statementless(downs.values(), _statementless(downs.values()))  # a fresh template of `new`
+            if not has_statement:
+                statementless.append(version)
+        _refuse_statementless(downs.values(), statementless)
         return downs
 
     @property
