@@ -4019,10 +4019,11 @@ class Migrator:
     ) -> tuple[Migration, float] | None:
         """Apply the next pending migration in one locked transaction; None when nothing is pending."""
         with self._transaction(cur, wait) as history:
+            pending = _pending(files, history, target)
             if history is not self._checked:  # else: as this runner left it, and checked then
                 self._refuse_unsafe(files, history)
-                _refuse_statementless(_pending(files, history, target), self._statementless)
-            migration = next(iter(_pending(files, history, target)), None)
+                _refuse_statementless(pending, self._statementless)
+            migration = next(iter(pending), None)
             if migration is None:
                 self._at_version = _newest_applied(history)  # with other runners, maybe above ours
                 return None
