@@ -3990,22 +3990,17 @@ class Migrator:
         applied: list[Migration] = []
         with self._session() as cur, _Announcer("applying") as announcer:
             wait = _Wait(self.lock_timeout)
-            step, repeated = self._migrate_one, set[int]()
-            while True:
-                done = retry_call(
-                    step, cur, files, target, wait, announcer, repeated,
-                    policy=_LOCK_RETRY, retry_on=rolled_back_whole,
-                )  # fmt: skip
-                if done is None and step == self._migrate_one and repeat:
-                    step = self._repeat_one
-                    continue
-                if done is None:
-                    break
-                migration, elapsed = done
-                _logger.info("applied migration %s (%.1f ms)", migration.name, elapsed)
-                applied.append(migration)
-                if on_applied is not None:
-                    on_applied(migration, elapsed)
+            # The versioned migrations, then the repeatable ones: each step applies one, or None.
+            steps = [functools.partial(self._migrate_one, cur, files, target, wait, announcer)]
+            if repeat:
+                steps.append(functools.partial(self._repeat_one, cur, files, wait, announcer, set()))
+            for step in steps:
+                while (done := retry_call(step, policy=_LOCK_RETRY, retry_on=rolled_back_whole)) is not None:
+                    migration, elapsed = done
+                    _logger.info("applied migration %s (%.1f ms)", migration.name, elapsed)
+                    applied.append(migration)
+                    if on_applied is not None:
+                        on_applied(migration, elapsed)
         return applied
 
     def _migrate_one(
@@ -4015,7 +4010,6 @@ class Migrator:
         target: int | None,
         wait: _Wait,
         announcer: _Announcer,
-        repeated: set[int],
     ) -> tuple[Migration, float] | None:
         """Apply the next pending migration in one locked transaction; None when nothing is pending."""
         with self._transaction(cur, wait) as history:
@@ -4027,9 +4021,7 @@ class Migrator:
             if migration is None:
                 self._at_version = _newest_applied(history)  # with other runners, maybe above ours
                 return None
-            started = time.perf_counter()
-            with announcer.running(migration.name):
-                self._apply(cur, migration, record=True)
+            elapsed = self._apply_timed(cur, migration, announcer)
             # The history as the next read will find it unless another runner changes it meanwhile
             # (a no-transaction file's row holds its progress: read and check it again).
             mine = (migration.description, migration.checksum, "applied", None, None, None, None)
@@ -4037,13 +4029,12 @@ class Migrator:
             self._checked, self._print = history, _fingerprint(history, self._print, migration.version)
             if not migration.transactional:
                 self._checked = {}
-            return migration, (time.perf_counter() - started) * 1000.0
+            return migration, elapsed
 
     def _repeat_one(
         self,
         cur: psycopg2.extensions.cursor,
         files: list[Migration],
-        target: int | None,
         wait: _Wait,
         announcer: _Announcer,
         repeated: set[int],
@@ -4060,12 +4051,18 @@ class Migrator:
             _refuse_statementless(due, self._statementless)
             if not due:
                 return None
-            migration = due[0]
-            started = time.perf_counter()
-            with announcer.running(migration.name):
-                self._apply(cur, migration, record=True)
-            repeated.add(migration.version)
-            return migration, (time.perf_counter() - started) * 1000.0
+            elapsed = self._apply_timed(cur, due[0], announcer)
+            repeated.add(due[0].version)
+            return due[0], elapsed
+
+    def _apply_timed(
+        self, cur: psycopg2.extensions.cursor, migration: Migration, announcer: _Announcer
+    ) -> float:
+        """Apply and record a migration, announced if it runs long; return how long it took, in ms."""
+        started = time.perf_counter()
+        with announcer.running(migration.name):
+            self._apply(cur, migration, record=True)
+        return (time.perf_counter() - started) * 1000.0
 
     def _refuse_unsafe(self, files: list[Migration], history: dict[int, tuple[Any, ...]]) -> None:
         dirty = [(v, row) for v, row in history.items() if row[2] != "applied"]
