@@ -158,3 +158,40 @@ def test_readme_block_runs(
         f"README.md:{block.line}: the block failed (exit {status})\n{numbered(block)}\n"
         f"--- stdout ---\n{done.stdout}--- stderr ---\n{done.stderr}"
     )
+
+
+def error_rows(text: str) -> list[tuple[str, list[str], str]]:
+    """Return README's error table as (class, parents, exit code) rows, in their order."""
+    section = text.split("\n## Errors\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`"):
+            parents = re.findall(r"`([\w.]+)`", cells[1])
+            rows.append((cells[0].strip("`"), parents, cells[3]))
+    return rows
+
+
+def test_readme_error_table_is_the_error_tree() -> None:
+    # Every exception class pgops exports is in the table, with its true parents and CLI exit code.
+    import builtins
+
+    import psycopg2.errors
+    import psycopg2.pool
+
+    import pgops
+
+    rows = error_rows(README.read_text(encoding="utf-8"))
+    exported = {name for name in pgops.__all__ if isinstance(getattr(pgops, name), type)}
+    errors = {name for name in exported if issubclass(getattr(pgops, name), Exception)}
+    assert {name for name, _, _ in rows} == errors
+    where = {"psycopg2": psycopg2, "psycopg2.pool": psycopg2.pool, "psycopg2.errors": psycopg2.errors}
+    for name, parents, exit_code in rows:
+        kind = getattr(pgops, name)
+        for parent in parents:
+            module, _, attr = parent.rpartition(".")
+            base = getattr(where[module], attr) if module else getattr(pgops, attr, None)
+            base = base or getattr(builtins, attr)
+            assert issubclass(kind, base), f"README says {name} is a {parent}"
+        if exit_code:
+            assert pgops._exit_code(kind("x")) == int(exit_code), f"README's exit code for {name}"
