@@ -2930,6 +2930,11 @@ def _read_migration(
     transactional = _transactional(text)
     if transactional:
         _refuse_transaction_control(text, path, statements)
+    elif repeatable:
+        raise BadMigration(
+            f"repeatable migration {path!r} says no-transaction; a repeatable migration runs in one "
+            "transaction: remove the marker, or make it a numbered migration"
+        )
     checksum = migration_checksum(text)
     return Migration(
         version, description, path, checksum, transactional, text, down_path, repeatable, not statements
@@ -3084,13 +3089,6 @@ def _scan_migrations(directory: str) -> _Folder:
                 f"migration {path!r} cannot be read ({getattr(exc, 'strerror', None) or exc}); fix it"
             )
             problems.append(str(exc) if isinstance(exc, BadMigration) else unreadable)
-            invalid[version] = description
-            continue
-        if repeatable and not migration.transactional:
-            problems.append(
-                f"repeatable migration {path!r} says no-transaction; a repeatable migration runs in one "
-                "transaction: remove the marker, or make it a numbered migration"
-            )
             invalid[version] = description
             continue
         migrations.append(migration)
@@ -3301,38 +3299,21 @@ def _baseline_version(history: Mapping[int, _Row]) -> int | None:
 def _due(
     files: Sequence[Migration], history: Mapping[int, _Row], target: int | None = None
 ) -> list[Migration]:
-    """Return what migrate applies: the versioned files pending up to *target*, in order, then the
-    repeatable ones due, unless a *target* below the newest file stops short of them."""
-    repeat = target is None or target >= _newest_file(files)
-    return _pending(files, history, target) + (_repeatables_due(files, history) if repeat else [])
+    """Return what migrate applies, in order: the versioned files pending up to *target*, then the
+    repeatable ones new or changed since they were last applied, unless *target* is below the newest file.
 
-
-def _pending(
-    files: Iterable[Migration], history: Mapping[int, _Row], target: int | None = None
-) -> list[Migration]:
-    """Return the versioned migrations to apply, in order: not in the history, above any baseline, up
-    to *target*."""
-    floor = _baseline_version(history)
+    No repeatable one while the history holds versions newer than every file here: an older release
+    during a rollout must not put its older views and functions back over the newer release's.
+    """
+    newest_file, floor = _newest_file(files), _baseline_version(history)
+    newer = any(v > newest_file and row.checksum != _BASELINE for v, row in history.items())
+    repeat = (target is None or target >= newest_file) and not newer
     return [
         m
         for m in files
-        if not m.repeatable
-        and (target is None or m.version <= target)
-        and _state(m.version, m, history.get(m.version), 0, floor) == "pending"
+        if (repeat if m.repeatable else target is None or m.version <= target)
+        and _state(m.version, m, history.get(m.version), newest_file, floor) in ("pending", "outdated")
     ]
-
-
-def _repeatables_due(files: Sequence[Migration], history: Mapping[int, _Row]) -> list[Migration]:
-    """Return the repeatable migrations that are new or changed since they were last applied, by name.
-
-    None while the history holds versions newer than every file here: an older release during a
-    rollout must not put its older views and functions back over the newer release's.
-    """
-    newest_file = _newest_file(files)
-    if any(v > newest_file and row.checksum != _BASELINE for v, row in history.items()):
-        return []
-    due = ("pending", "outdated")
-    return [m for m in files if m.repeatable and _state(m.version, m, history.get(m.version), 0, None) in due]
 
 
 def _failure(migration: Migration, exc: psycopg2.Error, offset: int, code: int) -> MigrationFailed:
@@ -3380,6 +3361,11 @@ def _fingerprint(
         return rows + 1, max(newest, added), bad
     bad = sum(1 for row in history.values() if row.status != "applied")
     return len(history), max(history, default=0), bad
+
+
+def _lock_not_available(exc: BaseException) -> bool:
+    """Tell whether a statement timed out waiting for a lock (lock_timeout): it did nothing."""
+    return (getattr(exc, "sqlstate", None) or _sqlstate(exc)) == "55P03"
 
 
 def _worth_reconnecting(exc: BaseException) -> bool:
@@ -3555,20 +3541,17 @@ class Migrator:
     def connection(self) -> Iterator[psycopg2.extensions.connection]:
         """Lend a connection for reading, as status() and validate() read: the pool's, else a new one
         (with the migrator's connect_timeout and retries), closed afterwards."""
-        if isinstance(self._source, Pool):
-            conn = self._source.getconn()
-            try:
-                yield conn
-            finally:
-                with contextlib.suppress(psycopg2.Error):
-                    conn.rollback()
-                self._source.putconn(conn)
-            return
-        conn = self._connect()
+        pool = self._source if isinstance(self._source, Pool) else None
+        conn = self._connect() if pool is None else pool.getconn()
         try:
             yield conn
         finally:
-            _close_quietly(conn)
+            if pool is None:
+                _close_quietly(conn)
+            else:
+                with contextlib.suppress(psycopg2.Error):
+                    conn.rollback()
+                pool.putconn(conn)
 
     def _connect(self) -> psycopg2.extensions.connection:
         """Open a connection of the migrator's own, with its lock_timeout and connect_timeout."""
@@ -3923,8 +3906,8 @@ class Migrator:
         order = [
             f"pending migration {m.path!r} is older than applied version {highest}; renumber it above "
             f"{highest}, or pass --allow-out-of-order"
-            for m in _pending(files, history)
-            if m.version < highest and not self.allow_out_of_order
+            for m in _due(files, history)
+            if not m.repeatable and m.version < highest and not self.allow_out_of_order
         ]
         return dirty, drift, order
 
@@ -4003,9 +3986,9 @@ class Migrator:
         with self._session() as cur, _Announcer("applying") as announcer:
             wait = _Wait(self.lock_timeout)
             # The versioned migrations, then the repeatable ones: each step applies one, or None.
-            steps = [functools.partial(self._migrate_one, cur, files, target, wait, announcer)]
+            steps = [functools.partial(self._apply_next, cur, files, target, wait, announcer)]
             if target is None or target >= _newest_file(files):
-                steps.append(functools.partial(self._repeat_one, cur, files, wait, announcer, set()))
+                steps.append(functools.partial(self._apply_next, cur, files, target, wait, announcer, set()))
             return self._run_steps(steps, by_version, "applied", on_done)
 
     def _run_steps(
@@ -4025,8 +4008,8 @@ class Migrator:
         def rolled_back_whole(exc: BaseException) -> bool:
             migration = running.get(getattr(exc, "version", None) or 0)
             return (
-                isinstance(exc, MigrationFailed)
-                and exc.sqlstate == "55P03"
+                _lock_not_available(exc)
+                and isinstance(exc, MigrationFailed)
                 and bool(migration and migration.transactional)
             )
 
@@ -4045,60 +4028,48 @@ class Migrator:
         with self.connection() as conn:
             return self._history_rows(conn.cursor())
 
-    def _migrate_one(
+    def _apply_next(
         self,
         cur: psycopg2.extensions.cursor,
         files: list[Migration],
         target: int | None,
         wait: _Wait,
         announcer: _Announcer,
+        repeated: set[int] | None = None,
     ) -> tuple[Migration, float] | None:
-        """Apply the next pending migration in one locked transaction; None when nothing is pending."""
+        """Apply the next versioned migration due in one locked transaction, or with *repeated* the next
+        repeatable one not in it (each once per run); None when there is none.
+
+        A repeatable row changes in place (its checksum), which the history's fingerprint does not
+        see: for those the history is read in full each time.
+        """
+        if repeated is not None:
+            self._checked = {}
         with self._transaction(cur, wait) as history:
-            pending = _pending(files, history, target)
+            due = [
+                m
+                for m in _due(files, history, target)
+                if m.repeatable == (repeated is not None) and m.version not in (repeated or ())
+            ]
             if history is not self._checked:  # else: as this runner left it, and checked then
                 self._refuse_unsafe(files, history)
-                _refuse_empty(pending)
-            migration = next(iter(pending), None)
-            if migration is None:
+                _refuse_empty(due)
+            if not due:
                 self._at_version = _newest_applied(history)  # with other runners, maybe above ours
                 return None
-            elapsed = self._apply_timed(cur, migration, announcer)
-            # The history as the next read will find it unless another runner changes it meanwhile
-            # (a no-transaction file's row holds its progress: read and check it again).
-            history[migration.version] = _Row(
-                migration.description, migration.checksum, "applied", runner=self._runner
-            )
-            self._checked, self._print = history, _fingerprint(history, self._print, migration.version)
-            if not migration.transactional:
+            migration = due[0]
+            elapsed = self._apply(cur, migration, announcer)
+            if repeated is not None:
+                repeated.add(migration.version)
+            elif migration.transactional:  # else its row holds its progress: read and check it again
+                # The history as the next read will find it unless another runner changes it meanwhile.
+                history[migration.version] = _Row(migration.description, migration.checksum, "applied")
+                self._checked, self._print = history, _fingerprint(history, self._print, migration.version)
+            else:
                 self._checked = {}
             return migration, elapsed
 
-    def _repeat_one(
-        self,
-        cur: psycopg2.extensions.cursor,
-        files: list[Migration],
-        wait: _Wait,
-        announcer: _Announcer,
-        repeated: set[int],
-    ) -> tuple[Migration, float] | None:
-        """Apply the next repeatable migration that is new or changed, once per run; None when none is.
-
-        A repeatable row changes in place (its checksum), which the history's fingerprint does not
-        see: the history is read in full each time.
-        """
-        self._checked = {}
-        with self._transaction(cur, wait) as history:
-            self._refuse_unsafe(files, history)
-            due = [m for m in _repeatables_due(files, history) if m.version not in repeated]
-            _refuse_empty(due)
-            if not due:
-                return None
-            elapsed = self._apply_timed(cur, due[0], announcer)
-            repeated.add(due[0].version)
-            return due[0], elapsed
-
-    def _apply_timed(
+    def _apply(
         self,
         cur: psycopg2.extensions.cursor,
         migration: Migration,
@@ -4106,17 +4077,13 @@ class Migrator:
         *,
         down: bool = False,
     ) -> float:
-        """Apply *migration* (a down file's with *down*) as _apply does, announced if it runs long;
-        return how long it took, in ms."""
+        """Run a migration's SQL as its first lines ask and record it applied (a *down* file: reverted),
+        announced if it runs long; return how long it took, in ms."""
         started = time.perf_counter()
         with announcer.running(migration.name):
-            self._apply(cur, migration, down=down)
+            run = self._run_in_transaction if migration.transactional else self._run_statements
+            run(cur, migration, down)
         return (time.perf_counter() - started) * 1000.0
-
-    def _apply(self, cur: psycopg2.extensions.cursor, migration: Migration, *, down: bool) -> None:
-        """Run a migration's SQL as its first lines ask, and record it applied (a *down* file: reverted)."""
-        run = self._run_in_transaction if migration.transactional else self._run_statements
-        run(cur, migration, down)
 
     def _run_in_transaction(self, cur: psycopg2.extensions.cursor, migration: Migration, down: bool) -> None:
         """Run the SQL in the locked transaction, record it, and COMMIT; an error rolls all of it back."""
@@ -4315,25 +4282,15 @@ class Migrator:
             try:
                 self._sent += 1
                 # In autocommit a statement that timed out waiting for a lock did nothing: retry it.
-                retry_call(
-                    cur.execute,
-                    statement,
-                    policy=_LOCK_RETRY,
-                    retry_on=lambda exc: _sqlstate(exc) == "55P03",
-                )
+                retry_call(cur.execute, statement, policy=_LOCK_RETRY, retry_on=_lock_not_available)
             except psycopg2.Error as exc:
                 failure = _failure(migration, exc, start, code)
+                error = f"{'rollback failed: ' if down else ''}{failure}"
                 # Up or down, part of the file has run: the row says so, and migrate refuses until
                 # repair. If the connection is gone the row stays 'running', which is just as dirty.
                 with contextlib.suppress(psycopg2.Error):
-                    cur.execute(
-                        self._sql(f"UPDATE {{}} SET status = 'failed', error = %s WHERE {_CLAIMED}"),
-                        (
-                            f"{'rollback failed: ' if down else ''}{failure}",
-                            migration.version,
-                            self._runner,
-                        ),
-                    )
+                    failed = self._sql(f"UPDATE {{}} SET status = 'failed', error = %s WHERE {_CLAIMED}")
+                    cur.execute(failed, (error, migration.version, self._runner))
                 raise failure from None
 
     def rollback(
@@ -4372,7 +4329,7 @@ class Migrator:
                         f"migration {version} was applied by another run during this rollback; "
                         "stop the migrate runs, then run rollback again"
                     )
-                elapsed = self._apply_timed(cur, downs[version], announcer, down=True)
+                elapsed = self._apply(cur, downs[version], announcer, down=True)
             reverted.add(version)
             return files[version], elapsed
 
@@ -4450,13 +4407,7 @@ class Migrator:
                     f"migration(s) {recorded[0]}..{recorded[-1]}; baseline is for a database pgops has "
                     "not migrated yet"
                 )
-            cur.execute(
-                self._sql(
-                    "INSERT INTO {} (version, description, checksum, status, execution_ms, runner) "
-                    "VALUES (%s, %s, %s, 'applied', 0, %s)"
-                ),
-                (version, migration.description, _BASELINE, self._runner),
-            )
+            cur.execute(*self._history_change(dataclasses.replace(migration, checksum=_BASELINE), False, 0.0))
         self._at_version = version
         _logger.info("baseline: %s.%s is now at version %d", self.schema, self.table, version)
 

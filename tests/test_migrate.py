@@ -521,6 +521,37 @@ def test_statement_lock_timeout_is_retried_until_the_table_is_free(
     assert history(admin) == applied(1)
 
 
+def test_rollback_retries_a_down_file_that_hit_the_statement_lock_timeout(
+    dsn: str, admin: Conn, mdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A down file waiting behind a lock times out (55P03), rolls back, and is retried as migrate's are."""
+    caplog.set_level(logging.WARNING, logger="pgops")
+    admin.cursor().execute("CREATE TABLE busy (id int)")
+    write(mdir, "0001_side.sql", "CREATE TABLE side (id int);\n")
+    write(mdir, "0001_side.down.sql", "DROP TABLE side;\nALTER TABLE busy ADD COLUMN note text;\n")
+    migrator = Migrator(dsn, str(mdir), statement_lock_timeout=0.2)
+    migrator.migrate()
+    blocker = psycopg2.connect(dsn)
+    try:
+        blocker.cursor().execute("LOCK TABLE busy IN ACCESS SHARE MODE")  # held until rollback
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            future = pool.submit(migrator.rollback)
+            wait_until(
+                lambda: future.done() or any("55P03" in r.getMessage() for r in caplog.records),
+                timeout=30,
+                message="no lock_timeout retry was logged",
+            )
+            assert not future.done()
+            assert relation_exists(admin, "side")  # the failed attempt was rolled back
+            blocker.rollback()
+            assert [m.version for m in future.result(timeout=60)] == [1]
+    finally:
+        blocker.close()
+    assert not relation_exists(admin, "side")
+    assert scalar(admin, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'busy'") == 2
+    assert history(admin) == []
+
+
 @pytest.fixture
 def busy_table(dsn: str, admin: Conn) -> Iterator[Conn]:
     """Table busy, share-locked by an open transaction until the test rolls it back."""
