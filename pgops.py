@@ -2926,11 +2926,9 @@ def _read_migration(
         remedy = "it looks like UTF-16; save it as UTF-8" if wide else "remove it"
         raise BadMigration(f"migration {path!r} contains a NUL byte at offset {text.index(chr(0))}; {remedy}")
     statements = [(code, end) for _start, end, code in _scan_sql(text) if code >= 0]  # used twice
-    _refuse_copy(text, path, statements)
     transactional = _transactional(text)
-    if transactional:
-        _refuse_transaction_control(text, path, statements)
-    elif repeatable:
+    _refuse_statements(text, path, statements, transactional)
+    if repeatable and not transactional:
         raise BadMigration(
             f"repeatable migration {path!r} says no-transaction; a repeatable migration runs in one "
             "transaction: remove the marker, or make it a numbered migration"
@@ -2946,28 +2944,47 @@ def _transactional(text: str) -> bool:
     return not any(_NO_TRANSACTION.match(line.strip()) for line in text.split("\n", 5)[:5])
 
 
-def _refuse_copy(text: str, path: str, statements: list[tuple[int, int]]) -> None:
-    """Raise BadMigration naming path:line if a statement copies from or to the client.
+def _refuse_statements(text: str, path: str, statements: list[tuple[int, int]], transactional: bool) -> None:
+    """Raise BadMigration naming path:line for a statement that copies from or to the client, or that
+    begins or ends a transaction in a *transactional* migration.
 
     COPY FROM STDIN wants the rows sent by the client after the statement (psql reads them from the
     lines that follow, as in pg_dump's output); pgops sends SQL only, so the server would wait for
     data that never comes. COPY TO STDOUT would stream rows back to no one.
+
+    pgops runs a transactional file and its history row in one transaction: a COMMIT inside would
+    commit part of the file on its own, and a failure after it would leave that part applied and
+    unrecorded. SAVEPOINT, RELEASE and ROLLBACK TO are fine; PL/pgSQL bodies are in dollar quotes,
+    which the scanner skips, and a statement never starts with the BEGIN ATOMIC of a SQL-standard body.
     """
     for i, end in statements:
-        if text[i : i + 4].upper() == "COPY" and not _is_word_char(text[i + 4 : i + 5] or " "):
-            stdio = _COPY_STDIO.search(text, i, end)
-            if stdio is not None:
-                line, _ = _position(text, i)
-                what = _SPACES.sub(" ", stdio.group(1)).upper()
-                remedy = (
-                    "load the rows with INSERT statements, or COPY FROM a file on the server"
-                    if what == "FROM STDIN"
-                    else "remove it (a migration's output goes nowhere)"
-                )
-                raise BadMigration(
-                    f"{path}:{line}: {_first_line(text, i)!r} is COPY {what}, which a migration cannot use "
-                    f"(pgops sends the file's SQL, and no data after it); {remedy}"
-                )
+        words = _FIRST_WORDS.match(text, i)
+        first, second, third = (w.upper() if w else "" for w in words.groups()) if words else ("", "", "")
+        stdio = _COPY_STDIO.search(text, i, end) if first == "COPY" else None
+        if stdio is not None:
+            what = _SPACES.sub(" ", stdio.group(1)).upper()
+            remedy = (
+                "load the rows with INSERT statements, or COPY FROM a file on the server"
+                if what == "FROM STDIN"
+                else "remove it (a migration's output goes nowhere)"
+            )
+            raise BadMigration(
+                f"{path}:{_position(text, i)[0]}: {_first_line(text, i)!r} is COPY {what}, which a migration "
+                f"cannot use (pgops sends the file's SQL, and no data after it); {remedy}"
+            )
+        if transactional and (
+            (first == "PREPARE" and second == "TRANSACTION")
+            or (
+                first in _TRANSACTION_CONTROL
+                and not (first == "BEGIN" and second == "ATOMIC")
+                and not (first == "ROLLBACK" and "TO" in (second, third))
+            )
+        ):
+            raise BadMigration(
+                f"{path}:{_position(text, i)[0]}: {_first_line(text, i)!r} is transaction control in a "
+                "migration that pgops runs in one transaction (a COMMIT would commit part of it); remove it, "
+                "or put '-- pgops: no-transaction' in the file's first lines to run it statement by statement"
+            )
 
 
 def _first_line(text: str, i: int) -> str:
@@ -2976,36 +2993,10 @@ def _first_line(text: str, i: int) -> str:
     return line if len(line) <= 60 else line[:57] + "..."
 
 
-def _refuse_transaction_control(text: str, path: str, statements: list[tuple[int, int]]) -> None:
-    """Raise BadMigration naming path:line if a transactional migration begins or ends a transaction.
-
-    pgops runs the file and its history row in one transaction: a COMMIT inside would commit part of
-    the file on its own, and a failure after it would leave that part applied and unrecorded.
-    SAVEPOINT, RELEASE and ROLLBACK TO are fine; PL/pgSQL bodies are in dollar quotes, which the
-    scanner skips, and a statement never starts with the BEGIN ATOMIC of a SQL-standard body.
-    """
-    for i, _end in statements:
-        words = _FIRST_WORDS.match(text, i)
-        if words is None:
-            continue
-        first, second, third = (word.upper() if word else "" for word in words.groups())
-        if (first == "PREPARE" and second == "TRANSACTION") or (
-            first in _TRANSACTION_CONTROL
-            and not (first == "BEGIN" and second == "ATOMIC")
-            and not (first == "ROLLBACK" and "TO" in (second, third))
-        ):
-            line, _ = _position(text, i)
-            raise BadMigration(
-                f"{path}:{line}: {_first_line(text, i)!r} is transaction control in a migration that pgops "
-                "runs in one transaction (a COMMIT would commit part of it); remove it, or put "
-                "'-- pgops: no-transaction' in the file's first lines to run it statement by statement"
-            )
-
-
 def load_migrations(directory: str) -> list[Migration]:
     """Read and check every migration in *directory*: versioned ones by version, then repeatable ones
     by name; raise BadMigration naming the first file that cannot be used."""
-    return _load_folder(directory).migrations
+    return _scan_migrations(directory, strict=True).migrations
 
 
 @dataclasses.dataclass
@@ -3019,16 +3010,9 @@ class _Folder:
     invalid: dict[int, str]
 
 
-def _load_folder(directory: str) -> _Folder:
-    """Read a migrations folder; raise BadMigration naming the first file that cannot be used."""
-    folder = _scan_migrations(directory)
-    if folder.problems:
-        raise BadMigration(folder.problems[0])
-    return folder
-
-
-def _scan_migrations(directory: str) -> _Folder:
-    """Read every migration in *directory*, whatever is wrong with some of them."""
+def _scan_migrations(directory: str, strict: bool = False) -> _Folder:
+    """Read every migration in *directory*, whatever is wrong with some of them; *strict*: raise
+    BadMigration naming the first file that cannot be used."""
     if not os.path.isdir(directory):
         problem = "is not a directory" if os.path.exists(directory) else "does not exist"
         raise ConfigError(
@@ -3092,6 +3076,8 @@ def _scan_migrations(directory: str) -> _Folder:
             invalid[version] = description
             continue
         migrations.append(migration)
+    if strict and problems:
+        raise BadMigration(problems[0])
     return _Folder(migrations, problems, invalid)
 
 
@@ -3647,19 +3633,16 @@ class Migrator:
         The block may COMMIT itself (a migration folds it into its last round trip); what is still
         open at the end is committed, and an error rolls all of it back.
         """
+        conn = cur.connection
         try:
             yield self._locked_history(cur, wait)
         except BaseException:
-            self._rollback(cur)
+            if not conn.closed and conn.info.transaction_status != _STATUS_IDLE:
+                with contextlib.suppress(psycopg2.Error):
+                    cur.execute("ROLLBACK")
             raise
-        if cur.connection.info.transaction_status != _STATUS_IDLE:
+        if conn.info.transaction_status != _STATUS_IDLE:
             cur.execute("COMMIT")
-
-    def _rollback(self, cur: psycopg2.extensions.cursor) -> None:
-        conn = cur.connection
-        if not conn.closed and conn.info.transaction_status != _STATUS_IDLE:
-            with contextlib.suppress(psycopg2.Error):
-                cur.execute("ROLLBACK")
 
     def _locked_history(self, cur: psycopg2.extensions.cursor, wait: _Wait) -> dict[int, _Row]:
         """BEGIN, take the migration lock for the transaction, and read the history, waiting for others.
@@ -3761,27 +3744,16 @@ class Migrator:
         schema_exists, table_exists, lease_columns = cur.fetchone() or (False, False, 0)
         if not table_exists:
             if not schema_exists:
-                cur.execute(
-                    psycopg2.sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
-                        psycopg2.sql.Identifier(self.schema)
-                    )
-                )
-            cur.execute(
-                self._sql(
-                    "CREATE TABLE IF NOT EXISTS {} ("
-                    " version bigint PRIMARY KEY,"
-                    " description text NOT NULL,"
-                    " checksum text NOT NULL,"
-                    " status text NOT NULL CHECK (status IN ('applied', 'failed', 'running')),"
-                    " applied_at timestamptz NOT NULL DEFAULT now(),"
-                    " execution_ms double precision,"
-                    " applied_by text NOT NULL DEFAULT current_user,"
-                    " error text,"
-                    " progress integer NOT NULL DEFAULT 0,"
-                    " runner text,"
-                    " lease_until timestamptz)"
-                )
+                schema = psycopg2.sql.Identifier(self.schema)
+                cur.execute(psycopg2.sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
+            create = (
+                "CREATE TABLE IF NOT EXISTS {} (version bigint PRIMARY KEY, description text NOT NULL, "
+                "checksum text NOT NULL, status text NOT NULL CHECK (status IN ('applied', 'failed', "
+                "'running')), applied_at timestamptz NOT NULL DEFAULT now(), execution_ms double precision, "
+                "applied_by text NOT NULL DEFAULT current_user, error text, "
+                "progress integer NOT NULL DEFAULT 0, runner text, lease_until timestamptz)"
             )
+            cur.execute(self._sql(create))
         elif lease_columns < 2:  # a table made by pgops 0.1, before no-transaction files were leased
             self._add_lease_columns(cur)
         self._history_ready = True
@@ -3828,22 +3800,20 @@ class Migrator:
             else "NULL, NULL, NULL, error, runner, progress, lease_until > pg_catalog.clock_timestamp()"
         )
         cur.execute(
-            self._sql(
-                "SELECT version, description, checksum, status, " + columns + " FROM {} ORDER BY version"
-            )
+            self._sql(f"SELECT version, description, checksum, status, {columns} FROM {{}} ORDER BY version")
         )
         return {int(r[0]): _Row(*r[1:]) for r in cur.fetchall()}
 
     # -- reading -------------------------------------------------------------------------------
 
     def _read(self, *, strict: bool = True) -> tuple[_Folder, dict[int, _Row]]:
-        """Read the files, then the history through a lent connection, without the lock.
+        """Read the files (*strict*: refusing a bad one, as migrate does), then the history, unlocked."""
+        return _scan_migrations(self.directory, strict), self._read_history()
 
-        *strict*: raise BadMigration for a file that cannot be used; else keep it in the folder's
-        problems (status and validate show them).
-        """
-        folder = _load_folder(self.directory) if strict else _scan_migrations(self.directory)
-        return folder, self._read_history()
+    def _read_history(self) -> dict[int, _Row]:
+        """Read the history through a lent connection, without the lock."""
+        with self.connection() as conn:
+            return self._history_rows(conn.cursor())
 
     def _problems(
         self, files: list[Migration], history: Mapping[int, _Row], invalid: Container[int] = ()
@@ -3973,7 +3943,7 @@ class Migrator:
             raise ConfigError(
                 f"target version {target} is negative; pass a migration's version, or none for all"
             )
-        files = _load_folder(self.directory).migrations
+        files = load_migrations(self.directory)
         if dry_run or any(m.empty for m in files):
             # An empty file due is refused before the session, which would create the history table.
             history = self._read_history()
@@ -4022,11 +3992,6 @@ class Migrator:
                 if on_done is not None:
                     on_done(migration, elapsed)
         return done
-
-    def _read_history(self) -> dict[int, _Row]:
-        """Read the history through a lent connection, without the lock."""
-        with self.connection() as conn:
-            return self._history_rows(conn.cursor())
 
     def _apply_next(
         self,
