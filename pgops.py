@@ -2823,14 +2823,14 @@ class Migration:
     """One numbered SQL file (and its optional .down.sql)."""
 
     version: int
+    # An R__name.sql file's version is negative: the key of its history row, made from its name.
     description: str
     path: str
     checksum: str
     transactional: bool
     sql: str = dataclasses.field(repr=False)
     down_path: str | None = None
-    # An R__name.sql file: its version is the (negative) key of its history row, made from its name.
-    repeatable: bool = False
+    repeatable: bool = False  # an R__name.sql file
     empty: bool = False  # no SQL statement yet (a fresh template of `new`): refused when it is due
 
     @property
@@ -3347,11 +3347,6 @@ def _fingerprint(
         return rows + 1, max(newest, added), bad
     bad = sum(1 for row in history.values() if row.status != "applied")
     return len(history), max(history, default=0), bad
-
-
-def _lock_not_available(exc: BaseException) -> bool:
-    """Tell whether a statement timed out waiting for a lock (lock_timeout): it did nothing."""
-    return (getattr(exc, "sqlstate", None) or _sqlstate(exc)) == "55P03"
 
 
 def _worth_reconnecting(exc: BaseException) -> bool:
@@ -3976,12 +3971,9 @@ class Migrator:
         """
 
         def rolled_back_whole(exc: BaseException) -> bool:
-            migration = running.get(getattr(exc, "version", None) or 0)
-            return (
-                _lock_not_available(exc)
-                and isinstance(exc, MigrationFailed)
-                and bool(migration and migration.transactional)
-            )
+            if not isinstance(exc, MigrationFailed) or exc.sqlstate != "55P03" or exc.version is None:
+                return False
+            return exc.version in running and running[exc.version].transactional
 
         done: list[Migration] = []
         for step in steps:
@@ -4089,17 +4081,24 @@ class Migrator:
             )
             values = (migration.version, migration.description, migration.checksum)
             values += (self._runner, self.lease_timeout)
-        # The lease is renewed on a connection of its own, opened before the claim: a runner that
-        # cannot open it (a role's CONNECTION LIMIT, say) claims nothing, instead of letting its lease
-        # lapse while it works and the others call the database dirty.
-        renewer = self._connect()
+        # The lease is renewed on a connection of its own, opened before the claim, from a thread: a
+        # runner that cannot open it (a role's CONNECTION LIMIT, say) claims nothing, instead of
+        # letting its lease lapse while it works and the others call the database dirty.
+        renewer, stop = self._connect(), threading.Event()
+        renew = threading.Thread(
+            target=self._renew, args=(migration.version, renewer, stop), name="pgops-lease", daemon=True
+        )
         self._sent = 0
         try:
             cur.execute(self._sql(claim + "; COMMIT"), values)
-            with self._renewing(migration.version, renewer):
+            renew.start()
+            try:
                 if not self._pooled:  # outside a transaction, a pooled session would be someone else's
                     cur.execute(_RESET_SESSION)
                 self._run_each(cur, migration, down)
+            finally:
+                stop.set()
+                renew.join()
             ms = (time.perf_counter() - started) * 1000.0
             change, values = self._history_change(migration, down, ms, claimed=True)
             cur.execute(change, values)
@@ -4137,20 +4136,6 @@ class Migrator:
             )
         values = (migration.version, migration.description, migration.checksum, ms, self._runner)
         return self._sql(sql), values
-
-    @contextlib.contextmanager
-    def _renewing(self, version: int, conn: psycopg2.extensions.connection) -> Iterator[None]:
-        """Renew this runner's lease on *version* over *conn*, from a thread, while the block runs."""
-        stop = threading.Event()
-        thread = threading.Thread(
-            target=self._renew, args=(version, conn, stop), name="pgops-lease", daemon=True
-        )
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
 
     def _renew(self, version: int, conn: psycopg2.extensions.connection, stop: threading.Event) -> None:
         """Extend the lease every third of lease_timeout; if the claim is gone, cancel the statement."""
@@ -4247,7 +4232,9 @@ class Migrator:
             try:
                 self._sent += 1
                 # In autocommit a statement that timed out waiting for a lock did nothing: retry it.
-                retry_call(cur.execute, statement, policy=_LOCK_RETRY, retry_on=_lock_not_available)
+                retry_call(
+                    cur.execute, statement, policy=_LOCK_RETRY, retry_on=lambda e: _sqlstate(e) == "55P03"
+                )
             except psycopg2.Error as exc:
                 failure = _failure(migration, exc, start, code)
                 error = f"{'rollback failed: ' if down else ''}{failure}"
@@ -4389,24 +4376,22 @@ class Migrator:
                 # Accepting its checksum would mark another migration applied without running it.
                 drift = self._problems(files, history)[1]
                 raise ChecksumMismatch("; ".join(drift) + "; repair accepts edits, not other migrations")
+            delete, accept = (
+                "DELETE FROM {} WHERE version = %s",
+                "UPDATE {} SET checksum = %s WHERE version = %s",
+            )
             for version, migration, row, state in states:
-                if row is None:
-                    continue
-                if state in ("failed", "running"):
-                    action = f"removed the {state} row of migration {version} ({row.description})"
-                elif state == "missing" and version < 0:
-                    action = f"forgot repeatable migration R__{row.description}.sql, whose file is gone"
-                elif state == "changed" and migration is not None:
-                    cur.execute(
-                        self._sql("UPDATE {} SET checksum = %s WHERE version = %s"),
-                        (migration.checksum, version),
+                if row is not None and state in ("failed", "running"):
+                    cur.execute(self._sql(delete), (version,))
+                    actions.append(f"removed the {state} row of migration {version} ({row.description})")
+                elif row is not None and state == "missing" and version < 0:
+                    cur.execute(self._sql(delete), (version,))
+                    actions.append(
+                        f"forgot repeatable migration R__{row.description}.sql, whose file is gone"
                     )
+                elif state == "changed" and migration is not None:
+                    cur.execute(self._sql(accept), (migration.checksum, version))
                     actions.append(f"accepted the changed checksum of {migration.path!r}")
-                    continue
-                else:
-                    continue
-                cur.execute(self._sql("DELETE FROM {} WHERE version = %s"), (version,))
-                actions.append(action)
         for action in actions:
             _logger.info("repair: %s", action)
         return actions
