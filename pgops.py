@@ -2820,7 +2820,10 @@ _RESET_POOLED = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL"
 
 @dataclasses.dataclass(frozen=True)
 class Migration:
-    """One numbered SQL file (and its optional .down.sql)."""
+    """One numbered SQL file (and its optional .down.sql), as load_migrations() read and checked it.
+
+    An R__name.sql file is repeatable: applied again whenever its text changes.
+    """
 
     version: int
     # An R__name.sql file's version is negative: the key of its history row, made from its name.
