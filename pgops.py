@@ -2844,11 +2844,8 @@ class Migration:
 
 @dataclasses.dataclass(frozen=True)
 class MigrationStatus:
-    """One row of ``status()``: a file, a history row, or both, and ``state``, the judgement of the two.
-
-    ``state`` is not the history table's ``status`` column (applied, failed or running: what the row
-    itself records); it says how the file and its row stand together.
-    """
+    """One row of ``status()``: a file, a history row, or both, and ``state``, how the two stand together
+    (not the history table's ``status`` column: applied, failed or running, what the row records)."""
 
     version: int | None  # None for a repeatable migration
     description: str
@@ -2875,9 +2872,8 @@ class _Row:
     execution_ms: float | None = None
     applied_by: str | None = None
     error: str | None = None
-    # Read under the lock only: which runner wrote it, its progress, and whether its lease is live.
+    # Read under the lock only: which runner wrote it, and whether its lease is live.
     runner: str | None = None
-    progress: int = 0
     live: bool = False
 
 
@@ -3094,11 +3090,9 @@ def _repeatable_key(description: str) -> int:
 
 def _refuse_empty(migrations: Iterable[Migration]) -> None:
     """Raise BadMigration naming the first of *migrations*, about to run, that has no SQL statement."""
-    for migration in migrations:
-        if migration.empty:
-            raise BadMigration(
-                f"migration {migration.path!r} has no SQL statement; add one or delete the file"
-            )
+    empty = next((m.path for m in migrations if m.empty), None)
+    if empty is not None:
+        raise BadMigration(f"migration {empty!r} has no SQL statement; add one or delete the file")
 
 
 def _not_a_file(path: str) -> str:
@@ -3230,9 +3224,8 @@ def _state(
 ) -> str:
     """Judge a usable file and the history row of its version together: its MigrationStatus.state.
 
-    *newest_file* is the highest versioned file (_newest_file), *floor* the baseline (_baseline_version).
-    The one place that tells pending from applied, drift from dirt; status, validate, migrate,
-    rollback and repair all ask it.
+    The one place that tells pending from applied, drift from dirt, for every caller. *newest_file*
+    is _newest_file's answer, *floor* _baseline_version's.
     """
     if row is None:
         return "below-baseline" if floor is not None and 0 <= version <= floor else "pending"
@@ -3326,12 +3319,7 @@ def _failure(migration: Migration, exc: psycopg2.Error, offset: int, code: int) 
         if extra:
             report += f" ({label}: {' '.join(extra.split())})"
     return MigrationFailed(
-        report,
-        version=migration.version,
-        path=migration.path,
-        line=line,
-        column=column,
-        sqlstate=sqlstate,
+        report, version=migration.version, path=migration.path, line=line, column=column, sqlstate=sqlstate
     )
 
 
@@ -3357,9 +3345,6 @@ def _worth_reconnecting(exc: BaseException) -> bool:
     return is_retryable(exc) and "unsupported startup parameter" not in str(exc)
 
 
-_NOTHING_SEEN = object()
-
-
 class _Wait:
     """A runner's wait for other runners: quiet at first, and bounded by the time they show no progress."""
 
@@ -3370,7 +3355,7 @@ class _Wait:
     def reset(self) -> None:
         """Start afresh: the runner got the lock, and its next wait is a new one."""
         self.started = self.progressed = time.monotonic()
-        self.seen: object = _NOTHING_SEEN
+        self.seen: object = object()  # equal to no progress that pause() is shown
         self.reported = -math.inf
 
     def pause(self, what: str, progress: object) -> None:
@@ -3714,11 +3699,11 @@ class Migrator:
     def _live_lease(self, history: dict[int, _Row]) -> tuple[str, object] | None:
         """Describe another runner's no-transaction file whose lease is live, and its progress; or None."""
         for version, row in history.items():
-            if row.status == "running" and row.live:
-                what = (
-                    f"migration {version} ({row.description}), running without a transaction in {row.runner}"
+            if row.status == "running" and row.live:  # a live lease is renewed by a runner at work: progress
+                return (
+                    f"migration {version} ({row.description}), running without a transaction in {row.runner}",
+                    object(),
                 )
-                return what, object()  # a live lease is renewed by a runner at work: progress
         return None
 
     # -- history -------------------------------------------------------------------------------
@@ -3781,8 +3766,8 @@ class Migrator:
         """Return the history rows by version.
 
         Without *known*, an absent table reads as an empty history. With it (under the lock, once
-        _ensure_history has run) each row also holds its runner, progress and whether its lease is
-        live: read in the same statement, so that a row and its lease are seen at one moment.
+        _ensure_history has run) each row also holds its runner and whether its lease is live: read
+        in the same statement, so that a row and its lease are seen at one moment.
         """
         if not known:
             cur.execute(
@@ -3795,7 +3780,7 @@ class Migrator:
         columns = (
             "applied_at, execution_ms, applied_by, error"
             if not known
-            else "NULL, NULL, NULL, error, runner, progress, lease_until > pg_catalog.clock_timestamp()"
+            else "NULL, NULL, NULL, error, runner, lease_until > pg_catalog.clock_timestamp()"
         )
         cur.execute(
             self._sql(f"SELECT version, description, checksum, status, {columns} FROM {{}} ORDER BY version")
@@ -3847,9 +3832,7 @@ class Migrator:
                         "repeatable migration R__%s.sql was applied but has no file here; repair forgets it",
                         row.description,
                     )
-            elif state == "future":
-                # A newer deploy got here first (or this is an older replica during a rollout):
-                # its migrations are not ours to judge.
+            elif state == "future":  # a newer deploy's, or this is an older replica: not ours to judge
                 _logger.warning(
                     "migration %d (%s) is applied but newer than every file here", version, row.description
                 )
@@ -3902,11 +3885,8 @@ class Migrator:
             row = row or _Row(description, "", "")
             at = row.applied_at.isoformat(timespec="seconds") if row.applied_at is not None else None
             shown = version if version >= 0 else None  # None: a repeatable migration
-            rows.append(
-                MigrationStatus(
-                    shown, row.description, state, at, row.execution_ms, row.applied_by, row.error
-                )
-            )
+            extra = (row.execution_ms, row.applied_by, row.error)
+            rows.append(MigrationStatus(shown, row.description, state, at, *extra))
         # Versioned migrations by version, then repeatable ones by name.
         return sorted(rows, key=lambda r: (r.version is None, r.version or 0, r.description))
 
@@ -3966,11 +3946,10 @@ class Migrator:
         verb: str,
         on_done: Callable[[Migration, float], None] | None,
     ) -> list[Migration]:
-        """Call each step until it returns None, and return the migrations the steps applied or reverted.
+        """Call each step until it returns None; return the migrations the steps applied or reverted.
 
-        A step whose transactional file (*running* has the files run, by version) timed out waiting
-        for a table lock (55P03) left nothing behind: it is tried again, per _LOCK_RETRY. A
-        no-transaction file retries its blocked statement itself.
+        A step whose transactional file (in *running*, by version) timed out waiting for a table lock
+        (55P03) left nothing behind: it runs again. A no-transaction file retries its statement itself.
         """
 
         def rolled_back_whole(exc: BaseException) -> bool:
@@ -4006,11 +3985,8 @@ class Migrator:
         if repeated is not None:
             self._checked = {}
         with self._transaction(cur, wait) as history:
-            due = [
-                m
-                for m in _due(files, history, target)
-                if m.repeatable == (repeated is not None) and m.version not in (repeated or ())
-            ]
+            due = [m for m in _due(files, history, target) if m.repeatable == (repeated is not None)]
+            due = [m for m in due if m.version not in (repeated or ())]
             if history is not self._checked:  # else: as this runner left it, and checked then
                 self._refuse_unsafe(files, history)
                 _refuse_empty(due)
@@ -4261,8 +4237,9 @@ class Migrator:
         if target is not None and target < 0:
             raise ConfigError(f"cannot roll back to version {target}; pass an applied version, or 0 for all")
         files = {m.version: m for m in load_migrations(self.directory)}
-        downs: dict[int, Migration] = {}  # by version: every down file to run, read before the first runs
-        reverted: set[int] = set()
+        downs: dict[
+            int, Migration
+        ] = {}  # by version: the down files still to run, read before the first runs
         end: int | None = None  # where the rollback ends: *target*, checked under the lock
 
         def revert_one(
@@ -4278,14 +4255,14 @@ class Migrator:
                 version = max((v for v in history if v > end), default=None)
                 if version is None:
                     return None
-                if version not in downs or version in reverted:
+                if version not in downs:
                     # Rollback takes the lock once per version: a migrate in between re-applied it.
                     raise MigrationError(
                         f"migration {version} was applied by another run during this rollback; "
                         "stop the migrate runs, then run rollback again"
                     )
                 elapsed = self._apply(cur, downs[version], announcer, down=True)
-            reverted.add(version)
+            del downs[version]
             return files[version], elapsed
 
         with self._session() as cur, _Announcer("reverting") as announcer:
