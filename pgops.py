@@ -3563,9 +3563,8 @@ class Migrator:
         before each file (RESET ALL) keeps it, and so does a RESET ALL inside a file. libpq reads
         PGOPTIONS only when options is not passed, so pgops keeps the user's options ahead of its own.
         """
-        params = psycopg2.extensions.parse_dsn(dsn)
         kwargs = _libpq_defaults(dsn, self.application_name, self.connect_timeout)
-        options = params.get("options", os.environ.get("PGOPTIONS", ""))
+        options = psycopg2.extensions.parse_dsn(dsn).get("options", os.environ.get("PGOPTIONS", ""))
         lock_timeout_ms = math.ceil(self.statement_lock_timeout * 1000)
         kwargs["options"] = f"{options} -c lock_timeout={lock_timeout_ms}".strip()
         return kwargs
@@ -3770,9 +3769,7 @@ class Migrator:
         in the same statement, so that a row and its lease are seen at one moment.
         """
         if not known:
-            cur.execute(
-                "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text))", (self.schema, self.table)
-            )
+            cur.execute("SELECT to_regclass(%s)", (self._history.as_string(cur),))
             row = cur.fetchone()
             if row is None or row[0] is None:
                 return {}
@@ -4006,12 +4003,7 @@ class Migrator:
             return migration, elapsed
 
     def _apply(
-        self,
-        cur: psycopg2.extensions.cursor,
-        migration: Migration,
-        announcer: _Announcer,
-        *,
-        down: bool = False,
+        self, cur: psycopg2.extensions.cursor, migration: Migration, announcer: _Announcer, down: bool = False
     ) -> float:
         """Run a migration's SQL as its first lines ask and record it applied (a *down* file: reverted),
         announced if it runs long; return how long it took, in ms."""
@@ -4033,10 +4025,8 @@ class Migrator:
         # The history change is made as the connecting user, whatever role the file set, and what the
         # file set for the session is undone before COMMIT makes it stick: behind a transaction pooler
         # the server session goes to other clients next. One round trip with the change and COMMIT.
-        cur.execute(
-            psycopg2.sql.SQL("SET SESSION AUTHORIZATION DEFAULT; RESET ALL; {}; COMMIT").format(change),
-            values,
-        )
+        reset_and_commit = psycopg2.sql.SQL("SET SESSION AUTHORIZATION DEFAULT; RESET ALL; {}; COMMIT")
+        cur.execute(reset_and_commit.format(change), values)
 
     def _run_statements(self, cur: psycopg2.extensions.cursor, migration: Migration, down: bool) -> None:
         """Claim a no-transaction file, then run it statement by statement, outside the lock.
@@ -4079,8 +4069,7 @@ class Migrator:
                 stop.set()
                 renew.join()
             ms = (time.perf_counter() - started) * 1000.0
-            change, values = self._history_change(migration, down, ms, claimed=True)
-            cur.execute(change, values)
+            cur.execute(*self._history_change(migration, down, ms, claimed=True))
             if cur.rowcount != 1:
                 raise self._claim_lost(migration)
         except BaseException as exc:
@@ -4147,10 +4136,8 @@ class Migrator:
 
     def _fence(self, cur: psycopg2.extensions.cursor, migration: Migration, done: int) -> None:
         """Check that this runner still holds its claim on *migration*, and record its progress."""
-        cur.execute(
-            self._sql(f"UPDATE {{}} SET progress = %s, lease_until = {_LEASE_END} WHERE {_CLAIMED}"),
-            (done, self.lease_timeout, migration.version, self._runner),
-        )
+        fence = f"UPDATE {{}} SET progress = %s, lease_until = {_LEASE_END} WHERE {_CLAIMED}"
+        cur.execute(self._sql(fence), (done, self.lease_timeout, migration.version, self._runner))
         if cur.rowcount != 1:
             raise self._claim_lost(migration)
 
@@ -4181,14 +4168,11 @@ class Migrator:
                 cur.execute(self._sql(release), (migration.version, self._runner))
             return
         state = "running"  # what the row says when the connection is gone, and with it the lease's end
+        end_lease = (
+            "UPDATE {} SET lease_until = pg_catalog.clock_timestamp() WHERE version = %s AND runner = %s"
+        )
         with contextlib.suppress(psycopg2.Error):
-            cur.execute(
-                self._sql(
-                    "UPDATE {} SET lease_until = pg_catalog.clock_timestamp() "
-                    "WHERE version = %s AND runner = %s RETURNING status"
-                ),
-                (migration.version, self._runner),
-            )
+            cur.execute(self._sql(end_lease + " RETURNING status"), (migration.version, self._runner))
             row = cur.fetchone()
             if row is None or row[0] == "applied":
                 return  # done after all, or repair took the row: nothing is left half-way
@@ -4237,9 +4221,7 @@ class Migrator:
         if target is not None and target < 0:
             raise ConfigError(f"cannot roll back to version {target}; pass an applied version, or 0 for all")
         files = {m.version: m for m in load_migrations(self.directory)}
-        downs: dict[
-            int, Migration
-        ] = {}  # by version: the down files still to run, read before the first runs
+        downs: dict[int, Migration] = {}  # by version: those still to run, all read before the first runs
         end: int | None = None  # where the rollback ends: *target*, checked under the lock
 
         def revert_one(
@@ -4322,8 +4304,7 @@ class Migrator:
         """
         if not 0 <= version <= _MAX_VERSION:
             raise ConfigError(f"baseline version {version} is out of range; pass a version of 0 or more")
-        files = {m.version: m for m in load_migrations(self.directory) if not m.repeatable}
-        migration = files.get(version)
+        migration = next((m for m in load_migrations(self.directory) if m.version == version), None)
         if migration is None:
             # Else the next file `new` writes could be numbered at or under V, and never run.
             raise ConfigError(
