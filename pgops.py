@@ -78,15 +78,12 @@ __all__ = [
     "make_server",
     "migration_checksum",
     "mount",
-    "normalize_sql",
-    "parse_migration_name",
     "redact_dsn",
     "render_prometheus",
     "retry",
     "retry_call",
     "serve",
     "set_testing",
-    "split_sql",
 ]
 
 # What only the type checker needs stays out of the import every `pgops` command pays for (annotations
@@ -2823,17 +2820,21 @@ _RESET_POOLED = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL"
 
 @dataclasses.dataclass(frozen=True)
 class Migration:
-    """One numbered SQL file (and its optional .down.sql)."""
+    """One numbered SQL file (and its optional .down.sql), as load_migrations() read and checked it.
+
+    An R__name.sql file is repeatable: applied again whenever its text changes.
+    """
 
     version: int
+    # An R__name.sql file's version is negative: the key of its history row, made from its name.
     description: str
     path: str
     checksum: str
     transactional: bool
     sql: str = dataclasses.field(repr=False)
     down_path: str | None = None
-    # An R__name.sql file: its version is the (negative) key of its history row, made from its name.
-    repeatable: bool = False
+    repeatable: bool = False  # an R__name.sql file
+    empty: bool = False  # no SQL statement yet (a fresh template of `new`): refused when it is due
 
     @property
     def name(self) -> str:
@@ -2843,7 +2844,8 @@ class Migration:
 
 @dataclasses.dataclass(frozen=True)
 class MigrationStatus:
-    """One row of ``status()``: a file, a history row, or both."""
+    """One row of ``status()``: a file, a history row, or both, and ``state``, how the two stand together
+    (not the history table's ``status`` column: applied, failed or running, what the row records)."""
 
     version: int | None  # None for a repeatable migration
     description: str
@@ -2859,7 +2861,23 @@ class MigrationStatus:
     error: str | None = None
 
 
-def normalize_sql(text: str) -> str:
+@dataclasses.dataclass(frozen=True)
+class _Row:
+    """One row of the history table, by its columns; ``status`` is the column (applied, failed, running)."""
+
+    description: str
+    checksum: str
+    status: str
+    applied_at: Any = None  # a datetime; None when read under the lock, which needs no timestamps
+    execution_ms: float | None = None
+    applied_by: str | None = None
+    error: str | None = None
+    # Read under the lock only: which runner wrote it, and whether its lease is live.
+    runner: str | None = None
+    live: bool = False
+
+
+def _normalize_sql(text: str) -> str:
     """Return migration text as it is checksummed and run: BOM removed, CRLF turned into LF."""
     return text.removeprefix("\ufeff").replace("\r\n", "\n")
 
@@ -2868,10 +2886,10 @@ def migration_checksum(text: str) -> str:
     """Return the sha256 hex digest of normalized migration text (line endings do not count)."""
     import hashlib
 
-    return hashlib.sha256(normalize_sql(text).encode("utf-8")).hexdigest()
+    return hashlib.sha256(_normalize_sql(text).encode("utf-8")).hexdigest()
 
 
-def parse_migration_name(filename: str) -> tuple[int, str, bool]:
+def _parse_migration_name(filename: str) -> tuple[int, str, bool]:
     """Return (version, description, is_down) of a migration file name, or raise BadMigration."""
     match = _MIGRATION_FILE.match(filename)
     if match is None:
@@ -2888,17 +2906,14 @@ def parse_migration_name(filename: str) -> tuple[int, str, bool]:
     return version, match["description"], match["down"] is not None
 
 
-def _read_sql(path: str) -> str:
-    """Read a migration file as UTF-8 text; raise BadMigration naming it if it cannot be used."""
-    return _read_sql_file(path)[0]
-
-
-def _read_sql_file(path: str) -> tuple[str, bool]:
-    """Read and check a migration file as _read_sql does; also tell whether it holds a statement."""
+def _read_migration(
+    path: str, version: int, description: str, repeatable: bool = False, down_path: str | None = None
+) -> Migration:
+    """Read and check a migration file as UTF-8 text; raise BadMigration naming it if it cannot be used."""
     with open(path, "rb") as fh:
         data = fh.read()
     try:
-        text = normalize_sql(data.decode("utf-8"))
+        text = _normalize_sql(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
         utf16 = ", it looks like UTF-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
         raise BadMigration(
@@ -2909,11 +2924,18 @@ def _read_sql_file(path: str) -> tuple[str, bool]:
         wide = text.count("\x00") * 4 >= len(text)
         remedy = "it looks like UTF-16; save it as UTF-8" if wide else "remove it"
         raise BadMigration(f"migration {path!r} contains a NUL byte at offset {text.index(chr(0))}; {remedy}")
-    statements = [(start, end) for start, end, code in _scan_sql(text) if code]  # scanned once, used twice
-    _refuse_copy(text, path, statements)
-    if _transactional(text):
-        _refuse_transaction_control(text, path, statements)
-    return text, bool(statements)
+    statements = [(code, end) for _start, end, code in _scan_sql(text) if code >= 0]  # used twice
+    transactional = _transactional(text)
+    _refuse_statements(text, path, statements, transactional)
+    if repeatable and not transactional:
+        raise BadMigration(
+            f"repeatable migration {path!r} says no-transaction; a repeatable migration runs in one "
+            "transaction: remove the marker, or make it a numbered migration"
+        )
+    checksum = migration_checksum(text)
+    return Migration(
+        version, description, path, checksum, transactional, text, down_path, repeatable, not statements
+    )
 
 
 def _transactional(text: str) -> bool:
@@ -2921,29 +2943,47 @@ def _transactional(text: str) -> bool:
     return not any(_NO_TRANSACTION.match(line.strip()) for line in text.split("\n", 5)[:5])
 
 
-def _refuse_copy(text: str, path: str, statements: list[tuple[int, int]]) -> None:
-    """Raise BadMigration naming path:line if a statement copies from or to the client.
+def _refuse_statements(text: str, path: str, statements: list[tuple[int, int]], transactional: bool) -> None:
+    """Raise BadMigration naming path:line for a statement that copies from or to the client, or that
+    begins or ends a transaction in a *transactional* migration.
 
     COPY FROM STDIN wants the rows sent by the client after the statement (psql reads them from the
     lines that follow, as in pg_dump's output); pgops sends SQL only, so the server would wait for
     data that never comes. COPY TO STDOUT would stream rows back to no one.
+
+    pgops runs a transactional file and its history row in one transaction: a COMMIT inside would
+    commit part of the file on its own, and a failure after it would leave that part applied and
+    unrecorded. SAVEPOINT, RELEASE and ROLLBACK TO are fine; PL/pgSQL bodies are in dollar quotes,
+    which the scanner skips, and a statement never starts with the BEGIN ATOMIC of a SQL-standard body.
     """
-    for start, end in statements:
-        i = _code_start(text, start)
-        if text[i : i + 4].upper() == "COPY" and not _is_word_char(text[i + 4 : i + 5] or " "):
-            stdio = _COPY_STDIO.search(text, i, end)
-            if stdio is not None:
-                line, _ = _position(text, i)
-                what = _SPACES.sub(" ", stdio.group(1)).upper()
-                remedy = (
-                    "load the rows with INSERT statements, or COPY FROM a file on the server"
-                    if what == "FROM STDIN"
-                    else "remove it (a migration's output goes nowhere)"
-                )
-                raise BadMigration(
-                    f"{path}:{line}: {_first_line(text, i)!r} is COPY {what}, which a migration cannot use "
-                    f"(pgops sends the file's SQL, and no data after it); {remedy}"
-                )
+    for i, end in statements:
+        words = _FIRST_WORDS.match(text, i)
+        first, second, third = (w.upper() if w else "" for w in words.groups()) if words else ("", "", "")
+        stdio = _COPY_STDIO.search(text, i, end) if first == "COPY" else None
+        if stdio is not None:
+            what = _SPACES.sub(" ", stdio.group(1)).upper()
+            remedy = (
+                "load the rows with INSERT statements, or COPY FROM a file on the server"
+                if what == "FROM STDIN"
+                else "remove it (a migration's output goes nowhere)"
+            )
+            raise BadMigration(
+                f"{path}:{_position(text, i)[0]}: {_first_line(text, i)!r} is COPY {what}, which a migration "
+                f"cannot use (pgops sends the file's SQL, and no data after it); {remedy}"
+            )
+        if transactional and (
+            (first == "PREPARE" and second == "TRANSACTION")
+            or (
+                first in _TRANSACTION_CONTROL
+                and not (first == "BEGIN" and second == "ATOMIC")
+                and not (first == "ROLLBACK" and "TO" in (second, third))
+            )
+        ):
+            raise BadMigration(
+                f"{path}:{_position(text, i)[0]}: {_first_line(text, i)!r} is transaction control in a "
+                "migration that pgops runs in one transaction (a COMMIT would commit part of it); remove it, "
+                "or put '-- pgops: no-transaction' in the file's first lines to run it statement by statement"
+            )
 
 
 def _first_line(text: str, i: int) -> str:
@@ -2952,37 +2992,10 @@ def _first_line(text: str, i: int) -> str:
     return line if len(line) <= 60 else line[:57] + "..."
 
 
-def _refuse_transaction_control(text: str, path: str, statements: list[tuple[int, int]]) -> None:
-    """Raise BadMigration naming path:line if a transactional migration begins or ends a transaction.
-
-    pgops runs the file and its history row in one transaction: a COMMIT inside would commit part of
-    the file on its own, and a failure after it would leave that part applied and unrecorded.
-    SAVEPOINT, RELEASE and ROLLBACK TO are fine; PL/pgSQL bodies are in dollar quotes, which the
-    scanner skips, and a statement never starts with the BEGIN ATOMIC of a SQL-standard body.
-    """
-    for start, _end in statements:
-        i = _code_start(text, start)
-        words = _FIRST_WORDS.match(text, i)
-        if words is None:
-            continue
-        first, second, third = (word.upper() if word else "" for word in words.groups())
-        if (first == "PREPARE" and second == "TRANSACTION") or (
-            first in _TRANSACTION_CONTROL
-            and not (first == "BEGIN" and second == "ATOMIC")
-            and not (first == "ROLLBACK" and "TO" in (second, third))
-        ):
-            line, _ = _position(text, i)
-            raise BadMigration(
-                f"{path}:{line}: {_first_line(text, i)!r} is transaction control in a migration that pgops "
-                "runs in one transaction (a COMMIT would commit part of it); remove it, or put "
-                "'-- pgops: no-transaction' in the file's first lines to run it statement by statement"
-            )
-
-
 def load_migrations(directory: str) -> list[Migration]:
     """Read and check every migration in *directory*: versioned ones by version, then repeatable ones
     by name; raise BadMigration naming the first file that cannot be used."""
-    return _load_folder(directory).migrations
+    return _scan_migrations(directory, strict=True).migrations
 
 
 @dataclasses.dataclass
@@ -2994,19 +3007,11 @@ class _Folder:
     # Versions (with a description) of well-named files that cannot be used: two under one version,
     # or bad content. status shows them as 'invalid', not as missing or changed.
     invalid: dict[int, str]
-    statementless: set[int]  # versions of files with no statement yet (a fresh template of `new`)
 
 
-def _load_folder(directory: str) -> _Folder:
-    """Read a migrations folder; raise BadMigration naming the first file that cannot be used."""
-    folder = _scan_migrations(directory)
-    if folder.problems:
-        raise BadMigration(folder.problems[0])
-    return folder
-
-
-def _scan_migrations(directory: str) -> _Folder:
-    """Read every migration in *directory*, whatever is wrong with some of them."""
+def _scan_migrations(directory: str, strict: bool = False) -> _Folder:
+    """Read every migration in *directory*, whatever is wrong with some of them; *strict*: raise
+    BadMigration naming the first file that cannot be used."""
     if not os.path.isdir(directory):
         problem = "is not a directory" if os.path.exists(directory) else "does not exist"
         raise ConfigError(
@@ -3014,7 +3019,6 @@ def _scan_migrations(directory: str) -> _Folder:
         )
     problems: list[str] = []
     invalid: dict[int, str] = {}
-    statementless: set[int] = set()
     ups: dict[int, list[tuple[str, str, bool]]] = {}
     downs: dict[int, list[str]] = {}
     for filename in sorted(os.listdir(directory)):
@@ -3038,7 +3042,7 @@ def _scan_migrations(directory: str) -> _Folder:
                         "whenever it changes); remove it"
                     )
             else:
-                version, description, is_down = parse_migration_name(filename)
+                version, description, is_down = _parse_migration_name(filename)
         except BadMigration as exc:
             problems.append(str(exc))
             continue
@@ -3062,7 +3066,7 @@ def _scan_migrations(directory: str) -> _Folder:
             invalid[version] = description
             continue
         try:
-            text, has_statement = _read_sql_file(path)
+            migration = _read_migration(path, version, description, repeatable, downs.get(version, [None])[0])
         except (BadMigration, OSError) as exc:
             unreadable = (
                 f"migration {path!r} cannot be read ({getattr(exc, 'strerror', None) or exc}); fix it"
@@ -3070,27 +3074,10 @@ def _scan_migrations(directory: str) -> _Folder:
             problems.append(str(exc) if isinstance(exc, BadMigration) else unreadable)
             invalid[version] = description
             continue
-        migration = Migration(
-            version=version,
-            description=description,
-            path=path,
-            checksum=migration_checksum(text),
-            transactional=_transactional(text),
-            sql=text,
-            down_path=downs.get(version, [None])[0],
-            repeatable=repeatable,
-        )
-        if repeatable and not migration.transactional:
-            problems.append(
-                f"repeatable migration {path!r} says no-transaction; a repeatable migration runs in one "
-                "transaction: remove the marker, or make it a numbered migration"
-            )
-            invalid[version] = description
-            continue
-        if not has_statement:
-            statementless.add(version)
         migrations.append(migration)
-    return _Folder(migrations, problems, invalid, statementless)
+    if strict and problems:
+        raise BadMigration(problems[0])
+    return _Folder(migrations, problems, invalid)
 
 
 def _repeatable_key(description: str) -> int:
@@ -3101,13 +3088,11 @@ def _repeatable_key(description: str) -> int:
     return -1 - (int.from_bytes(digest[:8], "big") >> 1)
 
 
-def _refuse_statementless(migrations: Iterable[Migration], statementless: Container[int]) -> None:
+def _refuse_empty(migrations: Iterable[Migration]) -> None:
     """Raise BadMigration naming the first of *migrations*, about to run, that has no SQL statement."""
-    for migration in migrations:
-        if migration.version in statementless:
-            raise BadMigration(
-                f"migration {migration.path!r} has no SQL statement; add one or delete the file"
-            )
+    empty = next((m.path for m in migrations if m.empty), None)
+    if empty is not None:
+        raise BadMigration(f"migration {empty!r} has no SQL statement; add one or delete the file")
 
 
 def _not_a_file(path: str) -> str:
@@ -3117,15 +3102,18 @@ def _not_a_file(path: str) -> str:
     return "is a directory" if os.path.isdir(path) else "is not a regular file"
 
 
-def _scan_sql(text: str) -> Iterator[tuple[int, int, bool]]:
-    """Yield (start, end, has_code) for each statement of *text*; the pieces cover the text exactly.
+def _scan_sql(text: str) -> Iterator[tuple[int, int, int]]:
+    """Yield (start, end, code) for each statement of *text*; the pieces cover the text exactly.
+
+    *code* is where the statement's first word is, after blanks and comments; -1 for a piece with
+    nothing to run (blanks, comments, a lone semicolon).
 
     Semicolons inside quotes, dollar quotes, quoted identifiers, comments, parentheses and BEGIN
     ATOMIC bodies do not end a statement, as in psql.
     """
     n = len(text)
     start = i = 0
-    code = False
+    code = -1
     atomic = parens = 0
     while i < n:
         c = text[i]
@@ -3140,7 +3128,8 @@ def _scan_sql(text: str) -> Iterator[tuple[int, int, bool]]:
             spaces = _SPACES.match(text, i)
             i = spaces.end() if spaces else i + 1
             continue
-        code = code or c != ";"  # a semicolon alone ends an empty statement: nothing to run
+        if code < 0 and c != ";":  # a semicolon alone ends an empty statement: nothing to run
+            code = i
         prev = text[i - 1] if i else " "
         if c == "'":
             escapes = prev in "eE" and (i < 2 or not _is_word_char(text[i - 2]))
@@ -3168,7 +3157,7 @@ def _scan_sql(text: str) -> Iterator[tuple[int, int, bool]]:
             i += 1
         elif c == ";" and not atomic and not parens:
             yield start, i + 1, code
-            start, code, i = i + 1, False, i + 1
+            start, code, i = i + 1, -1, i + 1
         else:
             i += 1
     if start < n:
@@ -3210,7 +3199,7 @@ def _skip_comment(text: str, i: int) -> int:
     return i
 
 
-def split_sql(text: str) -> list[str]:
+def _split_sql(text: str) -> list[str]:
     """Split SQL text into statements; joining the pieces gives back the text."""
     return [text[start:end] for start, end, _ in _scan_sql(text)]
 
@@ -3221,44 +3210,55 @@ def _position(text: str, offset: int) -> tuple[int, int]:
     return line, offset - (text.rfind("\n", 0, offset) + 1) + 1
 
 
-def _code_start(text: str, i: int) -> int:
-    """Return the index of the first character at or after *i* that is not blank or in a comment."""
-    n = len(text)
-    while i < n:
-        if text[i].isspace():
-            i += 1
-        elif text.startswith("--", i):
-            end = text.find("\n", i)
-            i = n if end < 0 else end + 1
-        elif text.startswith("/*", i):
-            i = _skip_comment(text, i)
-        else:
-            break
-    return i
-
-
-def _statements(migration: Migration) -> Iterator[tuple[int, str]]:
-    """Yield each statement of a migration's SQL with its offset, logged at DEBUG as it is handed out."""
+def _statements(migration: Migration) -> Iterator[tuple[int, int, str]]:
+    """Yield each statement of a migration's SQL with its offset and its first word's, logged at DEBUG."""
     text = migration.sql
     for start, end, code in _scan_sql(text):
-        if code:
+        if code >= 0:
             _logger.debug("%s: %s", migration.name, text[start:end].strip())
-            yield start, text[start:end]
+            yield start, code, text[start:end]
 
 
-def _applied_state(
-    version: int, description: str, checksum: str, migration: Migration | None, newest_file: int
+def _state(
+    version: int, migration: Migration | None, row: _Row | None, newest_file: int, floor: int | None
 ) -> str:
-    """Judge an applied history row against the file of its version.
+    """Judge a usable file and the history row of its version together: its MigrationStatus.state.
 
-    applied: same text; changed: the applied file was edited; conflict: another migration (another
-    description) took its number; missing: no file; future: newer than every file (a newer deploy).
+    The one place that tells pending from applied, drift from dirt, for every caller. *newest_file*
+    is _newest_file's answer, *floor* _baseline_version's.
     """
+    if row is None:
+        return "below-baseline" if floor is not None and 0 <= version <= floor else "pending"
+    if row.status != "applied":
+        return row.status  # failed or running: dirty
+    if row.checksum == _BASELINE:
+        return "baseline"
     if migration is None:
+        # Newer than every file: a newer deploy got here first (Flyway's "future" migrations).
         return "future" if version > newest_file else "missing"
-    if migration.checksum == checksum:
+    if migration.checksum == row.checksum:
         return "applied"
-    return "changed" if migration.description == description else "conflict"
+    if version < 0:
+        return "outdated"  # a repeatable migration changed since it was last applied: changing is its job
+    # The applied file was edited, or another migration (another description) took its number.
+    return "changed" if migration.description == row.description else "conflict"
+
+
+def _states(
+    files: Iterable[Migration], history: Mapping[int, _Row], invalid: Mapping[int, str] | None = None
+) -> Iterator[tuple[int, Migration | None, _Row | None, str]]:
+    """Yield (version, file, row, state) for every version of the files and the history, versioned
+    ones by version, then the repeatable ones; with *invalid* (versions of files that cannot be
+    used), those too, as 'invalid'."""
+    by_version = {m.version: m for m in files}
+    newest_file, floor = _newest_file(by_version.values()), _baseline_version(history)
+    invalid = invalid or {}
+    for version in sorted(
+        by_version.keys() | history.keys() | invalid.keys(), key=lambda v: (v < 0, max(v, 0))
+    ):
+        migration, row = by_version.get(version), history.get(version)
+        state = "invalid" if version in invalid else _state(version, migration, row, newest_file, floor)
+        yield version, migration, row, state
 
 
 def _newest_file(files: Iterable[Migration]) -> int:
@@ -3266,50 +3266,41 @@ def _newest_file(files: Iterable[Migration]) -> int:
     return max((m.version for m in files if not m.repeatable), default=0)
 
 
-def _newest_applied(history: Mapping[int, tuple[Any, ...]]) -> int:
+def _newest_applied(history: Mapping[int, _Row]) -> int:
     """Return the highest version in the history (a baseline counts; repeatable rows do not)."""
     return max((v for v in history if v >= 0), default=0)
 
 
-def _baseline_version(history: Mapping[int, tuple[Any, ...]]) -> int | None:
+def _baseline_version(history: Mapping[int, _Row]) -> int | None:
     """Return the version that `baseline` recorded, or None."""
-    return next((v for v, row in history.items() if row[1] == _BASELINE and row[2] == "applied"), None)
+    return next(
+        (v for v, row in history.items() if row.checksum == _BASELINE and row.status == "applied"), None
+    )
 
 
-def _pending(
-    files: Iterable[Migration], history: Mapping[int, tuple[Any, ...]], target: int | None = None
+def _due(
+    files: Sequence[Migration], history: Mapping[int, _Row], target: int | None = None
 ) -> list[Migration]:
-    """Return the versioned migrations to apply, in order: not in the history, above any baseline, up
-    to *target*."""
-    floor = _baseline_version(history)
+    """Return what migrate applies, in order: the versioned files pending up to *target*, then the
+    repeatable ones new or changed since they were last applied, unless *target* is below the newest file.
+
+    No repeatable one while the history holds versions newer than every file here: an older release
+    during a rollout must not put its older views and functions back over the newer release's.
+    """
+    newest_file, floor = _newest_file(files), _baseline_version(history)
+    newer = any(v > newest_file and row.checksum != _BASELINE for v, row in history.items())
+    repeat = (target is None or target >= newest_file) and not newer
     return [
         m
         for m in files
-        if not m.repeatable
-        and m.version not in history
-        and (floor is None or m.version > floor)
-        and (target is None or m.version <= target)
+        if (repeat if m.repeatable else target is None or m.version <= target)
+        and _state(m.version, m, history.get(m.version), newest_file, floor) in ("pending", "outdated")
     ]
 
 
-def _repeatables_due(files: Sequence[Migration], history: Mapping[int, tuple[Any, ...]]) -> list[Migration]:
-    """Return the repeatable migrations that are new or changed since they were last applied, by name.
-
-    None while the history holds versions newer than every file here: an older release during a
-    rollout must not put its older views and functions back over the newer release's.
-    """
-    newest_file = _newest_file(files)
-    if any(v > newest_file and row[1] != _BASELINE for v, row in history.items()):
-        return []
-    return [
-        m for m in files if m.repeatable and (m.version not in history or history[m.version][1] != m.checksum)
-    ]
-
-
-def _failure(
-    migration: Migration, exc: psycopg2.Error, offset: int, path: str | None = None
-) -> MigrationFailed:
-    """Turn a server error in a statement starting at *offset* into a path:line:col report."""
+def _failure(migration: Migration, exc: psycopg2.Error, offset: int, code: int) -> MigrationFailed:
+    """Turn a server error in a statement starting at *offset* (its first word at *code*) into a
+    path:line:col report."""
     diag = exc.diag
     text = migration.sql
     try:
@@ -3318,27 +3309,22 @@ def _failure(
         position = 0
     # Without a server position (runtime errors), point at the statement's first word, not at the
     # blank lines and comments that the piece starts with.
-    offset = offset + position - 1 if position > 0 else _code_start(text, offset)
+    offset = offset + position - 1 if position > 0 else code
     line, column = _position(text, min(offset, len(text)))
     sqlstate = exc.pgcode
     message = diag.message_primary or _one_line(exc)
     # No SQLSTATE: the connection broke (server gone), which the report should not dress up as SQL.
-    report = f"{path or migration.path}:{line}:{column}: {sqlstate or 'connection lost:'} {message}"
+    report = f"{migration.path}:{line}:{column}: {sqlstate or 'connection lost:'} {message}"
     for label, extra in (("detail", diag.message_detail), ("hint", diag.message_hint)):
         if extra:
             report += f" ({label}: {' '.join(extra.split())})"
     return MigrationFailed(
-        report,
-        version=migration.version,
-        path=path or migration.path,
-        line=line,
-        column=column,
-        sqlstate=sqlstate,
+        report, version=migration.version, path=migration.path, line=line, column=column, sqlstate=sqlstate
     )
 
 
 def _fingerprint(
-    history: Mapping[int, tuple[Any, ...]], previous: tuple[int, int, int] | None = None, added: int = 0
+    history: Mapping[int, _Row], previous: tuple[int, int, int] | None = None, added: int = 0
 ) -> tuple[int, int, int]:
     """Return (rows, newest version, rows not applied) of a history, as Migrator._locked_history asks
     the server; with *previous*, that fingerprint after applying version *added*.
@@ -3350,16 +3336,13 @@ def _fingerprint(
     if previous is not None:
         rows, newest, bad = previous
         return rows + 1, max(newest, added), bad
-    bad = sum(1 for row in history.values() if row[2] != "applied")
+    bad = sum(1 for row in history.values() if row.status != "applied")
     return len(history), max(history, default=0), bad
 
 
 def _worth_reconnecting(exc: BaseException) -> bool:
     """Tell whether a failed connect may succeed if tried again as it was (a refused option may not)."""
     return is_retryable(exc) and "unsupported startup parameter" not in str(exc)
-
-
-_NOTHING_SEEN = object()
 
 
 class _Wait:
@@ -3372,7 +3355,7 @@ class _Wait:
     def reset(self) -> None:
         """Start afresh: the runner got the lock, and its next wait is a new one."""
         self.started = self.progressed = time.monotonic()
-        self.seen: object = _NOTHING_SEEN
+        self.seen: object = object()  # equal to no progress that pause() is shown
         self.reported = -math.inf
 
     def pause(self, what: str, progress: object) -> None:
@@ -3494,7 +3477,7 @@ class Migrator:
         self.connect_timeout = connect_timeout
         self.lease_timeout = lease_timeout
         self._history = psycopg2.sql.Identifier(schema, table)
-        self._active: psycopg2.extensions.connection | None = None  # the migration connection, for _cancel
+        self._active: psycopg2.extensions.connection | None = None  # the migration connection, for cancel
         # Per session (_session): a pooler between pgops and the server; the history table checked;
         # this run's name in the history's runner column.
         self._pooled = False
@@ -3502,9 +3485,8 @@ class Migrator:
         self._runner = ""
         self._sent = 0  # statements of the current no-transaction file sent to the server
         self._at_version = 0  # the database's version when migrate() last found nothing more to do
-        self._checked: dict[int, tuple[Any, ...]] = {}  # the history as this runner last checked it
+        self._checked: dict[int, _Row] = {}  # the history as this runner last checked it
         self._print: tuple[int, int, int] = (0, 0, 0)  # and its _fingerprint
-        self._statementless: set[int] = set()  # versions of files with no statement, per run
         self._warned: set[int] = set()  # repeatable rows without a file, warned about in this session
         import zlib
 
@@ -3514,28 +3496,31 @@ class Migrator:
     def _dsn(self) -> str:
         return self._source.config._conninfo if isinstance(self._source, Pool) else self._source
 
+    @property
+    def where(self) -> str:
+        """Say where the migrations go, for messages: the DSN (password redacted) and the history table."""
+        return f"{redact_dsn(self._dsn)!r} ({self.schema}.{self.table})"
+
     def __repr__(self) -> str:
-        return f"<Migrator {self.directory!r} -> {redact_dsn(self._dsn)!r} {self.schema}.{self.table}>"
+        return f"<Migrator {self.directory!r} -> {self.where}>"
 
     # -- connections ---------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _connection(self, *, own: bool = False) -> Iterator[psycopg2.extensions.connection]:
-        """Lend a connection: the pool's for reading, else (or with *own*) a new one, closed afterwards."""
-        if isinstance(self._source, Pool) and not own:
-            conn = self._source.getconn()
-            try:
-                yield conn
-            finally:
-                with contextlib.suppress(psycopg2.Error):
-                    conn.rollback()
-                self._source.putconn(conn)
-            return
-        conn = self._connect()
+    def connection(self) -> Iterator[psycopg2.extensions.connection]:
+        """Lend a connection for reading, as status() and validate() read: the pool's, else a new one
+        (with the migrator's connect_timeout and retries), closed afterwards."""
+        pool = self._source if isinstance(self._source, Pool) else None
+        conn = self._connect() if pool is None else pool.getconn()
         try:
             yield conn
         finally:
-            _close_quietly(conn)
+            if pool is None:
+                _close_quietly(conn)
+            else:
+                with contextlib.suppress(psycopg2.Error):
+                    conn.rollback()
+                pool.putconn(conn)
 
     def _connect(self) -> psycopg2.extensions.connection:
         """Open a connection of the migrator's own, with its lock_timeout and connect_timeout."""
@@ -3578,9 +3563,8 @@ class Migrator:
         before each file (RESET ALL) keeps it, and so does a RESET ALL inside a file. libpq reads
         PGOPTIONS only when options is not passed, so pgops keeps the user's options ahead of its own.
         """
-        params = psycopg2.extensions.parse_dsn(dsn)
         kwargs = _libpq_defaults(dsn, self.application_name, self.connect_timeout)
-        options = params.get("options", os.environ.get("PGOPTIONS", ""))
+        options = psycopg2.extensions.parse_dsn(dsn).get("options", os.environ.get("PGOPTIONS", ""))
         lock_timeout_ms = math.ceil(self.statement_lock_timeout * 1000)
         kwargs["options"] = f"{options} -c lock_timeout={lock_timeout_ms}".strip()
         return kwargs
@@ -3593,7 +3577,8 @@ class Migrator:
         reach the application. A pooler between pgops and PostgreSQL shows itself here: the backend
         pid that libpq was given at connect time (PgBouncer makes one up) is not the server's.
         """
-        with self._connection(own=True) as conn:
+        conn = self._connect()
+        try:
             conn.autocommit = True
             cur = conn.cursor()
             cur.execute("SELECT pg_catalog.pg_backend_pid()")
@@ -3606,13 +3591,16 @@ class Migrator:
             self._checked = {}  # the files may have changed since the last run
             self._runner = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(16):04x}"
             self._active = conn
-            try:
-                yield cur
-            finally:
-                self._active = None
+            yield cur
+        finally:
+            self._active = None
+            _close_quietly(conn)
 
-    def _cancel(self) -> None:
-        """Ask the server to cancel the statement running on the migration connection (any thread)."""
+    def cancel(self) -> None:
+        """Ask the server to cancel the statement that migrate, rollback or repair is running.
+
+        Safe from any thread (a signal watcher, say); the run then fails with MigrationFailed (57014).
+        """
         conn = self._active
         if conn is not None and not conn.closed:
             with contextlib.suppress(psycopg2.Error):
@@ -3621,29 +3609,24 @@ class Migrator:
     # -- the lock ------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _transaction(
-        self, cur: psycopg2.extensions.cursor, wait: _Wait
-    ) -> Iterator[dict[int, tuple[Any, ...]]]:
+    def _transaction(self, cur: psycopg2.extensions.cursor, wait: _Wait) -> Iterator[dict[int, _Row]]:
         """Run a block in a transaction that holds the migration lock, with the history read inside it.
 
         The block may COMMIT itself (a migration folds it into its last round trip); what is still
         open at the end is committed, and an error rolls all of it back.
         """
+        conn = cur.connection
         try:
             yield self._locked_history(cur, wait)
         except BaseException:
-            self._rollback(cur)
+            if not conn.closed and conn.info.transaction_status != _STATUS_IDLE:
+                with contextlib.suppress(psycopg2.Error):
+                    cur.execute("ROLLBACK")
             raise
-        if cur.connection.info.transaction_status != _STATUS_IDLE:
+        if conn.info.transaction_status != _STATUS_IDLE:
             cur.execute("COMMIT")
 
-    def _rollback(self, cur: psycopg2.extensions.cursor) -> None:
-        conn = cur.connection
-        if not conn.closed and conn.info.transaction_status != _STATUS_IDLE:
-            with contextlib.suppress(psycopg2.Error):
-                cur.execute("ROLLBACK")
-
-    def _locked_history(self, cur: psycopg2.extensions.cursor, wait: _Wait) -> dict[int, tuple[Any, ...]]:
+    def _locked_history(self, cur: psycopg2.extensions.cursor, wait: _Wait) -> dict[int, _Row]:
         """BEGIN, take the migration lock for the transaction, and read the history, waiting for others.
 
         It waits while another transaction holds the lock, and while another runner's no-transaction
@@ -3665,12 +3648,12 @@ class Migrator:
                 else ""
             )
             cur.execute(
-                psycopg2.sql.SQL(
+                self._sql(
                     f"BEGIN ISOLATION LEVEL READ COMMITTED; {reset}; SET LOCAL lock_timeout = %s; "
                     "SELECT pg_catalog.set_config('pgops.locked', "
                     "pg_catalog.pg_try_advisory_xact_lock(%s, %s)::text, true); "
                     "SELECT pg_catalog.current_setting('pgops.locked')::boolean" + fingerprint
-                ).format(self._history),
+                ),
                 (timeout, _LOCK_CLASS, self._lock_key),
             )
             row = cur.fetchone()
@@ -3712,12 +3695,14 @@ class Migrator:
         # A holder running a statement (not waiting for a lock) is at work: that is progress too.
         return f"{lock}, held by {holder}", object() if row[4] else (row[0], row[3])
 
-    def _live_lease(self, history: dict[int, tuple[Any, ...]]) -> tuple[str, object] | None:
+    def _live_lease(self, history: dict[int, _Row]) -> tuple[str, object] | None:
         """Describe another runner's no-transaction file whose lease is live, and its progress; or None."""
-        for version, (description, _sum, status, *_rest, runner, _progress, live) in history.items():
-            if status == "running" and live:
-                what = f"migration {version} ({description}), running without a transaction in {runner}"
-                return what, object()  # a live lease is renewed by a runner at work: progress
+        for version, row in history.items():
+            if row.status == "running" and row.live:  # a live lease is renewed by a runner at work: progress
+                return (
+                    f"migration {version} ({row.description}), running without a transaction in {row.runner}",
+                    object(),
+                )
         return None
 
     # -- history -------------------------------------------------------------------------------
@@ -3741,27 +3726,16 @@ class Migrator:
         schema_exists, table_exists, lease_columns = cur.fetchone() or (False, False, 0)
         if not table_exists:
             if not schema_exists:
-                cur.execute(
-                    psycopg2.sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
-                        psycopg2.sql.Identifier(self.schema)
-                    )
-                )
-            cur.execute(
-                psycopg2.sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {} ("
-                    " version bigint PRIMARY KEY,"
-                    " description text NOT NULL,"
-                    " checksum text NOT NULL,"
-                    " status text NOT NULL CHECK (status IN ('applied', 'failed', 'running')),"
-                    " applied_at timestamptz NOT NULL DEFAULT now(),"
-                    " execution_ms double precision,"
-                    " applied_by text NOT NULL DEFAULT current_user,"
-                    " error text,"
-                    " progress integer NOT NULL DEFAULT 0,"
-                    " runner text,"
-                    " lease_until timestamptz)"
-                ).format(self._history)
+                schema = psycopg2.sql.Identifier(self.schema)
+                cur.execute(psycopg2.sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
+            create = (
+                "CREATE TABLE IF NOT EXISTS {} (version bigint PRIMARY KEY, description text NOT NULL, "
+                "checksum text NOT NULL, status text NOT NULL CHECK (status IN ('applied', 'failed', "
+                "'running')), applied_at timestamptz NOT NULL DEFAULT now(), execution_ms double precision, "
+                "applied_by text NOT NULL DEFAULT current_user, error text, "
+                "progress integer NOT NULL DEFAULT 0, runner text, lease_until timestamptz)"
             )
+            cur.execute(self._sql(create))
         elif lease_columns < 2:  # a table made by pgops 0.1, before no-transaction files were leased
             self._add_lease_columns(cur)
         self._history_ready = True
@@ -3769,10 +3743,10 @@ class Migrator:
 
     def _add_lease_columns(self, cur: psycopg2.extensions.cursor) -> None:
         """Give a history table from pgops 0.1 its runner and lease_until columns, or say who must."""
-        alter = psycopg2.sql.SQL(
+        alter = self._sql(
             "ALTER TABLE {} ADD COLUMN IF NOT EXISTS runner text, "
             "ADD COLUMN IF NOT EXISTS lease_until timestamptz"
-        ).format(self._history)
+        )
         try:
             cur.execute(alter)
             return
@@ -3783,19 +3757,19 @@ class Migrator:
             f"have the table's owner run: {alter.as_string(cur)}; then migrate again"
         )
 
-    def _history_rows(
-        self, cur: psycopg2.extensions.cursor, *, known: bool = False
-    ) -> dict[int, tuple[Any, ...]]:
-        """Return history rows by version: (description, checksum, status, applied_at, ms, by, error).
+    def _sql(self, text: str) -> psycopg2.sql.Composed:
+        """Return the statement *text* with its ``{}`` made the history table, quoted as identifiers."""
+        return psycopg2.sql.SQL(text).format(self._history)
+
+    def _history_rows(self, cur: psycopg2.extensions.cursor, *, known: bool = False) -> dict[int, _Row]:
+        """Return the history rows by version.
 
         Without *known*, an absent table reads as an empty history. With it (under the lock, once
-        _ensure_history has run) each row also holds (runner, progress, lease live): read in the same
-        statement, so that a row and its lease are seen at one moment; applied_at, ms and by are None.
+        _ensure_history has run) each row also holds its runner and whether its lease is live: read
+        in the same statement, so that a row and its lease are seen at one moment.
         """
         if not known:
-            cur.execute(
-                "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text))", (self.schema, self.table)
-            )
+            cur.execute("SELECT to_regclass(%s)", (self._history.as_string(cur),))
             row = cur.fetchone()
             if row is None or row[0] is None:
                 return {}
@@ -3803,145 +3777,127 @@ class Migrator:
         columns = (
             "applied_at, execution_ms, applied_by, error"
             if not known
-            else "NULL, NULL, NULL, error, runner, progress, lease_until > pg_catalog.clock_timestamp()"
+            else "NULL, NULL, NULL, error, runner, lease_until > pg_catalog.clock_timestamp()"
         )
         cur.execute(
-            psycopg2.sql.SQL(
-                "SELECT version, description, checksum, status, " + columns + " FROM {} ORDER BY version"
-            ).format(self._history)
+            self._sql(f"SELECT version, description, checksum, status, {columns} FROM {{}} ORDER BY version")
         )
-        return {int(r[0]): tuple(r[1:]) for r in cur.fetchall()}
+        return {int(r[0]): _Row(*r[1:]) for r in cur.fetchall()}
 
     # -- reading -------------------------------------------------------------------------------
 
-    def _problems(
-        self, files: list[Migration], history: dict[int, tuple[Any, ...]], invalid: Iterable[int] = ()
-    ) -> list[str]:
-        """Return drift problems: changed files, other files under applied versions, files gone.
+    def _read(self, *, strict: bool = True) -> tuple[_Folder, dict[int, _Row]]:
+        """Read the files (*strict*: refusing a bad one, as migrate does), then the history, unlocked."""
+        return _scan_migrations(self.directory, strict), self._read_history()
 
-        Versions in *invalid* have a file that cannot be used, reported as such: not judged here.
+    def _read_history(self) -> dict[int, _Row]:
+        """Read the history through a lent connection, without the lock."""
+        with self.connection() as conn:
+            return self._history_rows(conn.cursor())
+
+    def _problems(
+        self, files: list[Migration], history: Mapping[int, _Row], invalid: Container[int] = ()
+    ) -> tuple[list[str], list[str], list[str]]:
+        """Return what stops a migrate: dirty rows, drift (changed, conflicting and missing files) and
+        pending files out of order. Future rows and repeatable rows without a file are logged.
+
+        Versions in *invalid* have a file that cannot be used, reported as such: not judged for drift.
         """
-        by_version = {m.version: m for m in files}
-        newest_file = _newest_file(files)
-        skip = set(invalid)
-        problems = []
-        for version, (description, checksum, status, *_rest) in history.items():
-            if status != "applied" or checksum == _BASELINE or version in skip:
+        dirty: list[str] = []
+        drift: list[str] = []
+        where = f"{self.schema}.{self.table}"
+        for version, migration, row, state in _states(files, history):
+            if row is None or (version in invalid and state not in ("failed", "running")):
                 continue
-            migration = by_version.get(version)
-            if version < 0:  # a repeatable migration: changing is what it is for
-                if migration is None and version not in self._warned:
+            if state == "running":
+                runner = f" by {row.runner}" if row.runner else ""
+                dirty.append(
+                    f"migration {version} ({row.description}) is marked running{runner} in {where} "
+                    "and its lease has run out: it ran without a transaction and was cut off part-way (if "
+                    "that runner is still at work, it lost touch with the database: wait for it); check "
+                    "what it did, then run repair"
+                )
+            elif state == "failed":
+                dirty.append(
+                    f"migration {version} ({row.description}) is failed in {where}"
+                    f"{': ' + row.error if row.error else ''}; fix its SQL, undo what it did, then run repair"
+                )
+            elif state == "missing" and version < 0:
+                if version not in self._warned:
                     self._warned.add(version)  # once per run, not once per repeatable applied
                     _logger.warning(
                         "repeatable migration R__%s.sql was applied but has no file here; repair forgets it",
-                        description,
+                        row.description,
                     )
-                continue
-            state = _applied_state(version, description, checksum, migration, newest_file)
-            if state == "future":
-                # A newer deploy got here first (or this is an older replica during a rollout):
-                # its migrations are not ours to judge. Flyway calls these "future" migrations.
+            elif state == "future":  # a newer deploy's, or this is an older replica: not ours to judge
                 _logger.warning(
-                    "migration %d (%s) is applied but newer than every file here", version, description
+                    "migration %d (%s) is applied but newer than every file here", version, row.description
                 )
             elif state == "missing":
-                problems.append(
-                    f"applied migration {version} ({description}) has no file in {self.directory!r}; "
+                drift.append(
+                    f"applied migration {version} ({row.description}) has no file in {self.directory!r}; "
                     "restore it"
                 )
             elif state == "changed" and migration is not None:
-                problems.append(
+                drift.append(
                     f"migration {migration.path!r} changed after it was applied (checksum "
-                    f"{checksum[:12]} in the database, {migration.checksum[:12]} on disk); "
+                    f"{row.checksum[:12]} in the database, {migration.checksum[:12]} on disk); "
                     "restore the file, or run repair to accept it"
                 )
             elif state == "conflict" and migration is not None:
-                problems.append(
+                drift.append(
                     f"migration {migration.path!r} is a different migration from the one applied as "
-                    f"version {version} ({description!r}, not {migration.description!r}); give the file "
-                    f"a version above {_newest_applied(history)}, or restore the file of {description!r}"
+                    f"version {version} ({row.description!r}, not {migration.description!r}); give the file "
+                    f"a version above {_newest_applied(history)}, or restore the file of {row.description!r}"
                 )
-        return problems
+        highest = _newest_applied(history)
+        order = [
+            f"pending migration {m.path!r} is older than applied version {highest}; renumber it above "
+            f"{highest}, or pass --allow-out-of-order"
+            for m in _due(files, history)
+            if not m.repeatable and m.version < highest and not self.allow_out_of_order
+        ]
+        return dirty, drift, order
 
-    def _read_history(self) -> dict[int, tuple[Any, ...]]:
-        """Read the history through a lent connection, without the lock (status, pending, validate)."""
-        with self._connection() as conn:
-            return self._history_rows(conn.cursor())
+    def _refuse_unsafe(self, files: list[Migration], history: Mapping[int, _Row]) -> None:
+        """Raise what _problems finds first: DirtyDatabase, ChecksumMismatch, or MigrationError (order)."""
+        dirty, drift, order = self._problems(files, history)
+        for problems, error in (
+            (dirty[:1], DirtyDatabase),
+            (drift, ChecksumMismatch),
+            (order, MigrationError),
+        ):
+            if problems:
+                raise error("; ".join(problems))
 
     def status(self) -> list[MigrationStatus]:
         """Return every migration and its state, as MigrationStatus.state lists them.
 
         Files that cannot be used are left out rather than refused: validate() names them.
         """
-        folder = _scan_migrations(self.directory)
-        files, invalid = folder.migrations, folder.invalid
-        history = self._read_history()
-        by_version = {m.version: m for m in files}
-        newest_file = _newest_file(files)
-        floor = _baseline_version(history)
+        folder, history = self._read(strict=False)
         rows: list[MigrationStatus] = []
+        for version, migration, row, state in _states(folder.migrations, history, folder.invalid):
+            description = folder.invalid.get(version) or (migration.description if migration else "")
+            row = row or _Row(description, "", "")
+            at = row.applied_at.isoformat(timespec="seconds") if row.applied_at is not None else None
+            shown = version if version >= 0 else None  # None: a repeatable migration
+            extra = (row.execution_ms, row.applied_by, row.error)
+            rows.append(MigrationStatus(shown, row.description, state, at, *extra))
         # Versioned migrations by version, then repeatable ones by name.
-        for version in sorted(
-            set(by_version) | set(history) | set(invalid), key=lambda v: (v < 0, max(v, 0))
-        ):
-            migration = by_version.get(version)
-            shown: int | None = version if version >= 0 else None
-            if version in invalid:  # validate() and the CLI's status say what is wrong with the file
-                row = history.get(version, (invalid[version], "", "", None, None, None, None))
-                at = row[3].isoformat(timespec="seconds") if row[3] is not None else None
-                rows.append(MigrationStatus(shown, row[0], "invalid", at, row[4], row[5], row[6]))
-                continue
-            if version not in history:
-                assert migration is not None
-                if migration.repeatable:
-                    state = "pending"
-                else:
-                    state = "below-baseline" if floor is not None and version <= floor else "pending"
-                rows.append(MigrationStatus(shown, migration.description, state))
-                continue
-            description, checksum, state, applied_at, ms, by, error = history[version]
-            if state == "applied" and checksum == _BASELINE:
-                state = "baseline"
-            elif state == "applied" and version < 0:
-                same = migration is not None and migration.checksum == checksum
-                state = "missing" if migration is None else "applied" if same else "outdated"
-            elif state == "applied":
-                state = _applied_state(version, description, checksum, migration, newest_file)
-            at = applied_at.isoformat(timespec="seconds") if applied_at is not None else None
-            rows.append(MigrationStatus(shown, description, state, at, ms, by, error))
-        repeatable = [r for r in rows if r.version is None]
-        return [r for r in rows if r.version is not None] + sorted(repeatable, key=lambda r: r.description)
+        return sorted(rows, key=lambda r: (r.version is None, r.version or 0, r.description))
 
     def pending(self) -> list[Migration]:
         """Return what migrate() would apply: versioned migrations in order, then repeatable ones."""
-        files = load_migrations(self.directory)
-        history = self._read_history()
-        return _pending(files, history) + _repeatables_due(files, history)
+        folder, history = self._read()
+        return _due(folder.migrations, history)
 
     def validate(self) -> list[str]:
         """Return what would stop migrate (bad files, drift, missing files, failed runs); empty when all
         is well. A pending file with no statement yet (a fresh ``new``) is not a problem here."""
-        folder = _scan_migrations(self.directory)
-        files, problems = folder.migrations, folder.problems
-        history = self._read_history()
-        problems += self._problems(files, history, folder.invalid)
-        problems += [
-            f"migration {v} ({row[0]}) is {row[2]}; fix it, then run repair"
-            for v, row in history.items()
-            if row[2] != "applied"
-        ]
-        return problems + self._order_problems(files, history)
-
-    def _order_problems(self, files: list[Migration], history: dict[int, tuple[Any, ...]]) -> list[str]:
-        highest = _newest_applied(history)
-        if self.allow_out_of_order or highest == 0:
-            return []
-        return [
-            f"pending migration {m.path!r} is older than applied version {highest}; renumber it above "
-            f"{highest}, or pass --allow-out-of-order"
-            for m in _pending(files, history)
-            if m.version < highest
-        ]
+        folder, history = self._read(strict=False)
+        dirty, drift, order = self._problems(folder.migrations, history, folder.invalid)
+        return folder.problems + drift + dirty + order
 
     # -- applying ------------------------------------------------------------------------------
 
@@ -3950,168 +3906,129 @@ class Migrator:
         target: int | None = None,
         dry_run: bool = False,
         *,
-        on_applied: Callable[[Migration, float], None] | None = None,
+        on_done: Callable[[Migration, float], None] | None = None,
     ) -> list[Migration]:
         """Apply pending migrations up to *target* (all by default) and return those applied.
 
         Repeatable migrations (R__name.sql) new or changed since last applied follow the versioned
         ones, in name order, unless a *target* below the newest file stops short of them.
+        *on_done(migration, ms)* is called after each one is applied.
         """
         if target is not None and target < 0:
             raise ConfigError(
                 f"target version {target} is negative; pass a migration's version, or none for all"
             )
-        folder = _load_folder(self.directory)
-        files = folder.migrations
-        repeat = target is None or target >= _newest_file(files)
-        if dry_run:
+        files = load_migrations(self.directory)
+        if dry_run or any(m.empty for m in files):
+            # An empty file due is refused before the session, which would create the history table.
             history = self._read_history()
-            self._refuse_unsafe(files, history)
-            due = _pending(files, history, target) + (_repeatables_due(files, history) if repeat else [])
-            _refuse_statementless(due, folder.statementless)
-            return due
+            if dry_run:
+                self._refuse_unsafe(files, history)
+            _refuse_empty(due := _due(files, history, target))
+            if dry_run:
+                return due
         by_version = {m.version: m for m in files}
-        self._statementless = folder.statementless
-        if self._statementless:  # refused before the session, which would create the history table
-            history = self._read_history()
-            due = _pending(files, history, target) + (_repeatables_due(files, history) if repeat else [])
-            _refuse_statementless(due, self._statementless)
-
-        def rolled_back_whole(exc: BaseException) -> bool:
-            # A transactional file that timed out waiting for a table lock left nothing behind: run it
-            # again. A no-transaction file retries its blocked statement itself.
-            migration = by_version.get(getattr(exc, "version", None) or 0)
-            return (
-                isinstance(exc, MigrationFailed)
-                and exc.sqlstate == "55P03"
-                and bool(migration and migration.transactional)
-            )
-
-        applied: list[Migration] = []
         with self._session() as cur, _Announcer("applying") as announcer:
             wait = _Wait(self.lock_timeout)
             # The versioned migrations, then the repeatable ones: each step applies one, or None.
-            steps = [functools.partial(self._migrate_one, cur, files, target, wait, announcer)]
-            if repeat:
-                steps.append(functools.partial(self._repeat_one, cur, files, wait, announcer, set()))
-            for step in steps:
-                while (done := retry_call(step, policy=_LOCK_RETRY, retry_on=rolled_back_whole)) is not None:
-                    migration, elapsed = done
-                    _logger.info("applied migration %s (%.1f ms)", migration.name, elapsed)
-                    applied.append(migration)
-                    if on_applied is not None:
-                        on_applied(migration, elapsed)
-        return applied
+            steps = [functools.partial(self._apply_next, cur, files, target, wait, announcer)]
+            if target is None or target >= _newest_file(files):
+                steps.append(functools.partial(self._apply_next, cur, files, target, wait, announcer, set()))
+            return self._run_steps(steps, by_version, "applied", on_done)
 
-    def _migrate_one(
+    def _run_steps(
+        self,
+        steps: Sequence[Callable[[], tuple[Migration, float] | None]],
+        running: Mapping[int, Migration],
+        verb: str,
+        on_done: Callable[[Migration, float], None] | None,
+    ) -> list[Migration]:
+        """Call each step until it returns None; return the migrations the steps applied or reverted.
+
+        A step whose transactional file (in *running*, by version) timed out waiting for a table lock
+        (55P03) left nothing behind: it runs again. A no-transaction file retries its statement itself.
+        """
+
+        def rolled_back_whole(exc: BaseException) -> bool:
+            if not isinstance(exc, MigrationFailed) or exc.sqlstate != "55P03" or exc.version is None:
+                return False
+            return exc.version in running and running[exc.version].transactional
+
+        done: list[Migration] = []
+        for step in steps:
+            while (result := retry_call(step, policy=_LOCK_RETRY, retry_on=rolled_back_whole)) is not None:
+                migration, elapsed = result
+                _logger.info("%s migration %s (%.1f ms)", verb, migration.name, elapsed)
+                done.append(migration)
+                if on_done is not None:
+                    on_done(migration, elapsed)
+        return done
+
+    def _apply_next(
         self,
         cur: psycopg2.extensions.cursor,
         files: list[Migration],
         target: int | None,
         wait: _Wait,
         announcer: _Announcer,
+        repeated: set[int] | None = None,
     ) -> tuple[Migration, float] | None:
-        """Apply the next pending migration in one locked transaction; None when nothing is pending."""
+        """Apply the next versioned migration due in one locked transaction, or with *repeated* the next
+        repeatable one not in it (each once per run); None when there is none.
+
+        A repeatable row changes in place (its checksum), which the history's fingerprint does not
+        see: for those the history is read in full each time.
+        """
+        if repeated is not None:
+            self._checked = {}
         with self._transaction(cur, wait) as history:
-            pending = _pending(files, history, target)
+            due = [m for m in _due(files, history, target) if m.repeatable == (repeated is not None)]
+            due = [m for m in due if m.version not in (repeated or ())]
             if history is not self._checked:  # else: as this runner left it, and checked then
                 self._refuse_unsafe(files, history)
-                _refuse_statementless(pending, self._statementless)
-            migration = next(iter(pending), None)
-            if migration is None:
+                _refuse_empty(due)
+            if not due:
                 self._at_version = _newest_applied(history)  # with other runners, maybe above ours
                 return None
-            elapsed = self._apply_timed(cur, migration, announcer)
-            # The history as the next read will find it unless another runner changes it meanwhile
-            # (a no-transaction file's row holds its progress: read and check it again).
-            mine = (migration.description, migration.checksum, "applied", None, None, None, None)
-            history[migration.version] = (*mine, self._runner, 0, None)
-            self._checked, self._print = history, _fingerprint(history, self._print, migration.version)
-            if not migration.transactional:
+            migration = due[0]
+            elapsed = self._apply(cur, migration, announcer)
+            if repeated is not None:
+                repeated.add(migration.version)
+            elif migration.transactional:  # else its row holds its progress: read and check it again
+                # The history as the next read will find it unless another runner changes it meanwhile.
+                history[migration.version] = _Row(migration.description, migration.checksum, "applied")
+                self._checked, self._print = history, _fingerprint(history, self._print, migration.version)
+            else:
                 self._checked = {}
             return migration, elapsed
 
-    def _repeat_one(
-        self,
-        cur: psycopg2.extensions.cursor,
-        files: list[Migration],
-        wait: _Wait,
-        announcer: _Announcer,
-        repeated: set[int],
-    ) -> tuple[Migration, float] | None:
-        """Apply the next repeatable migration that is new or changed, once per run; None when none is.
-
-        A repeatable row changes in place (its checksum), which the history's fingerprint does not
-        see: the history is read in full each time.
-        """
-        self._checked = {}
-        with self._transaction(cur, wait) as history:
-            self._refuse_unsafe(files, history)
-            due = [m for m in _repeatables_due(files, history) if m.version not in repeated]
-            _refuse_statementless(due, self._statementless)
-            if not due:
-                return None
-            elapsed = self._apply_timed(cur, due[0], announcer)
-            repeated.add(due[0].version)
-            return due[0], elapsed
-
-    def _apply_timed(
-        self, cur: psycopg2.extensions.cursor, migration: Migration, announcer: _Announcer
+    def _apply(
+        self, cur: psycopg2.extensions.cursor, migration: Migration, announcer: _Announcer, down: bool = False
     ) -> float:
-        """Apply and record a migration, announced if it runs long; return how long it took, in ms."""
+        """Run a migration's SQL as its first lines ask and record it applied (a *down* file: reverted),
+        announced if it runs long; return how long it took, in ms."""
         started = time.perf_counter()
         with announcer.running(migration.name):
-            self._apply(cur, migration, record=True)
+            run = self._run_in_transaction if migration.transactional else self._run_statements
+            run(cur, migration, down)
         return (time.perf_counter() - started) * 1000.0
 
-    def _refuse_unsafe(self, files: list[Migration], history: dict[int, tuple[Any, ...]]) -> None:
-        dirty = [(v, row) for v, row in history.items() if row[2] != "applied"]
-        if dirty:
-            version, row = dirty[0]
-            if row[2] == "running":
-                runner = f" by {row[7]}" if len(row) > 7 and row[7] else ""
-                raise DirtyDatabase(
-                    f"migration {version} ({row[0]}) is marked running{runner} in {self.schema}.{self.table} "
-                    "and its lease has run out: it ran without a transaction and was cut off part-way (if "
-                    "that runner is still at work, it lost touch with the database: wait for it); check "
-                    "what it did, then run repair"
-                )
-            raise DirtyDatabase(
-                f"migration {version} ({row[0]}) is {row[2]} in {self.schema}.{self.table}"
-                f"{': ' + row[6] if row[6] else ''}; fix its SQL, undo what it did, then run repair"
-            )
-        problems = self._problems(files, history)
-        if problems:
-            raise ChecksumMismatch("; ".join(problems))
-        order = self._order_problems(files, history)
-        if order:
-            raise MigrationError("; ".join(order))
-
-    def _apply(self, cur: psycopg2.extensions.cursor, migration: Migration, *, record: bool) -> None:
-        """Run a migration's SQL (a down file's with record=False) as its first lines ask."""
-        run = self._run_in_transaction if migration.transactional else self._run_statements
-        run(cur, migration, record)
-
-    def _run_in_transaction(
-        self, cur: psycopg2.extensions.cursor, migration: Migration, record: bool
-    ) -> None:
+    def _run_in_transaction(self, cur: psycopg2.extensions.cursor, migration: Migration, down: bool) -> None:
         """Run the SQL in the locked transaction, record it, and COMMIT; an error rolls all of it back."""
         started = time.perf_counter()
-        for start, statement in _statements(migration):
+        for start, code, statement in _statements(migration):
             try:
                 cur.execute(statement)
             except psycopg2.Error as exc:
-                raise _failure(migration, exc, start) from None
-        change, values = self._history_change(migration, record, (time.perf_counter() - started) * 1000.0)
+                raise _failure(migration, exc, start, code) from None
+        change, values = self._history_change(migration, down, (time.perf_counter() - started) * 1000.0)
         # The history change is made as the connecting user, whatever role the file set, and what the
         # file set for the session is undone before COMMIT makes it stick: behind a transaction pooler
         # the server session goes to other clients next. One round trip with the change and COMMIT.
-        cur.execute(
-            psycopg2.sql.SQL("SET SESSION AUTHORIZATION DEFAULT; RESET ALL; {}; COMMIT").format(change),
-            values,
-        )
+        reset_and_commit = psycopg2.sql.SQL("SET SESSION AUTHORIZATION DEFAULT; RESET ALL; {}; COMMIT")
+        cur.execute(reset_and_commit.format(change), values)
 
-    def _run_statements(self, cur: psycopg2.extensions.cursor, migration: Migration, record: bool) -> None:
+    def _run_statements(self, cur: psycopg2.extensions.cursor, migration: Migration, down: bool) -> None:
         """Claim a no-transaction file, then run it statement by statement, outside the lock.
 
         The claim, a 'running' history row naming this runner with a lease that a thread renews, is
@@ -4120,43 +4037,49 @@ class Migrator:
         that the claim is still its own, a fencing token: if repair removed it, nothing more runs.
         """
         started = time.perf_counter()
-        if record:
-            claim = (
-                "INSERT INTO {} (version, description, checksum, status, runner, lease_until) VALUES "
-                f"(%s, %s, %s, 'running', %s, {_LEASE_END})"
-            )
-            values: tuple[Any, ...] = (migration.version, migration.description, migration.checksum)
-            values += (self._runner, self.lease_timeout)
-        else:
+        if down:
             claim = (
                 "UPDATE {} SET status = 'running', runner = %s, progress = 0, error = NULL, "
                 f"lease_until = {_LEASE_END} WHERE version = %s"
             )
-            values = (self._runner, self.lease_timeout, migration.version)
-        # The lease is renewed on a connection of its own, opened before the claim: a runner that
-        # cannot open it (a role's CONNECTION LIMIT, say) claims nothing, instead of letting its lease
-        # lapse while it works and the others call the database dirty.
-        renewer = self._connect()
+            values: tuple[Any, ...] = (self._runner, self.lease_timeout, migration.version)
+        else:
+            claim = (
+                "INSERT INTO {} (version, description, checksum, status, runner, lease_until) VALUES "
+                f"(%s, %s, %s, 'running', %s, {_LEASE_END})"
+            )
+            values = (migration.version, migration.description, migration.checksum)
+            values += (self._runner, self.lease_timeout)
+        # The lease is renewed on a connection of its own, opened before the claim, from a thread: a
+        # runner that cannot open it (a role's CONNECTION LIMIT, say) claims nothing, instead of
+        # letting its lease lapse while it works and the others call the database dirty.
+        renewer, stop = self._connect(), threading.Event()
+        renew = threading.Thread(
+            target=self._renew, args=(migration.version, renewer, stop), name="pgops-lease", daemon=True
+        )
         self._sent = 0
         try:
-            cur.execute(psycopg2.sql.SQL(claim + "; COMMIT").format(self._history), values)
-            with self._renewing(migration.version, renewer):
+            cur.execute(self._sql(claim + "; COMMIT"), values)
+            renew.start()
+            try:
                 if not self._pooled:  # outside a transaction, a pooled session would be someone else's
                     cur.execute(_RESET_SESSION)
-                self._run_each(cur, migration, record)
+                self._run_each(cur, migration, down)
+            finally:
+                stop.set()
+                renew.join()
             ms = (time.perf_counter() - started) * 1000.0
-            change, values = self._history_change(migration, record, ms, claimed=True)
-            cur.execute(change, values)
+            cur.execute(*self._history_change(migration, down, ms, claimed=True))
             if cur.rowcount != 1:
                 raise self._claim_lost(migration)
         except BaseException as exc:
-            self._abandon(cur, migration, record, exc)
+            self._abandon(cur, migration, down, exc)
             raise
         finally:
             _close_quietly(renewer)
 
     def _history_change(
-        self, migration: Migration, record: bool, ms: float, *, claimed: bool = False
+        self, migration: Migration, down: bool, ms: float, *, claimed: bool = False
     ) -> tuple[psycopg2.sql.Composable, tuple[Any, ...]]:
         """Return the statement and parameters that record a migration as applied, or as reverted.
 
@@ -4164,11 +4087,11 @@ class Migrator:
         """
         where = _CLAIMED if claimed else "version = %s"
         key: tuple[Any, ...] = (migration.version, self._runner) if claimed else (migration.version,)
-        if not record:
-            return psycopg2.sql.SQL(f"DELETE FROM {{}} WHERE {where}").format(self._history), key
+        if down:
+            return self._sql(f"DELETE FROM {{}} WHERE {where}"), key
         if claimed:
             sql = f"UPDATE {{}} SET status = 'applied', execution_ms = %s, lease_until = NULL WHERE {where}"
-            return psycopg2.sql.SQL(sql).format(self._history), (ms, *key)
+            return self._sql(sql), (ms, *key)
         sql = (
             "INSERT INTO {} (version, description, checksum, status, execution_ms, runner) "
             "VALUES (%s, %s, %s, 'applied', %s, %s)"
@@ -4180,28 +4103,12 @@ class Migrator:
                 "applied_by = current_user, runner = EXCLUDED.runner"
             )
         values = (migration.version, migration.description, migration.checksum, ms, self._runner)
-        return psycopg2.sql.SQL(sql).format(self._history), values
-
-    @contextlib.contextmanager
-    def _renewing(self, version: int, conn: psycopg2.extensions.connection) -> Iterator[None]:
-        """Renew this runner's lease on *version* over *conn*, from a thread, while the block runs."""
-        stop = threading.Event()
-        thread = threading.Thread(
-            target=self._renew, args=(version, conn, stop), name="pgops-lease", daemon=True
-        )
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
+        return self._sql(sql), values
 
     def _renew(self, version: int, conn: psycopg2.extensions.connection, stop: threading.Event) -> None:
         """Extend the lease every third of lease_timeout; if the claim is gone, cancel the statement."""
         conn.autocommit = True
-        renew = psycopg2.sql.SQL(f"UPDATE {{}} SET lease_until = {_LEASE_END} WHERE {_CLAIMED}").format(
-            self._history
-        )
+        renew = self._sql(f"UPDATE {{}} SET lease_until = {_LEASE_END} WHERE {_CLAIMED}")
         renewed = time.monotonic()
         while not stop.wait(self.lease_timeout / 3):
             try:
@@ -4212,7 +4119,7 @@ class Migrator:
                 cur.execute(renew, (self.lease_timeout, version, self._runner))
                 if cur.rowcount == 0 and not stop.is_set():
                     _logger.error("the claim on migration %d is gone (repair?); cancelling it", version)
-                    self._cancel()
+                    self.cancel()
                     return
                 renewed = time.monotonic()
             except (psycopg2.Error, PgOpsError) as exc:
@@ -4229,12 +4136,8 @@ class Migrator:
 
     def _fence(self, cur: psycopg2.extensions.cursor, migration: Migration, done: int) -> None:
         """Check that this runner still holds its claim on *migration*, and record its progress."""
-        cur.execute(
-            psycopg2.sql.SQL(
-                f"UPDATE {{}} SET progress = %s, lease_until = {_LEASE_END} WHERE {_CLAIMED}"
-            ).format(self._history),
-            (done, self.lease_timeout, migration.version, self._runner),
-        )
+        fence = f"UPDATE {{}} SET progress = %s, lease_until = {_LEASE_END} WHERE {_CLAIMED}"
+        cur.execute(self._sql(fence), (done, self.lease_timeout, migration.version, self._runner))
         if cur.rowcount != 1:
             raise self._claim_lost(migration)
 
@@ -4248,7 +4151,7 @@ class Migrator:
         )
 
     def _abandon(
-        self, cur: psycopg2.extensions.cursor, migration: Migration, record: bool, exc: BaseException
+        self, cur: psycopg2.extensions.cursor, migration: Migration, down: bool, exc: BaseException
     ) -> None:
         """After a no-transaction file stopped: give the claim back if nothing ran, else end its lease.
 
@@ -4257,24 +4160,19 @@ class Migrator:
         """
         if self._sent == 0:  # stopped before its first statement: as if it had never been claimed
             release = (
-                f"DELETE FROM {{}} WHERE {_CLAIMED}"
-                if record
-                else f"UPDATE {{}} SET status = 'applied', lease_until = NULL WHERE {_CLAIMED}"
+                f"UPDATE {{}} SET status = 'applied', lease_until = NULL WHERE {_CLAIMED}"
+                if down
+                else f"DELETE FROM {{}} WHERE {_CLAIMED}"
             )
             with contextlib.suppress(psycopg2.Error):
-                cur.execute(
-                    psycopg2.sql.SQL(release).format(self._history), (migration.version, self._runner)
-                )
+                cur.execute(self._sql(release), (migration.version, self._runner))
             return
         state = "running"  # what the row says when the connection is gone, and with it the lease's end
+        end_lease = (
+            "UPDATE {} SET lease_until = pg_catalog.clock_timestamp() WHERE version = %s AND runner = %s"
+        )
         with contextlib.suppress(psycopg2.Error):
-            cur.execute(
-                psycopg2.sql.SQL(
-                    "UPDATE {} SET lease_until = pg_catalog.clock_timestamp() "
-                    "WHERE version = %s AND runner = %s RETURNING status"
-                ).format(self._history),
-                (migration.version, self._runner),
-            )
+            cur.execute(self._sql(end_lease + " RETURNING status"), (migration.version, self._runner))
             row = cur.fetchone()
             if row is None or row[0] == "applied":
                 return  # done after all, or repair took the row: nothing is left half-way
@@ -4290,79 +4188,73 @@ class Migrator:
             self.table,
         )
 
-    def _run_each(self, cur: psycopg2.extensions.cursor, migration: Migration, record: bool) -> None:
+    def _run_each(self, cur: psycopg2.extensions.cursor, migration: Migration, down: bool) -> None:
         """Run the statements of a no-transaction file; on failure mark its history row failed."""
-        for done, (start, statement) in enumerate(_statements(migration)):
+        for done, (start, code, statement) in enumerate(_statements(migration)):
             self._fence(cur, migration, done)
             try:
                 self._sent += 1
                 # In autocommit a statement that timed out waiting for a lock did nothing: retry it.
                 retry_call(
-                    cur.execute,
-                    statement,
-                    policy=_LOCK_RETRY,
-                    retry_on=lambda exc: _sqlstate(exc) == "55P03",
+                    cur.execute, statement, policy=_LOCK_RETRY, retry_on=lambda e: _sqlstate(e) == "55P03"
                 )
             except psycopg2.Error as exc:
-                failure = _failure(migration, exc, start)
+                failure = _failure(migration, exc, start, code)
+                error = f"{'rollback failed: ' if down else ''}{failure}"
                 # Up or down, part of the file has run: the row says so, and migrate refuses until
                 # repair. If the connection is gone the row stays 'running', which is just as dirty.
                 with contextlib.suppress(psycopg2.Error):
-                    cur.execute(
-                        psycopg2.sql.SQL(
-                            f"UPDATE {{}} SET status = 'failed', error = %s WHERE {_CLAIMED}"
-                        ).format(self._history),
-                        (
-                            f"{'' if record else 'rollback failed: '}{failure}",
-                            migration.version,
-                            self._runner,
-                        ),
-                    )
+                    failed = self._sql(f"UPDATE {{}} SET status = 'failed', error = %s WHERE {_CLAIMED}")
+                    cur.execute(failed, (error, migration.version, self._runner))
                 raise failure from None
 
     def rollback(
-        self, target: int | None = None, *, on_reverted: Callable[[Migration, float], None] | None = None
+        self, target: int | None = None, *, on_done: Callable[[Migration, float], None] | None = None
     ) -> list[Migration]:
         """Revert applied migrations above *target* with their .down.sql files, newest first.
 
         Without a target, the newest applied migration alone (dbmate's rollback, alembic's
         ``downgrade -1``). The version the database is now at is in ``at_version`` afterwards.
+        *on_done(migration, ms)* is called after each one is reverted. A down file that times out
+        waiting for a table lock (55P03) is rolled back and tried again, as migrate does.
         """
         if target is not None and target < 0:
             raise ConfigError(f"cannot roll back to version {target}; pass an applied version, or 0 for all")
         files = {m.version: m for m in load_migrations(self.directory)}
-        reverted: list[Migration] = []
-        downs: dict[int, Migration] | None = None
-        end = 0  # where the rollback ends: *target*, checked under the lock
+        downs: dict[int, Migration] = {}  # by version: those still to run, all read before the first runs
+        end: int | None = None  # where the rollback ends: *target*, checked under the lock
+
+        def revert_one(
+            cur: psycopg2.extensions.cursor, wait: _Wait, announcer: _Announcer
+        ) -> tuple[Migration, float] | None:
+            nonlocal end
+            with self._transaction(cur, wait) as history:
+                self._refuse_unsafe(list(files.values()), history)
+                if end is None:
+                    end = _rollback_target(target, history)
+                    self._at_version = max(end, 0)
+                    downs.update(self._down_files(end, files, history))
+                version = max((v for v in history if v > end), default=None)
+                if version is None:
+                    return None
+                if version not in downs:
+                    # Rollback takes the lock once per version: a migrate in between re-applied it.
+                    raise MigrationError(
+                        f"migration {version} was applied by another run during this rollback; "
+                        "stop the migrate runs, then run rollback again"
+                    )
+                elapsed = self._apply(cur, downs[version], announcer, down=True)
+            del downs[version]
+            return files[version], elapsed
+
         with self._session() as cur, _Announcer("reverting") as announcer:
             wait = _Wait(self.lock_timeout)
-            while True:
-                with self._transaction(cur, wait) as history:
-                    self._refuse_unsafe(list(files.values()), history)
-                    if downs is None:
-                        end = _rollback_target(target, history)
-                        self._at_version = max(end, 0)
-                        downs = self._down_files(end, files, history)
-                    version = max((v for v in history if v > end), default=None)
-                    if version is None:
-                        break
-                    if version not in downs or files[version] in reverted:
-                        # Rollback takes the lock once per version: a migrate in between re-applied it.
-                        raise MigrationError(
-                            f"migration {version} was applied by another run during this rollback; "
-                            "stop the migrate runs, then run rollback again"
-                        )
-                    started = time.perf_counter()
-                    with announcer.running(downs[version].name):
-                        self._apply(cur, downs[version], record=False)
-                elapsed = (time.perf_counter() - started) * 1000.0
-                _logger.info("reverted migration %s (%.1f ms)", files[version].name, elapsed)
-                reverted.append(files[version])
-                if on_reverted is not None:
-                    on_reverted(files[version], elapsed)
-            if reverted:
+            done = self._run_steps(
+                [functools.partial(revert_one, cur, wait, announcer)], downs, "reverted", on_done
+            )
+            if done:
                 self._forget_repeatables(cur, wait)
-        return reverted
+        return done
 
     def _forget_repeatables(self, cur: psycopg2.extensions.cursor, wait: _Wait) -> None:
         """Forget every repeatable migration after a rollback, so that the next migrate applies them again.
@@ -4371,14 +4263,14 @@ class Migrator:
         they are written to run again, and nothing tells which ones a rollback touched.
         """
         with self._transaction(cur, wait):
-            cur.execute(psycopg2.sql.SQL("DELETE FROM {} WHERE version < 0").format(self._history))
+            cur.execute(self._sql("DELETE FROM {} WHERE version < 0"))
             if cur.rowcount:
                 _logger.info(
                     "forgot %d repeatable migration(s): the next migrate applies them again", cur.rowcount
                 )
 
     def _down_files(
-        self, target: int, files: dict[int, Migration], history: dict[int, tuple[Any, ...]]
+        self, target: int, files: dict[int, Migration], history: dict[int, _Row]
     ) -> dict[int, Migration]:
         """Return the down migration of every version above *target*: all read and checked before any runs."""
         victims = sorted(v for v in history if v > target)
@@ -4394,17 +4286,8 @@ class Migrator:
                 f"cannot roll back to {target}: no .down.sql for {', '.join(map(repr, missing))}; "
                 "write them first"
             )
-        downs = {}
-        statementless = []  # a fresh template of `new`
-        for version in victims:
-            path = files[version].down_path or ""
-            text, has_statement = _read_sql_file(path)
-            downs[version] = dataclasses.replace(
-                files[version], path=path, sql=text, transactional=_transactional(text), down_path=None
-            )
-            if not has_statement:
-                statementless.append(version)
-        _refuse_statementless(downs.values(), statementless)
+        downs = {v: _read_migration(files[v].down_path or "", v, files[v].description) for v in victims}
+        _refuse_empty(downs.values())
         return downs
 
     @property
@@ -4421,8 +4304,7 @@ class Migrator:
         """
         if not 0 <= version <= _MAX_VERSION:
             raise ConfigError(f"baseline version {version} is out of range; pass a version of 0 or more")
-        files = {m.version: m for m in load_migrations(self.directory) if not m.repeatable}
-        migration = files.get(version)
+        migration = next((m for m in load_migrations(self.directory) if m.version == version), None)
         if migration is None:
             # Else the next file `new` writes could be numbered at or under V, and never run.
             raise ConfigError(
@@ -4438,13 +4320,7 @@ class Migrator:
                     f"migration(s) {recorded[0]}..{recorded[-1]}; baseline is for a database pgops has "
                     "not migrated yet"
                 )
-            cur.execute(
-                psycopg2.sql.SQL(
-                    "INSERT INTO {} (version, description, checksum, status, execution_ms, runner) "
-                    "VALUES (%s, %s, %s, 'applied', 0, %s)"
-                ).format(self._history),
-                (version, migration.description, _BASELINE, self._runner),
-            )
+            cur.execute(*self._history_change(dataclasses.replace(migration, checksum=_BASELINE), False, 0.0))
         self._at_version = version
         _logger.info("baseline: %s.%s is now at version %d", self.schema, self.table, version)
 
@@ -4453,47 +4329,36 @@ class Migrator:
 
         Also forgets repeatable migrations whose file is gone. A baseline row is left as it is.
         """
-        files = {m.version: m for m in load_migrations(self.directory)}
-        newest_file = _newest_file(files.values())
+        files = load_migrations(self.directory)
         actions: list[str] = []
         with self._session() as cur, self._transaction(cur, _Wait(self.lock_timeout)) as history:
-            states = {
-                version: _applied_state(version, row[0], row[1], files.get(version), newest_file)
-                for version, row in history.items()
-                if row[2] == "applied" and row[1] != _BASELINE and version >= 0
-            }
-            if "conflict" in states.values():
+            states = list(_states(files, history))
+            if any(state == "conflict" for *_, state in states):
                 # Accepting its checksum would mark another migration applied without running it.
-                problems = self._problems(list(files.values()), history)
-                raise ChecksumMismatch("; ".join(problems) + "; repair accepts edits, not other migrations")
-            for version, (description, _checksum, status, *_rest) in history.items():
-                migration = files.get(version)
-                if status != "applied":
-                    cur.execute(
-                        psycopg2.sql.SQL("DELETE FROM {} WHERE version = %s").format(self._history),
-                        (version,),
+                drift = self._problems(files, history)[1]
+                raise ChecksumMismatch("; ".join(drift) + "; repair accepts edits, not other migrations")
+            delete, accept = (
+                "DELETE FROM {} WHERE version = %s",
+                "UPDATE {} SET checksum = %s WHERE version = %s",
+            )
+            for version, migration, row, state in states:
+                if row is not None and state in ("failed", "running"):
+                    cur.execute(self._sql(delete), (version,))
+                    actions.append(f"removed the {state} row of migration {version} ({row.description})")
+                elif row is not None and state == "missing" and version < 0:
+                    cur.execute(self._sql(delete), (version,))
+                    actions.append(
+                        f"forgot repeatable migration R__{row.description}.sql, whose file is gone"
                     )
-                    actions.append(f"removed the {status} row of migration {version} ({description})")
-                elif version < 0 and migration is None:
-                    cur.execute(
-                        psycopg2.sql.SQL("DELETE FROM {} WHERE version = %s").format(self._history),
-                        (version,),
-                    )
-                    actions.append(f"forgot repeatable migration R__{description}.sql, whose file is gone")
-                elif migration is not None and states.get(version) == "changed":
-                    cur.execute(
-                        psycopg2.sql.SQL("UPDATE {} SET checksum = %s WHERE version = %s").format(
-                            self._history
-                        ),
-                        (migration.checksum, version),
-                    )
+                elif state == "changed" and migration is not None:
+                    cur.execute(self._sql(accept), (migration.checksum, version))
                     actions.append(f"accepted the changed checksum of {migration.path!r}")
         for action in actions:
             _logger.info("repair: %s", action)
         return actions
 
 
-def _rollback_target(target: int | None, history: Mapping[int, tuple[Any, ...]]) -> int:
+def _rollback_target(target: int | None, history: Mapping[int, _Row]) -> int:
     """Return where a rollback ends: *target* checked, or the version below the newest applied one.
 
     Raise ConfigError unless it is 0 or an applied version, at or above any baseline.
@@ -5748,7 +5613,7 @@ def _cancel_on_wakeup(reader: socket.socket, migrator: Migrator) -> None:
     """Cancel the migrator's statement each time SIGINT or SIGTERM arrives, until the writer closes."""
     while data := reader.recv(64):
         if signal.SIGINT in data or signal.SIGTERM in data:
-            migrator._cancel()
+            migrator.cancel()
 
 
 def _exit_code(exc: BaseException) -> int:
@@ -5823,7 +5688,7 @@ def _cmd_migrate(args: Any, environ: Mapping[str, str]) -> int:
         _say(args, f"dry run: {len(pending)} migration(s) would be applied; nothing was changed")
         return _EXIT_OK
     with _cancel_on_signals(migrator):
-        applied = migrator.migrate(target=args.target, on_applied=_print_applied(args, "applied"))
+        applied = migrator.migrate(target=args.target, on_done=_print_applied(args, "applied"))
     total = (time.perf_counter() - started) * 1000.0
     # The database's version, not the newest this process applied: runners take turns.
     where = f"; now at version {migrator.at_version}" if applied else "; already up to date"
@@ -5870,7 +5735,7 @@ def _cmd_validate(args: Any, environ: Mapping[str, str]) -> int:
         if pending:
             _say(args, f"schema check skipped: {len(pending)} migration(s) pending")
         else:
-            with migrator._connection() as conn:
+            with migrator.connection() as conn:
                 report = check_schema(conn, **spec)
             problems += report.problems
             for note in report.notes:
@@ -5888,7 +5753,7 @@ def _cmd_rollback(args: Any, environ: Mapping[str, str]) -> int:
     if args.to == 0 and not args.yes:
         _confirm_everything(migrator)
     with _cancel_on_signals(migrator):
-        reverted = migrator.rollback(args.to, on_reverted=_print_applied(args, "reverted"))
+        reverted = migrator.rollback(args.to, on_done=_print_applied(args, "reverted"))
     # rollback() ends only at 0 or an applied version: that is where the database is now.
     _say(args, f"reverted {len(reverted)} migration(s); now at version {migrator.at_version}")
     return _EXIT_OK
@@ -5896,7 +5761,7 @@ def _cmd_rollback(args: Any, environ: Mapping[str, str]) -> int:
 
 def _confirm_everything(migrator: Migrator) -> None:
     """Ask on the terminal before `rollback --to 0` reverts every migration; without one, ask for --yes."""
-    where = f"{redact_dsn(migrator._dsn)!r} ({migrator.schema}.{migrator.table})"
+    where = migrator.where
     if not sys.stdin.isatty():
         raise ConfigError(
             f"rollback --to 0 reverts every applied migration in {where}; pass --yes to confirm "
@@ -6126,7 +5991,7 @@ def _demo(dsn: str, args: Any) -> None:
             cur.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'")
             has_vector, major = cur.fetchone() is not None, conn.server_version // 10000
         if has_vector:
-            migrator.migrate(on_applied=_print_applied(args, "applied"))
+            migrator.migrate(on_done=_print_applied(args, "applied"))
             _demo_documents(pool, args)
         else:
             print(

@@ -587,7 +587,7 @@ def test_new_writes_the_next_number_padded_to_the_widest(
     assert proc.stdout.splitlines() == [str(mdir / expected), str(mdir / down)]
     assert (mdir / expected).is_file()
     assert (mdir / down).is_file()
-    assert pgops.parse_migration_name(expected)[1] == "add_users"
+    assert pgops._parse_migration_name(expected)[1] == "add_users"
 
 
 def test_new_creates_the_directory(tmp_path: Path) -> None:

@@ -24,10 +24,10 @@ from pgops import (
     MigrationError,
     MigrationFailed,
     Migrator,
+    _parse_migration_name,
+    _split_sql,
     load_migrations,
     migration_checksum,
-    parse_migration_name,
-    split_sql,
 )
 from pgtest import PgServer, free_port, relation_exists, scalar, wait_until, write
 
@@ -85,8 +85,8 @@ def simple_set(directory: Path, count: int) -> None:
 
 
 def statements(text: str) -> list[str]:
-    """Return the non-blank pieces of split_sql(text), stripped."""
-    return [piece.strip() for piece in split_sql(text) if piece.strip()]
+    """Return the non-blank pieces of _split_sql(text), stripped."""
+    return [piece.strip() for piece in _split_sql(text) if piece.strip()]
 
 
 @pytest.fixture
@@ -121,7 +121,7 @@ def hold_migration_lock(conn: Conn, migrator: Migrator) -> int:
 )
 def test_parse_migration_name_accepts_numbered_files(filename: str, expected: tuple[int, str, bool]) -> None:
     """A numbered file name parses into (version, description, is_down)."""
-    assert parse_migration_name(filename) == expected
+    assert _parse_migration_name(filename) == expected
 
 
 @pytest.mark.parametrize(
@@ -131,7 +131,7 @@ def test_parse_migration_name_accepts_numbered_files(filename: str, expected: tu
 def test_parse_migration_name_rejects_bad_names(filename: str) -> None:
     """A name that is not NNNN_description.sql raises BadMigration naming the file."""
     with pytest.raises(BadMigration, match=repr(filename).replace(".", r"\.")):
-        parse_migration_name(filename)
+        _parse_migration_name(filename)
 
 
 def test_checksum_ignores_bom_and_crlf() -> None:
@@ -195,14 +195,14 @@ def test_checksum_ignores_bom_and_crlf() -> None:
 )
 def test_split_sql_does_not_split_inside_quotes_or_comments(text: str, expected: list[str]) -> None:
     """Semicolons in strings, identifiers, dollar quotes, comments and BEGIN ATOMIC bodies end nothing."""
-    pieces = split_sql(text)
+    pieces = _split_sql(text)
     assert "".join(pieces) == text
     assert statements(text) == expected
 
 
 def test_split_sql_pieces_join_back_to_the_tricky_migration() -> None:
     """The tricky migration splits into its six statements, which join back to the exact text."""
-    pieces = split_sql(TRICKY_SQL)
+    pieces = _split_sql(TRICKY_SQL)
     assert "".join(pieces) == TRICKY_SQL
     starts = [p.split("*/")[-1].strip().split()[0] for p in pieces if p.strip()]
     assert starts == ["CREATE", "INSERT", "CREATE", "CREATE", "CREATE", "DO"]
@@ -212,7 +212,7 @@ def test_split_sql_pieces_join_back_to_the_tricky_migration() -> None:
 @hypothesis.given(st.text(alphabet=st.sampled_from(list("ab;'\"$-/*\n\\E x")), max_size=60))
 def test_split_sql_pieces_always_join_back(text: str) -> None:
     """For any text, however malformed, the pieces concatenate to the input."""
-    assert "".join(split_sql(text)) == text
+    assert "".join(_split_sql(text)) == text
 
 
 # -- loading files -------------------------------------------------------------------------------
@@ -287,10 +287,10 @@ def test_migrate_twice_in_one_process_is_a_no_op_the_second_time(dsn: str, admin
 
 
 def test_migrate_reports_each_applied_migration(dsn: str, mdir: Path) -> None:
-    """on_applied is called once per migration, in order, with a non-negative duration."""
+    """on_done is called once per migration, in order, with a non-negative duration."""
     simple_set(mdir, 2)
     seen: list[tuple[str, float]] = []
-    Migrator(dsn, str(mdir)).migrate(on_applied=lambda m, ms: seen.append((m.name, ms)))
+    Migrator(dsn, str(mdir)).migrate(on_done=lambda m, ms: seen.append((m.name, ms)))
     assert [name for name, _ in seen] == ["0001_table_1.sql", "0002_table_2.sql"]
     assert all(ms >= 0 for _, ms in seen)
 
@@ -519,6 +519,37 @@ def test_statement_lock_timeout_is_retried_until_the_table_is_free(
         blocker.close()
     assert scalar(admin, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'busy'") == 2
     assert history(admin) == applied(1)
+
+
+def test_rollback_retries_a_down_file_that_hit_the_statement_lock_timeout(
+    dsn: str, admin: Conn, mdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A down file waiting behind a lock times out (55P03), rolls back, and is retried as migrate's are."""
+    caplog.set_level(logging.WARNING, logger="pgops")
+    admin.cursor().execute("CREATE TABLE busy (id int)")
+    write(mdir, "0001_side.sql", "CREATE TABLE side (id int);\n")
+    write(mdir, "0001_side.down.sql", "DROP TABLE side;\nALTER TABLE busy ADD COLUMN note text;\n")
+    migrator = Migrator(dsn, str(mdir), statement_lock_timeout=0.2)
+    migrator.migrate()
+    blocker = psycopg2.connect(dsn)
+    try:
+        blocker.cursor().execute("LOCK TABLE busy IN ACCESS SHARE MODE")  # held until rollback
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            future = pool.submit(migrator.rollback)
+            wait_until(
+                lambda: future.done() or any("55P03" in r.getMessage() for r in caplog.records),
+                timeout=30,
+                message="no lock_timeout retry was logged",
+            )
+            assert not future.done()
+            assert relation_exists(admin, "side")  # the failed attempt was rolled back
+            blocker.rollback()
+            assert [m.version for m in future.result(timeout=60)] == [1]
+    finally:
+        blocker.close()
+    assert not relation_exists(admin, "side")
+    assert scalar(admin, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'busy'") == 2
+    assert history(admin) == []
 
 
 @pytest.fixture

@@ -18,12 +18,12 @@ from pgops import (
     ConfigError,
     PoolConfig,
     RetryPolicy,
+    _parse_migration_name,
     _scrub,
+    _split_sql,
     migration_checksum,
-    parse_migration_name,
     redact_dsn,
     render_prometheus,
-    split_sql,
 )
 
 # Bounded and deterministic enough for CI: no example database written into the checkout.
@@ -159,7 +159,7 @@ NAME = re.compile(r"([0-9]+)_([A-Za-z0-9_-]+)(\.down)?\.sql")
 def test_valid_migration_names_round_trip(version: int, padding: int, description: str, down: bool) -> None:
     """A name built from a version (zero-padded), a description and an optional .down parses back."""
     name = f"{version:0{len(str(version)) + padding}d}_{description}{'.down' if down else ''}.sql"
-    assert parse_migration_name(name) == (version, description, down)
+    assert _parse_migration_name(name) == (version, description, down)
 
 
 NAME_PARTS = st.sampled_from(
@@ -189,7 +189,7 @@ def test_any_file_name_parses_as_the_pattern_says_or_raises_bad_migration(name: 
     match = NAME.fullmatch(name)
     fits = match is not None and int(match[1]) <= BIGINT_MAX
     try:
-        parsed = parse_migration_name(name)
+        parsed = _parse_migration_name(name)
     except BadMigration as exc:
         assert not fits, exc
         assert repr(name) in str(exc)
@@ -207,7 +207,7 @@ SQLISH = st.lists(st.sampled_from([*"ab;'\"$-/*()\n \\eE_1", "$$", "$x$", "--", 
 @given(text=st.one_of(st.text(), SQLISH))
 def test_split_sql_pieces_join_back_to_the_text(text: str) -> None:
     """Joining the pieces gives back any input, and every piece but the last ends with a semicolon."""
-    pieces = split_sql(text)
+    pieces = _split_sql(text)
     assert "".join(pieces) == text
     assert all(piece.endswith(";") for piece in pieces[:-1])
     assert all(pieces)
@@ -256,7 +256,7 @@ def test_split_sql_never_splits_inside_quotes_dollar_quotes_identifiers_or_comme
 ) -> None:
     """Semicolons in strings, dollar quotes, identifiers, comments and bodies never split a statement."""
     text = "".join(statement + ";\n" for statement in statements)
-    pieces = split_sql(text)
+    pieces = _split_sql(text)
     assert len(pieces) == len(statements) + 1  # the last piece is the final newline
     assert pieces[0] == statements[0] + ";"
     assert [p.lstrip("\n") for p in pieces[1:-1]] == [s + ";" for s in statements[1:]]
