@@ -429,12 +429,17 @@ class PoolConfig:
     cursor_factory: type[psycopg2.extensions.cursor] | None = None
     # The dsn with connect_kwargs merged in: what pools connect to, and what messages are scrubbed of.
     _conninfo: str = dataclasses.field(init=False, repr=False, compare=False, default="")
+    # from_env's environment variable of each field it read, which a message about the value names.
+    _names: dataclasses.InitVar[Mapping[str, str]] = types.MappingProxyType({})
 
-    def __post_init__(self) -> None:
-        _check_dsn(self.dsn)
+    def __post_init__(self, _names: Mapping[str, str]) -> None:
+        def name(field: str) -> str:
+            return _names.get(field, field)
+
+        _check_dsn(self.dsn, name("dsn"))
         self._check_connections()
         if self.read_dsn:
-            _check_dsn(self.read_dsn, "read_dsn")
+            _check_dsn(self.read_dsn, name("read_dsn"))
             if self.read_only:
                 raise ConfigError(
                     "read_dsn is for a primary pool, which opens its read pool from it; "
@@ -442,18 +447,19 @@ class PoolConfig:
                 )
         if not isinstance(self.name, str) or not self.name.strip() or not self.name.isprintable():
             raise ConfigError(f"name={self.name!r} is not a pool name; use a short word such as 'default'")
-        _check_int("min_size", self.min_size, minimum=0)
-        _check_int("max_size", self.max_size, minimum=1)
-        _check_int("max_waiting", self.max_waiting, minimum=0)
+        _check_int(name("min_size"), self.min_size, minimum=0)
+        _check_int(name("max_size"), self.max_size, minimum=1)
+        _check_int(name("max_waiting"), self.max_waiting, minimum=0)
         if self.min_size > self.max_size:
+            low, high = name("min_size"), name("max_size")
             raise ConfigError(
-                f"min_size={self.min_size!r} is greater than max_size={self.max_size!r}; "
-                "raise max_size or lower min_size"
+                f"{low}={self.min_size!r} is greater than {high}={self.max_size!r}; "
+                f"raise {high} or lower {low}"
             )
-        _check_seconds("acquire_timeout", self.acquire_timeout, positive=True)
+        _check_seconds(name("acquire_timeout"), self.acquire_timeout, positive=True)
         _check_seconds("connect_timeout", self.connect_timeout, positive=True)
-        for name in ("max_lifetime", "idle_timeout", "leak_threshold", "monitor_interval", "max_replica_lag"):
-            _check_seconds(name, getattr(self, name), positive=False)
+        for f in ("max_lifetime", "idle_timeout", "leak_threshold", "monitor_interval", "max_replica_lag"):
+            _check_seconds(name(f), getattr(self, f), positive=False)
         if not isinstance(self.application_name, str):
             raise ConfigError(f"application_name={self.application_name!r} is not a string")
 
@@ -525,16 +531,13 @@ class PoolConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> PoolConfig:
         """Build a config from DATABASE_URL, DATABASE_READ_URL, POOL_* and APP_NAME (default os.environ)."""
         environ = os.environ if environ is None else environ
-        dsn = overrides.pop("dsn", None) or environ.get("DATABASE_URL", "").strip()
-        if not dsn:
-            raise ConfigError(
-                "DATABASE_URL is not set; set it to a libpq URL such as postgresql://user@host/db"
-            )
-        preset = environ.get("POOL_PRESET", "production").strip() or "production"
-        if preset not in _PRESETS:
-            raise ConfigError(f"POOL_PRESET={preset!r} is not a preset; use one of {', '.join(_PRESETS)}")
+        overrides = {k: v for k, v in overrides.items() if k != "dsn" or v}  # a blank dsn: DATABASE_URL's
         values = _env_values(
             environ,
+            overrides,
+            ("DATABASE_URL", "dsn", _env_text),
+            ("DATABASE_READ_URL", "read_dsn", _env_text),
+            ("APP_NAME", "application_name", _env_text),
             ("POOL_MIN_CONNECTIONS", "min_size", _env_int),
             ("POOL_MAX_CONNECTIONS", "max_size", _env_int),
             ("POOL_ACQUIRE_TIMEOUT", "acquire_timeout", _env_float),
@@ -543,53 +546,33 @@ class PoolConfig:
             ("POOL_MAX_REPLICA_LAG", "max_replica_lag", _env_float),
             ("POOL_MAX_WAITING", "max_waiting", _env_int),
         )
-        read_dsn = environ.get("DATABASE_READ_URL", "").strip()
-        if read_dsn:
-            values["read_dsn"] = read_dsn
-        app = environ.get("APP_NAME", "").strip()
-        if app:
-            values["application_name"] = app
-        values.update(overrides)
-        try:
-            return cls.preset(preset, dsn=dsn, **values)
-        except ConfigError as exc:
-            message = _env_names(str(exc))
-        raise ConfigError(message)  # outside the except block: no __context__ to carry the first error
-
-
-_ENV_OF_FIELD = {
-    "min_size": "POOL_MIN_CONNECTIONS",
-    "max_size": "POOL_MAX_CONNECTIONS",
-    "acquire_timeout": "POOL_ACQUIRE_TIMEOUT",
-    "max_lifetime": "POOL_MAX_LIFETIME",
-    "idle_timeout": "POOL_IDLE_TIMEOUT",
-    "dsn": "DATABASE_URL",
-    "read_dsn": "DATABASE_READ_URL",
-    "max_replica_lag": "POOL_MAX_REPLICA_LAG",
-    "max_waiting": "POOL_MAX_WAITING",
-    "max_attempts": "DB_RETRY_MAX_ATTEMPTS",
-    "initial_delay": "DB_RETRY_INITIAL_DELAY",
-    "max_delay": "DB_RETRY_MAX_DELAY",
-    "multiplier": "DB_RETRY_MULTIPLIER",
-}
-
-
-def _env_names(message: str) -> str:
-    """Rewrite field names in a validation message into the environment variables that set them."""
-    message = re.sub(r"^(read_dsn|dsn)\b", lambda m: _ENV_OF_FIELD[m.group(1)], message)
-    return re.sub(r"\b(\w+)(?==)", lambda m: _ENV_OF_FIELD.get(m.group(1), m.group(1)), message)
+        if not values.get("dsn"):
+            raise ConfigError(
+                "DATABASE_URL is not set; set it to a libpq URL such as postgresql://user@host/db"
+            )
+        preset = environ.get("POOL_PRESET", "production").strip() or "production"
+        if preset not in _PRESETS:
+            raise ConfigError(f"POOL_PRESET={preset!r} is not a preset; use one of {', '.join(_PRESETS)}")
+        return cls.preset(preset, **values)
 
 
 def _env_values(
-    environ: Mapping[str, str], *table: tuple[str, str, Callable[[str, str], Any]]
+    environ: Mapping[str, str],
+    overrides: Mapping[str, Any],
+    *table: tuple[str, str, Callable[[str, str], Any]],
 ) -> dict[str, Any]:
-    """Parse the variables of *table* (variable, field, parser) that are set and not blank."""
+    """Return the fields of *table* (variable, field, parser) set in *environ*, then *overrides*.
+
+    Each parser names its variable in its error; under ``_names`` go the variables of the fields not
+    overridden, so that the config's own checks (a range, min <= max) name what an operator sets.
+    """
     values: dict[str, Any] = {}
     for var, field, parse in table:
         raw = environ.get(var)
         if raw is not None and raw.strip():
             values[field] = parse(var, raw)
-    return values
+    names = {field: var for var, field, _ in table if field not in overrides}
+    return {**values, **overrides, "_names": names}
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:
@@ -604,6 +587,10 @@ def _check_seconds(name: str, value: object, *, positive: bool) -> None:
         raise ConfigError(f"{name}={value!r} is not a finite number of seconds")
     if value < 0 or (positive and value == 0):
         raise ConfigError(f"{name}={value!r} must be {'greater than 0' if positive else 'at least 0'}")
+
+
+def _env_text(var: str, raw: str) -> str:
+    return raw.strip()
 
 
 def _env_int(var: str, raw: str) -> int:
@@ -669,17 +656,20 @@ class RetryPolicy:
     multiplier: float = 2.0
     jitter: bool = True
     deadline: float | None = None
+    # from_env's environment variable of each field it read, which a message about the value names.
+    _names: dataclasses.InitVar[Mapping[str, str]] = types.MappingProxyType({})
 
-    def __post_init__(self) -> None:
-        _check_int("max_attempts", self.max_attempts, minimum=1)
-        _check_seconds("initial_delay", self.initial_delay, positive=False)
-        _check_seconds("max_delay", self.max_delay, positive=False)
+    def __post_init__(self, _names: Mapping[str, str]) -> None:
+        _check_int(_names.get("max_attempts", "max_attempts"), self.max_attempts, minimum=1)
+        _check_seconds(_names.get("initial_delay", "initial_delay"), self.initial_delay, positive=False)
+        _check_seconds(_names.get("max_delay", "max_delay"), self.max_delay, positive=False)
         if (
             not isinstance(self.multiplier, (int, float))
             or not math.isfinite(self.multiplier)
             or self.multiplier < 1
         ):
-            raise ConfigError(f"multiplier={self.multiplier!r} must be a finite number of at least 1")
+            multiplier = _names.get("multiplier", "multiplier")
+            raise ConfigError(f"{multiplier}={self.multiplier!r} must be a finite number of at least 1")
         if self.deadline is not None:
             _check_seconds("deadline", self.deadline, positive=True)
 
@@ -689,18 +679,14 @@ class RetryPolicy:
         environ = os.environ if environ is None else environ
         values = _env_values(
             environ,
+            overrides,
             ("DB_RETRY_MAX_ATTEMPTS", "max_attempts", _env_int),
             ("DB_RETRY_INITIAL_DELAY", "initial_delay", _env_float),
             ("DB_RETRY_MAX_DELAY", "max_delay", _env_float),
             ("DB_RETRY_MULTIPLIER", "multiplier", _env_float),
             ("DB_RETRY_JITTER", "jitter", _env_bool),
         )
-        values.update(overrides)
-        try:
-            return cls(**values)
-        except ConfigError as exc:
-            message = _env_names(str(exc))
-        raise ConfigError(message)  # outside the except block: no __context__ to carry the first error
+        return cls(**values)
 
     def backoff(self, retry_number: int, rand: Callable[[], float] = random.random) -> float:
         """Return the sleep before retry *retry_number* (0-based): capped exponential, full jitter."""
