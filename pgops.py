@@ -283,16 +283,17 @@ def _dsn_secrets(dsn: str) -> list[str]:
     return sorted({s for s in found if len(s) >= 2}, key=len, reverse=True)
 
 
-def _scrub(text: str, dsn: str) -> str:
-    """Return *text* without any piece of *dsn*'s password: the one scrubber of every message.
+def _scrub(text: str | BaseException, dsn: str = "", *, body: bool = False) -> str:
+    """Return *text*, or an error's message, as one line without any piece of *dsn*'s password.
 
-    Each password string goes (see _dsn_secrets), and so does a shorter quoted value (libpq quotes
-    the host, port or token it complains about) when it overlaps where the DSN may hold a password.
+    The one scrubber of every log line, error message and response body.  Each password string goes
+    (see _dsn_secrets), and so does a shorter quoted value (libpq quotes the host, port or token it
+    complains about) when it overlaps where the DSN may hold a password.  *body* makes it fit for an
+    HTTP response: no DSN at all (not even redacted), an error's type in front, 500 characters of text.
     """
+    scrubbed = str(text)
     spans = _password_spans(dsn)
-    if not spans:
-        return text
-    secrets = _dsn_secrets(dsn)
+    secrets = _dsn_secrets(dsn) if spans else []
 
     def in_password(value: str) -> bool:
         if any(value in secret for secret in secrets):
@@ -310,13 +311,23 @@ def _scrub(text: str, dsn: str) -> str:
         return f"{quote}***{quote}" if value and in_password(value) else match.group(0)
 
     for secret in secrets:  # whole strings first: hiding a quoted piece could break one up
-        text = text.replace(secret, "***")
-    return _QUOTED.sub(hide, text)
+        scrubbed = scrubbed.replace(secret, "***")
+    scrubbed = _QUOTED.sub(hide, scrubbed)
+    if body and dsn:
+        redacted = redact_dsn(dsn)
+        for form in (repr(redacted), redacted, dsn):
+            scrubbed = scrubbed.replace(form, "<dsn>")
+    line = " ".join(scrubbed.split())
+    if body:
+        line = line[:500]
+    if not isinstance(text, BaseException):
+        return line
+    return f"{type(text).__name__}: {line}" if body else line or type(text).__name__
 
 
 def _one_line(exc: BaseException, dsn: str = "") -> str:
-    """Return an exception as one scrubbed line, for log lines and error messages."""
-    return " ".join(_scrub(str(exc), dsn).split()) or type(exc).__name__
+    """Return an error as one scrubbed line, for log lines and error messages (see _scrub)."""
+    return _scrub(exc, dsn)
 
 
 def _check_dsn(dsn: str, what: str = "dsn") -> None:
@@ -5014,7 +5025,9 @@ class HealthApp:
             pool._nudge()
             with pool._lock:
                 last_error = pool._last_error
-            error = f"cannot connect: {_clean(last_error or 'no connection', pool.config._conninfo)}"
+            error = (
+                f"cannot connect: {_scrub(last_error or 'no connection', pool.config._conninfo, body=True)}"
+            )
         else:
             try:
                 with pool.connection(timeout=self.ready_timeout) as conn, conn.cursor() as cur:
@@ -5072,7 +5085,7 @@ class HealthApp:
 
     def _check_error(self, exc: BaseException, began: float, pool: Pool) -> str:
         """Describe why a check failed; say so when it ran out of time (a cut-off reads as a lost server)."""
-        text = _sanitized(exc, pool.config._conninfo)
+        text = _scrub(exc, pool.config._conninfo, body=True)
         if time.monotonic() - began >= self.ready_timeout:
             return f"no answer within ready_timeout={self.ready_timeout:g} s ({text})"
         return text
@@ -5098,7 +5111,7 @@ def _pool_entry(pool: Pool, now: str) -> dict[str, Any]:
     conns.update(poolSize=stats["pool_size"], poolMin=stats["pool_min"], poolMax=stats["pool_max"])
     conns.update(waiting=stats["requests_waiting"])
     if health.reasons:
-        conns["output"] = _clean("; ".join(health.reasons), pool.config._conninfo)
+        conns["output"] = _scrub("; ".join(health.reasons), pool.config._conninfo, body=True)
     return conns
 
 
@@ -5116,20 +5129,6 @@ def _migration_name(migration: Any) -> str:
         return str(migration.name)
     version = getattr(migration, "version", None)
     return str(migration) if version is None else f"{version} {getattr(migration, 'description', '')}".strip()
-
-
-def _clean(text: str, dsn: str) -> str:
-    """Make *text* fit for a response body: one line, no password, no DSN (not even redacted)."""
-    text = _scrub(text, dsn)
-    redacted = redact_dsn(dsn)
-    for form in (repr(redacted), redacted, dsn):
-        text = text.replace(form, "<dsn>")
-    return " ".join(text.split())[:500]
-
-
-def _sanitized(exc: BaseException, dsn: str) -> str:
-    """Return an error as a response body shows it: its type and its _clean text."""
-    return f"{type(exc).__name__}: {_clean(str(exc), dsn)}"
 
 
 def _respond(
