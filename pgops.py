@@ -400,8 +400,15 @@ def _isolation_level(value: object) -> int | None:
     )
 
 
-# Preset numbers come from the original Doc Server: min, max, acquire timeout, max lifetime,
-# idle timeout, test before acquire.
+# Preset numbers come from the original Doc Server, for these fields:
+_PRESET_FIELDS = (
+    "min_size",
+    "max_size",
+    "acquire_timeout",
+    "max_lifetime",
+    "idle_timeout",
+    "test_before_acquire",
+)
 _PRESETS: dict[str, tuple[int, int, float, float, float, bool]] = {
     "development": (2, 10, 10.0, 1800.0, 300.0, True),
     "production": (5, 100, 30.0, 3600.0, 600.0, True),
@@ -523,20 +530,9 @@ class PoolConfig:
     @classmethod
     def preset(cls, name: str, *, dsn: str, **overrides: Any) -> PoolConfig:
         """Return the named preset (development, production, high_traffic, testing) for *dsn*."""
-        try:
-            mn, mx, acquire, lifetime, idle, test = _PRESETS[name]
-        except KeyError:
-            raise ConfigError(f"unknown pool preset {name!r}; use one of {', '.join(_PRESETS)}") from None
-        values: dict[str, Any] = {
-            "min_size": mn,
-            "max_size": mx,
-            "acquire_timeout": acquire,
-            "max_lifetime": lifetime,
-            "idle_timeout": idle,
-            "test_before_acquire": test,
-        }
-        values.update(overrides)
-        return cls(dsn=dsn, **values)
+        if name not in _PRESETS:
+            raise ConfigError(f"unknown pool preset {name!r}; use one of {', '.join(_PRESETS)}")
+        return cls(dsn=dsn, **{**dict(zip(_PRESET_FIELDS, _PRESETS[name], strict=True)), **overrides})
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> PoolConfig:
@@ -621,15 +617,11 @@ def _env_float(var: str, raw: str) -> float:
     return value
 
 
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
-
-
 def _env_bool(var: str, raw: str) -> bool:
     value = raw.strip().lower()
-    if value in _TRUE:
+    if value in ("1", "true", "yes", "on"):
         return True
-    if value in _FALSE:
+    if value in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{var}={raw!r} is not a boolean; use true/false, 1/0 or yes/no")
 
@@ -5260,14 +5252,6 @@ def mount(
     return routed
 
 
-def _default_migrator(pool: Pool, environ: Mapping[str, str]) -> Migrator | None:
-    """Return a Migrator for PGOPS_MIGRATIONS_DIR, or ./migrations when it exists, else None."""
-    directory = environ.get("PGOPS_MIGRATIONS_DIR", "").strip()
-    if not directory and not os.path.isdir("migrations"):
-        return None
-    return Migrator(pool, directory or "migrations")
-
-
 def create_app(environ: Mapping[str, str] | None = None) -> HealthApp:
     """Build a HealthApp from DATABASE_URL, POOL_*, PGOPS_MIGRATIONS_DIR and PGOPS_HEALTH_* (os.environ).
 
@@ -5276,10 +5260,21 @@ def create_app(environ: Mapping[str, str] | None = None) -> HealthApp:
     ``HealthApp(app_pool)`` instead, and the checks borrow one of its connections for a moment.
     """
     environ = os.environ if environ is None else environ
-    raw_ttl = environ.get("PGOPS_HEALTH_CACHE_TTL", "").strip()
-    cache_ttl = _env_float("PGOPS_HEALTH_CACHE_TTL", raw_ttl) if raw_ttl else 5.0
-    if cache_ttl < 0:
-        raise ConfigError(f"PGOPS_HEALTH_CACHE_TTL={raw_ttl!r} must be at least 0")
+    migrations = environ.get("PGOPS_MIGRATIONS_DIR", "").strip()
+    if not migrations and os.path.isdir("migrations"):
+        migrations = "migrations"  # ./migrations when there is one; else no migrations to watch
+    return _health_app(environ, migrations)
+
+
+def _health_app(
+    environ: Mapping[str, str], migrations: str, *, dsn: str | None = None, cache_ttl: float | None = None
+) -> HealthApp:
+    """Return create_app's app, watching *migrations* ('': none); `pgops serve` passes its options."""
+    if cache_ttl is None:
+        raw_ttl = environ.get("PGOPS_HEALTH_CACHE_TTL", "").strip()
+        cache_ttl = _env_float("PGOPS_HEALTH_CACHE_TTL", raw_ttl) if raw_ttl else 5.0
+        if cache_ttl < 0:
+            raise ConfigError(f"PGOPS_HEALTH_CACHE_TTL={raw_ttl!r} must be at least 0")
     token = environ.get("PGOPS_HEALTH_TOKEN")
     if token is not None and not token.strip():
         # A blank token must not turn authentication off without a word.
@@ -5288,8 +5283,8 @@ def create_app(environ: Mapping[str, str] | None = None) -> HealthApp:
             "details without one"
         )
     # The pool connects in the background: a database that is down does not stop start-up.
-    pool = Pool(PoolConfig.from_env(environ, **_health_pool_sizes(environ)))
-    migrator = _default_migrator(pool, environ)
+    pool = Pool(PoolConfig.from_env(environ, dsn=dsn, **_health_pool_sizes(environ)))
+    migrator = Migrator(pool, migrations) if migrations else None
     return HealthApp(pool, migrator=migrator, cache_ttl=cache_ttl, token=token and token.strip())
 
 
@@ -5684,6 +5679,11 @@ def serve(
 # CLI
 # ================================================================================================
 
+if TYPE_CHECKING:
+    import argparse  # for the annotations only: `import pgops` must not pay for argparse
+
+    _Command = Callable[[argparse.Namespace, Mapping[str, str]], int]
+
 _EXIT_OK, _EXIT_FAILED, _EXIT_USAGE, _EXIT_LOCK, _EXIT_INVALID, _EXIT_DIRTY, _EXIT_CONNECT = range(7)
 _EXIT_INTERRUPTED, _EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM  # as a shell reports them
 
@@ -5736,69 +5736,52 @@ def _cancel_on_wakeup(reader: socket.socket, migrator: Migrator) -> None:
             migrator._cancel()
 
 
-def _exit_code(exc: BaseException) -> int:
-    """Map an expected error to the documented exit code."""
-    for kind, code in (
-        (ConfigError, _EXIT_USAGE),
-        (LockTimeout, _EXIT_LOCK),
-        (DirtyDatabase, _EXIT_DIRTY),
-        (CannotConnect, _EXIT_CONNECT),
-        (PoolTimeout, _EXIT_CONNECT),
-        (MigrationFailed, _EXIT_FAILED),
-        (MigrationError, _EXIT_INVALID),  # bad files, drift, out-of-order versions
-        (psycopg2.OperationalError, _EXIT_CONNECT),
-    ):
-        if isinstance(exc, kind):
-            return code
-    return _EXIT_FAILED
+# An expected error's documented exit code: the first kind it is, else _EXIT_FAILED.
+_EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (ConfigError, _EXIT_USAGE),
+    (LockTimeout, _EXIT_LOCK),
+    (DirtyDatabase, _EXIT_DIRTY),
+    (CannotConnect, _EXIT_CONNECT),
+    (PoolTimeout, _EXIT_CONNECT),
+    (MigrationFailed, _EXIT_FAILED),
+    (MigrationError, _EXIT_INVALID),  # bad files, drift, out-of-order versions
+    (psycopg2.OperationalError, _EXIT_CONNECT),
+)
 
 
-def _migration_dsn(args: Any, environ: Mapping[str, str]) -> tuple[str, str]:
-    """Return the DSN that migrations use and where it came from: --dsn, PGOPS_MIGRATE_URL, DATABASE_URL.
+def _migrator(args: argparse.Namespace, environ: Mapping[str, str]) -> Migrator:
+    """Return a migration command's Migrator, on --dsn, else PGOPS_MIGRATE_URL, else DATABASE_URL.
 
     PGOPS_MIGRATE_URL comes before DATABASE_URL so that an application whose DATABASE_URL points at
     a connection pooler migrates over a direct connection, with the same environment.
     """
-    if args.dsn:
-        return args.dsn, "--dsn"
+    source, dsn = "--dsn", args.dsn
     for name in ("PGOPS_MIGRATE_URL", "DATABASE_URL"):
-        value = environ.get(name, "").strip()
-        if value:
-            return value, name
-    return "", ""
-
-
-def _migrator(args: Any, environ: Mapping[str, str]) -> Migrator:
-    dsn, source = _migration_dsn(args, environ)
+        if not dsn:
+            source, dsn = name, environ.get(name, "").strip()
     if not dsn:
         raise ConfigError("no database given; pass --dsn or set PGOPS_MIGRATE_URL or DATABASE_URL")
-    try:
-        _check_dsn(dsn)
-    except ConfigError as exc:  # say where the bad DSN came from
-        raise ConfigError(str(exc).replace("dsn", source, 1)) from None
+    _check_dsn(dsn, source)  # a bad one named as given
     return Migrator(
         dsn,
         args.dir,
-        lock_timeout=getattr(args, "lock_timeout", 60.0),
-        allow_out_of_order=getattr(args, "allow_out_of_order", False),
+        lock_timeout=args.lock_timeout,
+        allow_out_of_order=args.allow_out_of_order,
         connect_retry=RetryPolicy.from_env(environ),
     )
 
 
-def _say(args: Any, text: str) -> None:
+def _say(args: argparse.Namespace, text: str) -> None:
     """Print one line of a command's report, unless -q asked for errors only."""
     if not args.quiet:
         print(text, flush=True)
 
 
-def _print_applied(args: Any, verb: str) -> Callable[[Migration, float], None]:
-    def report(migration: Migration, ms: float) -> None:
-        _say(args, f"{verb} {migration.name} ({ms:.1f} ms)")
-
-    return report
+def _print_applied(args: argparse.Namespace, verb: str) -> Callable[[Migration, float], None]:
+    return lambda migration, ms: _say(args, f"{verb} {migration.name} ({ms:.1f} ms)")
 
 
-def _cmd_migrate(args: Any, environ: Mapping[str, str]) -> int:
+def _cmd_migrate(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     migrator = _migrator(args, environ)
     started = time.perf_counter()
     if args.dry_run:
@@ -5816,7 +5799,7 @@ def _cmd_migrate(args: Any, environ: Mapping[str, str]) -> int:
     return _EXIT_OK
 
 
-def _cmd_status(args: Any, environ: Mapping[str, str]) -> int:
+def _cmd_status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     migrator = _migrator(args, environ)
     rows = migrator.status()
     problems = migrator.validate()  # files status had to leave out, drift, dirty rows: said, not refused
@@ -5846,7 +5829,7 @@ def _print_status(rows: list[MigrationStatus], problems: Sequence[str] = ()) -> 
             print(f"  {problem}")
 
 
-def _cmd_validate(args: Any, environ: Mapping[str, str]) -> int:
+def _cmd_validate(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     migrator = _migrator(args, environ)
     problems = migrator.validate()
     spec = load_schema_spec(args.dir)
@@ -5868,7 +5851,7 @@ def _cmd_validate(args: Any, environ: Mapping[str, str]) -> int:
     return _EXIT_OK
 
 
-def _cmd_rollback(args: Any, environ: Mapping[str, str]) -> int:
+def _cmd_rollback(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     migrator = _migrator(args, environ)
     if args.to == 0 and not args.yes:
         _confirm_everything(migrator)
@@ -5895,7 +5878,7 @@ def _confirm_everything(migrator: Migrator) -> None:
         raise ConfigError("rollback --to 0 not confirmed; nothing was reverted")
 
 
-def _cmd_baseline(args: Any, environ: Mapping[str, str]) -> int:
+def _cmd_baseline(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     migrator = _migrator(args, environ)
     with _cancel_on_signals(migrator):
         migrator.baseline(args.version)
@@ -5903,7 +5886,7 @@ def _cmd_baseline(args: Any, environ: Mapping[str, str]) -> int:
     return _EXIT_OK
 
 
-def _cmd_repair(args: Any, environ: Mapping[str, str]) -> int:
+def _cmd_repair(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     migrator = _migrator(args, environ)
     with _cancel_on_signals(migrator):
         actions = migrator.repair()
@@ -5913,19 +5896,15 @@ def _cmd_repair(args: Any, environ: Mapping[str, str]) -> int:
     return _EXIT_OK
 
 
-def _cmd_new(args: Any, environ: Mapping[str, str]) -> int:
+def _cmd_new(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.name):
         raise ConfigError(f"migration name {args.name!r} may only hold letters, digits, '_' and '-'")
     if os.path.exists(args.dir) and not os.path.isdir(args.dir):
         raise ConfigError(f"migrations directory {args.dir!r} is not a directory; pass --dir with a folder")
     os.makedirs(args.dir, exist_ok=True)
-    versions: list[tuple[int, int]] = []
-    for filename in os.listdir(args.dir):
-        match = _MIGRATION_FILE.match(filename)
-        if match:
-            versions.append((int(match["version"]), len(match["version"])))
-    number = max((v for v, _ in versions), default=0) + 1
-    width = max((w for _, w in versions), default=4)  # as wide as the widest existing file
+    versions = [match["version"] for match in map(_MIGRATION_FILE.match, os.listdir(args.dir)) if match]
+    number = max(map(int, versions), default=0) + 1
+    width = max(map(len, versions), default=4)  # as wide as the widest existing file
     path = os.path.join(args.dir, f"{number:0{width}d}_{args.name}.sql")
     down = path.removesuffix(".sql") + ".down.sql"
     try:
@@ -5933,8 +5912,8 @@ def _cmd_new(args: Any, environ: Mapping[str, str]) -> int:
         with open(down, "x", encoding="utf-8") as fh:
             fh.write(
                 f"-- undo {os.path.basename(path)}: what `pgops rollback` runs; delete this file if the\n"
+                "-- change cannot be undone (rollback then refuses to go below it).\n"
             )
-            fh.write("-- change cannot be undone (rollback then refuses to go below it).\n")
         with open(path, "x", encoding="utf-8") as fh:
             fh.write(f"-- {args.name}: write the change below; one transaction unless the next line says\n")
             fh.write("-- otherwise ('-- pgops: no-transaction' as one of the first lines).\n")
@@ -5951,15 +5930,11 @@ def _cmd_new(args: Any, environ: Mapping[str, str]) -> int:
     return _EXIT_OK
 
 
-def _cmd_serve(args: Any, environ: Mapping[str, str]) -> int:
-    env = {**environ, "PGOPS_MIGRATIONS_DIR": args.dir}
+def _cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if args.dsn:
-        env["DATABASE_URL"] = args.dsn
-    if args.cache_ttl is not None:
-        env["PGOPS_HEALTH_CACHE_TTL"] = str(args.cache_ttl)
-    if not os.path.isdir(args.dir):
-        del env["PGOPS_MIGRATIONS_DIR"]  # no migrations to watch: serve the pool's health only
-    app = create_app(env)
+        _check_dsn(args.dsn, "--dsn")  # a bad one named as given, not as the DATABASE_URL it replaces
+    migrations = args.dir if os.path.isdir(args.dir) else ""  # none to watch: the pool's health only
+    app = _health_app(environ, migrations, dsn=args.dsn, cache_ttl=args.cache_ttl)
     try:
         serve(app, args.host, args.port, ready=_announce)
     except OSError as exc:  # from bind(): a port in use, an address not on this host
@@ -5977,7 +5952,7 @@ def _announce(server: WSGIServer) -> None:
     )
 
 
-def _cmd_demo(args: Any, environ: Mapping[str, str]) -> int:
+def _cmd_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     import tempfile
     import warnings
 
@@ -6000,7 +5975,7 @@ def _cmd_demo(args: Any, environ: Mapping[str, str]) -> int:
     return _EXIT_OK
 
 
-def _demo_on_system_postgres(args: Any) -> int:
+def _demo_on_system_postgres(args: argparse.Namespace) -> int:
     """Run the demo on a throwaway cluster made with the system's initdb and pg_ctl, then remove it."""
     import tempfile
 
@@ -6103,7 +6078,7 @@ def _demo_postgres(
         raise ConfigError(f"{prog} in {bindir!r} failed: {reason}")
 
 
-def _demo(dsn: str, args: Any) -> None:
+def _demo(dsn: str, args: argparse.Namespace) -> None:
     """Migrate, load documents with 3072-d embeddings through the pool, search, report, serve."""
     with Pool(dsn, min_size=2, max_size=8, application_name="pgops-demo", monitor_interval=0) as pool:
         migrator = Migrator(pool, args.dir)
@@ -6130,7 +6105,7 @@ def _demo(dsn: str, args: Any) -> None:
         _print_status(migrator.status())
         print("\npool stats:", json.dumps(pool.stats()))
         watched = migrator if has_vector else None  # pending migrations would fail the health check
-        app = HealthApp(pool, migrator=watched, cache_ttl=args.cache_ttl or 5.0, service="pgops-demo")
+        app = HealthApp(pool, migrator=watched, cache_ttl=args.cache_ttl, service="pgops-demo")
         detailed = _call_wsgi(app, "/health/detailed")
         print("\nGET /health/detailed:", json.dumps(json.loads(detailed), indent=2))
 
@@ -6151,7 +6126,7 @@ def _demo_query(conn: psycopg2.extensions.connection) -> None:
         cur.execute("SELECT count(*) FROM generate_series(1, 100000)")
 
 
-def _demo_documents(pool: Pool, args: Any) -> None:
+def _demo_documents(pool: Pool, args: argparse.Namespace) -> None:
     """Load documents with 3072-d embeddings through the pool and search them from 16 threads."""
     rng = random.Random(7)
     kinds = ["rust", "jupyter", "cilium", "talos", "solana", "ebpf"]
@@ -6205,42 +6180,33 @@ def _call_wsgi(app: _WSGIApp, path: str) -> bytes:
     return b"".join(app(environ, lambda status, headers, exc_info=None: None))
 
 
-def _parser() -> Any:
+def _parser() -> argparse.ArgumentParser:
     import argparse
 
-    def common_options(p: Any, defaults: bool) -> None:
+    def common_options(p: argparse.ArgumentParser) -> None:
         """Add the options every command takes: before the command (like git) or after it."""
-
-        def default(value: object) -> object:
-            # After the command, an option that is not given must not undo the one given before it.
-            return value if defaults else argparse.SUPPRESS
-
         p.add_argument(
             "--dsn",
-            default=default(None),
             help="libpq URL or key=value string (default: $DATABASE_URL; migration commands read "
             "$PGOPS_MIGRATE_URL first); connecting gives up after "
             f"connect_timeout seconds: the DSN's, else $PGCONNECT_TIMEOUT, else {_CONNECT_TIMEOUT:g}",
         )
-        p.add_argument(
-            "--dir",
-            default=default(None),
-            help="migrations folder (default: $PGOPS_MIGRATIONS_DIR or ./migrations)",
-        )
-        p.add_argument(
-            "-v", "--verbose", action="count", default=default(0), help="more log output (-v: SQL too)"
-        )
-        p.add_argument("-q", "--quiet", action="store_true", default=default(False), help="print errors only")
+        p.add_argument("--dir", help="migrations folder (default: $PGOPS_MIGRATIONS_DIR or ./migrations)")
+        p.add_argument("-v", "--verbose", action="count", help="more log output (-v: SQL too)")
+        p.add_argument("-q", "--quiet", action="store_true", help="print errors only")
 
     # Given a width, argparse does not import shutil (and bz2, lzma, fnmatch with it): 5 ms a command.
-    formatter = functools.partial(argparse.HelpFormatter, width=_help_width())
-    common = argparse.ArgumentParser(add_help=False, formatter_class=formatter)
-    common_options(common, defaults=False)
+    fmt = functools.partial(argparse.HelpFormatter, width=_help_width())
+    # After the command, an option that is not given must not undo the one given before it.
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS, formatter_class=fmt)
+    common_options(common)
     description = __doc__.splitlines()[0] if __doc__ else None
-    parser = argparse.ArgumentParser(prog="pgops", description=description, formatter_class=formatter)
+    parser = argparse.ArgumentParser(prog="pgops", description=description, formatter_class=fmt)
     parser.add_argument("--version", action="version", version=f"pgops {__version__}")
-    common_options(parser, defaults=True)
+    common_options(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # What a command without these options makes its Migrator with (the Migrator's defaults).
+    parser.set_defaults(lock_timeout=60.0, allow_out_of_order=False)
 
     def seconds(text: str) -> float:
         """Parse a number of seconds: finite, 0 or more."""
@@ -6258,42 +6224,41 @@ def _parser() -> Any:
             raise argparse.ArgumentTypeError(f"{text!r} is not a port (0 to 65535; 0 picks a free one)")
         return int(text)
 
-    def command(name: str, func: Callable[[Any, Mapping[str, str]], int], help: str) -> Any:
-        p = sub.add_parser(name, parents=[common], help=help, description=help, formatter_class=formatter)
-        p.set_defaults(func=func)
-        return p
-
-    p = command("migrate", _cmd_migrate, "apply pending migrations")
-    p.add_argument("--dry-run", action="store_true", help="list what would be applied; change nothing")
-    p.add_argument("--target", type=int, metavar="V", help="apply up to version V only")
-    p.add_argument(
+    lock = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS, formatter_class=fmt)
+    lock.add_argument(  # for the commands that take the migration lock; the others get 60 too (above)
         "--lock-timeout",
         type=seconds,
-        default=60.0,
         metavar="SECONDS",
         help="give up when other runners show no progress for this long (default 60)",
     )
+
+    def command(
+        name: str, func: _Command, text: str, *more: argparse.ArgumentParser
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common, *more], help=text, description=text, formatter_class=fmt)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("migrate", _cmd_migrate, "apply pending migrations", lock)
+    p.add_argument("--dry-run", action="store_true", help="list what would be applied; change nothing")
+    p.add_argument("--target", type=int, metavar="V", help="apply up to version V only")
     p.add_argument(
         "--allow-out-of-order", action="store_true", help="apply versions older than the newest applied"
     )
     p = command("status", _cmd_status, "show applied and pending migrations")
     p.add_argument("--json", action="store_true", help="print JSON")
     command("validate", _cmd_validate, "check applied migrations against their files")
-    p = command(
-        "rollback", _cmd_rollback, "revert the newest migration, or those above --to V, with their .down.sql"
-    )
+    text = "revert the newest migration, or those above --to V, with their .down.sql"
+    p = command("rollback", _cmd_rollback, text, lock)
     p.add_argument(
         "--to", type=int, metavar="V", help="version to return to (0: everything; default: undo the newest)"
     )
     p.add_argument("--yes", action="store_true", help="confirm --to 0 without asking")
-    p.add_argument("--lock-timeout", type=seconds, default=60.0, metavar="SECONDS")
-    p = command("baseline", _cmd_baseline, "record that the database is already at version V")
+    p = command("baseline", _cmd_baseline, "record that the database is already at version V", lock)
     p.add_argument(
         "version", type=int, metavar="V", help="the version the database is at; files up to it never run"
     )
-    p.add_argument("--lock-timeout", type=seconds, default=60.0, metavar="SECONDS")
-    p = command("repair", _cmd_repair, "remove failed history rows and accept changed checksums")
-    p.add_argument("--lock-timeout", type=seconds, default=60.0, metavar="SECONDS")
+    command("repair", _cmd_repair, "remove failed history rows and accept changed checksums", lock)
     p = command("new", _cmd_new, "create the next numbered migration file")
     p.add_argument("name", help="description: letters, digits, '_' or '-'")
     for name, func, text in (
@@ -6308,6 +6273,7 @@ def _parser() -> Any:
         )
         p.add_argument("--port", type=port, default=3001, help="port (default 3001; 0 picks a free one)")
         p.add_argument("--cache-ttl", type=seconds, metavar="SECONDS", help="health cache TTL (default 5)")
+    p.set_defaults(cache_ttl=5.0)  # the demo's (serve's None reads $PGOPS_HEALTH_CACHE_TTL, else 5)
     p.add_argument(
         "--seconds", type=seconds, default=0, metavar="N", help="stop after N seconds (default: Ctrl-C)"
     )
@@ -6351,7 +6317,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         for dsn in (args.dsn, environ.get("PGOPS_MIGRATE_URL"), environ.get("DATABASE_URL")):
             message = _scrub(message, dsn or "")
         print(f"pgops: error: {message}", file=sys.stderr)
-        return _exit_code(exc)
+        return next((code for kind, code in _EXIT_CODES if isinstance(exc, kind)), _EXIT_FAILED)
     except KeyboardInterrupt as exc:  # the running statement was cancelled and rolled back
         if isinstance(exc, _Terminated):
             print("pgops: terminated", file=sys.stderr)
