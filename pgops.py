@@ -539,20 +539,7 @@ class PoolConfig:
         """Build a config from DATABASE_URL, DATABASE_READ_URL, POOL_* and APP_NAME (default os.environ)."""
         environ = os.environ if environ is None else environ
         overrides = {k: v for k, v in overrides.items() if k != "dsn" or v}  # a blank dsn: DATABASE_URL's
-        values = _env_values(
-            environ,
-            overrides,
-            ("DATABASE_URL", "dsn", _env_text),
-            ("DATABASE_READ_URL", "read_dsn", _env_text),
-            ("APP_NAME", "application_name", _env_text),
-            ("POOL_MIN_CONNECTIONS", "min_size", _env_int),
-            ("POOL_MAX_CONNECTIONS", "max_size", _env_int),
-            ("POOL_ACQUIRE_TIMEOUT", "acquire_timeout", _env_float),
-            ("POOL_MAX_LIFETIME", "max_lifetime", _env_float),
-            ("POOL_IDLE_TIMEOUT", "idle_timeout", _env_float),
-            ("POOL_MAX_REPLICA_LAG", "max_replica_lag", _env_float),
-            ("POOL_MAX_WAITING", "max_waiting", _env_int),
-        )
+        values = _env_values(cls, environ, overrides)
         if not values.get("dsn"):
             raise ConfigError(
                 "DATABASE_URL is not set; set it to a libpq URL such as postgresql://user@host/db"
@@ -563,16 +550,14 @@ class PoolConfig:
         return cls.preset(preset, **values)
 
 
-def _env_values(
-    environ: Mapping[str, str],
-    overrides: Mapping[str, Any],
-    *table: tuple[str, str, Callable[[str, str], Any]],
-) -> dict[str, Any]:
-    """Return the fields of *table* (variable, field, parser) set in *environ*, then *overrides*.
+def _env_values(cls: type[Any], environ: Mapping[str, str], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the fields of *cls* that _ENV_VARIABLES sets from *environ*, then *overrides*.
 
     Each parser names its variable in its error; under ``_names`` go the variables of the fields not
     overridden, so that the config's own checks (a range, min <= max) name what an operator sets.
     """
+    fields = {f.name for f in dataclasses.fields(cls)}
+    table = [(var, field, parse) for var, field, parse in _ENV_VARIABLES if field in fields]
     values: dict[str, Any] = {}
     for var, field, parse in table:
         raw = environ.get(var)
@@ -624,6 +609,27 @@ def _env_bool(var: str, raw: str) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{var}={raw!r} is not a boolean; use true/false, 1/0 or yes/no")
+
+
+# What from_env reads: each environment variable, the PoolConfig or RetryPolicy field it sets, and
+# the parser of its text.
+_ENV_VARIABLES: tuple[tuple[str, str, Callable[[str, str], Any]], ...] = (
+    ("DATABASE_URL", "dsn", _env_text),
+    ("DATABASE_READ_URL", "read_dsn", _env_text),
+    ("APP_NAME", "application_name", _env_text),
+    ("POOL_MIN_CONNECTIONS", "min_size", _env_int),
+    ("POOL_MAX_CONNECTIONS", "max_size", _env_int),
+    ("POOL_ACQUIRE_TIMEOUT", "acquire_timeout", _env_float),
+    ("POOL_MAX_LIFETIME", "max_lifetime", _env_float),
+    ("POOL_IDLE_TIMEOUT", "idle_timeout", _env_float),
+    ("POOL_MAX_REPLICA_LAG", "max_replica_lag", _env_float),
+    ("POOL_MAX_WAITING", "max_waiting", _env_int),
+    ("DB_RETRY_MAX_ATTEMPTS", "max_attempts", _env_int),
+    ("DB_RETRY_INITIAL_DELAY", "initial_delay", _env_float),
+    ("DB_RETRY_MAX_DELAY", "max_delay", _env_float),
+    ("DB_RETRY_MULTIPLIER", "multiplier", _env_float),
+    ("DB_RETRY_JITTER", "jitter", _env_bool),
+)
 
 
 # ================================================================================================
@@ -680,16 +686,7 @@ class RetryPolicy:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> RetryPolicy:
         """Build a policy from DB_RETRY_* (*environ*: default os.environ); a bad value names the variable."""
         environ = os.environ if environ is None else environ
-        values = _env_values(
-            environ,
-            overrides,
-            ("DB_RETRY_MAX_ATTEMPTS", "max_attempts", _env_int),
-            ("DB_RETRY_INITIAL_DELAY", "initial_delay", _env_float),
-            ("DB_RETRY_MAX_DELAY", "max_delay", _env_float),
-            ("DB_RETRY_MULTIPLIER", "multiplier", _env_float),
-            ("DB_RETRY_JITTER", "jitter", _env_bool),
-        )
-        return cls(**values)
+        return cls(**_env_values(cls, environ, overrides))
 
     def backoff(self, retry_number: int, rand: Callable[[], float] = random.random) -> float:
         """Return the sleep before retry *retry_number* (0-based): capped exponential, full jitter."""
@@ -5945,22 +5942,18 @@ def _cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 def _announce(server: WSGIServer) -> None:
-    host, port = str(server.server_address[0]), server.server_port
-    print(
-        f"serving /health/live, /health/ready, /health/detailed and /metrics on http://{host}:{port}",
-        flush=True,
-    )
+    host, routes = str(server.server_address[0]), "/health/live, /health/ready, /health/detailed and /metrics"
+    print(f"serving {routes} on http://{host}:{server.server_port}", flush=True)
 
 
 def _cmd_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    import importlib
     import tempfile
     import warnings
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pgserver warns about XDG_RUNTIME_DIR on servers
-            import importlib
-
             pgserver = importlib.import_module("pgserver")
     except ImportError:  # no wheel for this Python (3.13+) or not installed: the system's PostgreSQL
         return _demo_on_system_postgres(args)
@@ -6095,11 +6088,7 @@ def _demo(dsn: str, args: argparse.Namespace) -> None:
                 f"install it (Debian/Ubuntu: apt install postgresql-{major}-pgvector; macOS: brew install "
                 "pgvector)"
             )
-            workers = [threading.Thread(target=pool.run, args=(_demo_query,)) for _ in range(16)]
-            for worker in workers:
-                worker.start()
-            for worker in workers:
-                worker.join()
+            _on_16_threads(pool, _demo_query)
             print("ran 16 pooled transactions from 16 threads")
         print("\nmigration status:")
         _print_status(migrator.status())
@@ -6124,6 +6113,15 @@ def _demo_query(conn: psycopg2.extensions.connection) -> None:
     """Keep a pooled connection busy for a moment, so that 16 threads share 8 connections."""
     with conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM generate_series(1, 100000)")
+
+
+def _on_16_threads(pool: Pool, work: Callable[[psycopg2.extensions.connection], object]) -> None:
+    """Run pool.run(work) from 16 threads at once, twice as many as the pool's connections, and wait."""
+    workers = [threading.Thread(target=pool.run, args=(work,)) for _ in range(16)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
 
 
 def _demo_documents(pool: Pool, args: argparse.Namespace) -> None:
@@ -6159,11 +6157,7 @@ def _demo_documents(pool: Pool, args: argparse.Namespace) -> None:
             )
             return cur.fetchall()
 
-    workers = [threading.Thread(target=pool.run, args=(nearest,)) for _ in range(16)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
+    _on_16_threads(pool, nearest)
     print("exact nearest neighbours of a noisy copy of guide/0000.md (cosine distance):")
     for path, distance in pool.run(nearest):
         print(f"  {path}  {distance:.4f}")
