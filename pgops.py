@@ -5870,8 +5870,7 @@ def _confirm_everything(migrator: Migrator) -> None:
     # The question goes to stderr, which a redirected stdout (`> rollback.log`) does not hide.
     print(f"rollback --to 0 reverts every applied migration in {where}.", file=sys.stderr)
     print("Type 'yes' to go on: ", end="", file=sys.stderr, flush=True)
-    answer = sys.stdin.readline()
-    if answer.strip().lower() != "yes":
+    if sys.stdin.readline().strip().lower() != "yes":
         raise ConfigError("rollback --to 0 not confirmed; nothing was reverted")
 
 
