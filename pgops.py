@@ -6007,15 +6007,14 @@ def _system_bindir() -> str | None:
     import shutil
     import subprocess
 
-    pg_config = shutil.which("pg_config")
+    pg_config, found = shutil.which("pg_config"), ""
     if pg_config is not None:
-        try:
-            run = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            run = None
-        found = run.stdout.strip() if run is not None and run.returncode == 0 else ""
-        if found and all(shutil.which(prog, path=found) for prog in ("initdb", "pg_ctl")):
-            return found
+        with contextlib.suppress(OSError, subprocess.SubprocessError):  # check=True: a failure raises
+            found = subprocess.run(
+                [pg_config, "--bindir"], capture_output=True, text=True, timeout=30, check=True
+            ).stdout.strip()
+    if found and all(shutil.which(prog, path=found) for prog in ("initdb", "pg_ctl")):
+        return found
     initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
     if initdb and pg_ctl:
         return os.path.dirname(os.path.realpath(initdb))
@@ -6276,17 +6275,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _help_width() -> int:
     """Return the width argparse wraps help to: shutil.get_terminal_size()'s columns, less 2."""
-    try:
+    columns = 0
+    with contextlib.suppress(ValueError):
         columns = int(os.environ.get("COLUMNS", ""))
-    except ValueError:
-        columns = 0
-    if columns <= 0:
-        stdout = sys.__stdout__
-        try:
-            columns = os.get_terminal_size(stdout.fileno()).columns if stdout is not None else 0
-        except (OSError, ValueError):  # not a terminal, or no file descriptor
-            columns = 0
-    return (columns or 80) - 2
+    if columns <= 0 and sys.__stdout__ is not None:
+        with contextlib.suppress(OSError, ValueError):  # not a terminal, or no file descriptor
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+    return (columns if columns > 0 else 80) - 2
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
