@@ -280,16 +280,17 @@ def _dsn_secrets(dsn: str) -> list[str]:
     return sorted({s for s in found if len(s) >= 2}, key=len, reverse=True)
 
 
-def _scrub(text: str, dsn: str) -> str:
-    """Return *text* without any piece of *dsn*'s password: the one scrubber of every message.
+def _scrub(text: str | BaseException, dsn: str = "", *, body: bool = False) -> str:
+    """Return *text*, or an error's message, as one line without any piece of *dsn*'s password.
 
-    Each password string goes (see _dsn_secrets), and so does a shorter quoted value (libpq quotes
-    the host, port or token it complains about) when it overlaps where the DSN may hold a password.
+    The one scrubber of every log line, error message and response body.  Each password string goes
+    (see _dsn_secrets), and so does a shorter quoted value (libpq quotes the host, port or token it
+    complains about) when it overlaps where the DSN may hold a password.  *body* makes it fit for an
+    HTTP response: no DSN at all (not even redacted), an error's type in front, 500 characters of text.
     """
+    scrubbed = str(text)
     spans = _password_spans(dsn)
-    if not spans:
-        return text
-    secrets = _dsn_secrets(dsn)
+    secrets = _dsn_secrets(dsn) if spans else []
 
     def in_password(value: str) -> bool:
         if any(value in secret for secret in secrets):
@@ -307,13 +308,23 @@ def _scrub(text: str, dsn: str) -> str:
         return f"{quote}***{quote}" if value and in_password(value) else match.group(0)
 
     for secret in secrets:  # whole strings first: hiding a quoted piece could break one up
-        text = text.replace(secret, "***")
-    return _QUOTED.sub(hide, text)
+        scrubbed = scrubbed.replace(secret, "***")
+    scrubbed = _QUOTED.sub(hide, scrubbed)
+    if body and dsn:
+        redacted = redact_dsn(dsn)
+        for form in (repr(redacted), redacted, dsn):
+            scrubbed = scrubbed.replace(form, "<dsn>")
+    line = " ".join(scrubbed.split())
+    if body:
+        line = line[:500]
+    if not isinstance(text, BaseException):
+        return line
+    return f"{type(text).__name__}: {line}" if body else line or type(text).__name__
 
 
 def _one_line(exc: BaseException, dsn: str = "") -> str:
-    """Return an exception as one scrubbed line, for log lines and error messages."""
-    return " ".join(_scrub(str(exc), dsn).split()) or type(exc).__name__
+    """Return an error as one scrubbed line, for log lines and error messages (see _scrub)."""
+    return _scrub(exc, dsn)
 
 
 def _check_dsn(dsn: str, what: str = "dsn") -> None:
@@ -386,8 +397,15 @@ def _isolation_level(value: object) -> int | None:
     )
 
 
-# Preset numbers come from the original Doc Server: min, max, acquire timeout, max lifetime,
-# idle timeout, test before acquire.
+# Preset numbers come from the original Doc Server, for these fields:
+_PRESET_FIELDS = (
+    "min_size",
+    "max_size",
+    "acquire_timeout",
+    "max_lifetime",
+    "idle_timeout",
+    "test_before_acquire",
+)
 _PRESETS: dict[str, tuple[int, int, float, float, float, bool]] = {
     "development": (2, 10, 10.0, 1800.0, 300.0, True),
     "production": (5, 100, 30.0, 3600.0, 600.0, True),
@@ -426,12 +444,17 @@ class PoolConfig:
     cursor_factory: type[psycopg2.extensions.cursor] | None = None
     # The dsn with connect_kwargs merged in: what pools connect to, and what messages are scrubbed of.
     _conninfo: str = dataclasses.field(init=False, repr=False, compare=False, default="")
+    # from_env's environment variable of each field it read, which a message about the value names.
+    _names: dataclasses.InitVar[Mapping[str, str]] = types.MappingProxyType({})
 
-    def __post_init__(self) -> None:
-        _check_dsn(self.dsn)
+    def __post_init__(self, _names: Mapping[str, str]) -> None:
+        def name(field: str) -> str:
+            return _names.get(field, field)
+
+        _check_dsn(self.dsn, name("dsn"))
         self._check_connections()
         if self.read_dsn:
-            _check_dsn(self.read_dsn, "read_dsn")
+            _check_dsn(self.read_dsn, name("read_dsn"))
             if self.read_only:
                 raise ConfigError(
                     "read_dsn is for a primary pool, which opens its read pool from it; "
@@ -439,18 +462,19 @@ class PoolConfig:
                 )
         if not isinstance(self.name, str) or not self.name.strip() or not self.name.isprintable():
             raise ConfigError(f"name={self.name!r} is not a pool name; use a short word such as 'default'")
-        _check_int("min_size", self.min_size, minimum=0)
-        _check_int("max_size", self.max_size, minimum=1)
-        _check_int("max_waiting", self.max_waiting, minimum=0)
+        _check_int(name("min_size"), self.min_size, minimum=0)
+        _check_int(name("max_size"), self.max_size, minimum=1)
+        _check_int(name("max_waiting"), self.max_waiting, minimum=0)
         if self.min_size > self.max_size:
+            low, high = name("min_size"), name("max_size")
             raise ConfigError(
-                f"min_size={self.min_size!r} is greater than max_size={self.max_size!r}; "
-                "raise max_size or lower min_size"
+                f"{low}={self.min_size!r} is greater than {high}={self.max_size!r}; "
+                f"raise {high} or lower {low}"
             )
-        _check_seconds("acquire_timeout", self.acquire_timeout, positive=True)
+        _check_seconds(name("acquire_timeout"), self.acquire_timeout, positive=True)
         _check_seconds("connect_timeout", self.connect_timeout, positive=True)
-        for name in ("max_lifetime", "idle_timeout", "leak_threshold", "monitor_interval", "max_replica_lag"):
-            _check_seconds(name, getattr(self, name), positive=False)
+        for f in ("max_lifetime", "idle_timeout", "leak_threshold", "monitor_interval", "max_replica_lag"):
+            _check_seconds(name(f), getattr(self, f), positive=False)
         if not isinstance(self.application_name, str):
             raise ConfigError(f"application_name={self.application_name!r} is not a string")
 
@@ -503,90 +527,41 @@ class PoolConfig:
     @classmethod
     def preset(cls, name: str, *, dsn: str, **overrides: Any) -> PoolConfig:
         """Return the named preset (development, production, high_traffic, testing) for *dsn*."""
-        try:
-            mn, mx, acquire, lifetime, idle, test = _PRESETS[name]
-        except KeyError:
-            raise ConfigError(f"unknown pool preset {name!r}; use one of {', '.join(_PRESETS)}") from None
-        values: dict[str, Any] = {
-            "min_size": mn,
-            "max_size": mx,
-            "acquire_timeout": acquire,
-            "max_lifetime": lifetime,
-            "idle_timeout": idle,
-            "test_before_acquire": test,
-        }
-        values.update(overrides)
-        return cls(dsn=dsn, **values)
+        if name not in _PRESETS:
+            raise ConfigError(f"unknown pool preset {name!r}; use one of {', '.join(_PRESETS)}")
+        return cls(dsn=dsn, **{**dict(zip(_PRESET_FIELDS, _PRESETS[name], strict=True)), **overrides})
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> PoolConfig:
         """Build a config from DATABASE_URL, DATABASE_READ_URL, POOL_* and APP_NAME (default os.environ)."""
         environ = os.environ if environ is None else environ
-        dsn = overrides.pop("dsn", None) or environ.get("DATABASE_URL", "").strip()
-        if not dsn:
+        overrides = {k: v for k, v in overrides.items() if k != "dsn" or v}  # a blank dsn: DATABASE_URL's
+        values = _env_values(cls, environ, overrides)
+        if not values.get("dsn"):
             raise ConfigError(
                 "DATABASE_URL is not set; set it to a libpq URL such as postgresql://user@host/db"
             )
         preset = environ.get("POOL_PRESET", "production").strip() or "production"
         if preset not in _PRESETS:
             raise ConfigError(f"POOL_PRESET={preset!r} is not a preset; use one of {', '.join(_PRESETS)}")
-        values = _env_values(
-            environ,
-            ("POOL_MIN_CONNECTIONS", "min_size", _env_int),
-            ("POOL_MAX_CONNECTIONS", "max_size", _env_int),
-            ("POOL_ACQUIRE_TIMEOUT", "acquire_timeout", _env_float),
-            ("POOL_MAX_LIFETIME", "max_lifetime", _env_float),
-            ("POOL_IDLE_TIMEOUT", "idle_timeout", _env_float),
-            ("POOL_MAX_REPLICA_LAG", "max_replica_lag", _env_float),
-            ("POOL_MAX_WAITING", "max_waiting", _env_int),
-        )
-        read_dsn = environ.get("DATABASE_READ_URL", "").strip()
-        if read_dsn:
-            values["read_dsn"] = read_dsn
-        app = environ.get("APP_NAME", "").strip()
-        if app:
-            values["application_name"] = app
-        values.update(overrides)
-        try:
-            return cls.preset(preset, dsn=dsn, **values)
-        except ConfigError as exc:
-            message = _env_names(str(exc))
-        raise ConfigError(message)  # outside the except block: no __context__ to carry the first error
+        return cls.preset(preset, **values)
 
 
-_ENV_OF_FIELD = {
-    "min_size": "POOL_MIN_CONNECTIONS",
-    "max_size": "POOL_MAX_CONNECTIONS",
-    "acquire_timeout": "POOL_ACQUIRE_TIMEOUT",
-    "max_lifetime": "POOL_MAX_LIFETIME",
-    "idle_timeout": "POOL_IDLE_TIMEOUT",
-    "dsn": "DATABASE_URL",
-    "read_dsn": "DATABASE_READ_URL",
-    "max_replica_lag": "POOL_MAX_REPLICA_LAG",
-    "max_waiting": "POOL_MAX_WAITING",
-    "max_attempts": "DB_RETRY_MAX_ATTEMPTS",
-    "initial_delay": "DB_RETRY_INITIAL_DELAY",
-    "max_delay": "DB_RETRY_MAX_DELAY",
-    "multiplier": "DB_RETRY_MULTIPLIER",
-}
+def _env_values(cls: type[Any], environ: Mapping[str, str], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the fields of *cls* that _ENV_VARIABLES sets from *environ*, then *overrides*.
 
-
-def _env_names(message: str) -> str:
-    """Rewrite field names in a validation message into the environment variables that set them."""
-    message = re.sub(r"^(read_dsn|dsn)\b", lambda m: _ENV_OF_FIELD[m.group(1)], message)
-    return re.sub(r"\b(\w+)(?==)", lambda m: _ENV_OF_FIELD.get(m.group(1), m.group(1)), message)
-
-
-def _env_values(
-    environ: Mapping[str, str], *table: tuple[str, str, Callable[[str, str], Any]]
-) -> dict[str, Any]:
-    """Parse the variables of *table* (variable, field, parser) that are set and not blank."""
+    Each parser names its variable in its error; under ``_names`` go the variables of the fields not
+    overridden, so that the config's own checks (a range, min <= max) name what an operator sets.
+    """
+    fields = {f.name for f in dataclasses.fields(cls)}
+    table = [(var, field, parse) for var, field, parse in _ENV_VARIABLES if field in fields]
     values: dict[str, Any] = {}
     for var, field, parse in table:
         raw = environ.get(var)
         if raw is not None and raw.strip():
             values[field] = parse(var, raw)
-    return values
+    names = {field: var for var, field, _ in table if field not in overrides}
+    return {**values, **overrides, "_names": names}
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:
@@ -601,6 +576,10 @@ def _check_seconds(name: str, value: object, *, positive: bool) -> None:
         raise ConfigError(f"{name}={value!r} is not a finite number of seconds")
     if value < 0 or (positive and value == 0):
         raise ConfigError(f"{name}={value!r} must be {'greater than 0' if positive else 'at least 0'}")
+
+
+def _env_text(var: str, raw: str) -> str:
+    return raw.strip()
 
 
 def _env_int(var: str, raw: str) -> int:
@@ -620,17 +599,34 @@ def _env_float(var: str, raw: str) -> float:
     return value
 
 
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
-
-
 def _env_bool(var: str, raw: str) -> bool:
     value = raw.strip().lower()
-    if value in _TRUE:
+    if value in ("1", "true", "yes", "on"):
         return True
-    if value in _FALSE:
+    if value in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{var}={raw!r} is not a boolean; use true/false, 1/0 or yes/no")
+
+
+# What from_env reads: each environment variable, the PoolConfig or RetryPolicy field it sets, and
+# the parser of its text.
+_ENV_VARIABLES: tuple[tuple[str, str, Callable[[str, str], Any]], ...] = (
+    ("DATABASE_URL", "dsn", _env_text),
+    ("DATABASE_READ_URL", "read_dsn", _env_text),
+    ("APP_NAME", "application_name", _env_text),
+    ("POOL_MIN_CONNECTIONS", "min_size", _env_int),
+    ("POOL_MAX_CONNECTIONS", "max_size", _env_int),
+    ("POOL_ACQUIRE_TIMEOUT", "acquire_timeout", _env_float),
+    ("POOL_MAX_LIFETIME", "max_lifetime", _env_float),
+    ("POOL_IDLE_TIMEOUT", "idle_timeout", _env_float),
+    ("POOL_MAX_REPLICA_LAG", "max_replica_lag", _env_float),
+    ("POOL_MAX_WAITING", "max_waiting", _env_int),
+    ("DB_RETRY_MAX_ATTEMPTS", "max_attempts", _env_int),
+    ("DB_RETRY_INITIAL_DELAY", "initial_delay", _env_float),
+    ("DB_RETRY_MAX_DELAY", "max_delay", _env_float),
+    ("DB_RETRY_MULTIPLIER", "multiplier", _env_float),
+    ("DB_RETRY_JITTER", "jitter", _env_bool),
+)
 
 
 # ================================================================================================
@@ -666,17 +662,20 @@ class RetryPolicy:
     multiplier: float = 2.0
     jitter: bool = True
     deadline: float | None = None
+    # from_env's environment variable of each field it read, which a message about the value names.
+    _names: dataclasses.InitVar[Mapping[str, str]] = types.MappingProxyType({})
 
-    def __post_init__(self) -> None:
-        _check_int("max_attempts", self.max_attempts, minimum=1)
-        _check_seconds("initial_delay", self.initial_delay, positive=False)
-        _check_seconds("max_delay", self.max_delay, positive=False)
+    def __post_init__(self, _names: Mapping[str, str]) -> None:
+        _check_int(_names.get("max_attempts", "max_attempts"), self.max_attempts, minimum=1)
+        _check_seconds(_names.get("initial_delay", "initial_delay"), self.initial_delay, positive=False)
+        _check_seconds(_names.get("max_delay", "max_delay"), self.max_delay, positive=False)
         if (
             not isinstance(self.multiplier, (int, float))
             or not math.isfinite(self.multiplier)
             or self.multiplier < 1
         ):
-            raise ConfigError(f"multiplier={self.multiplier!r} must be a finite number of at least 1")
+            multiplier = _names.get("multiplier", "multiplier")
+            raise ConfigError(f"{multiplier}={self.multiplier!r} must be a finite number of at least 1")
         if self.deadline is not None:
             _check_seconds("deadline", self.deadline, positive=True)
 
@@ -684,20 +683,7 @@ class RetryPolicy:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> RetryPolicy:
         """Build a policy from DB_RETRY_* (*environ*: default os.environ); a bad value names the variable."""
         environ = os.environ if environ is None else environ
-        values = _env_values(
-            environ,
-            ("DB_RETRY_MAX_ATTEMPTS", "max_attempts", _env_int),
-            ("DB_RETRY_INITIAL_DELAY", "initial_delay", _env_float),
-            ("DB_RETRY_MAX_DELAY", "max_delay", _env_float),
-            ("DB_RETRY_MULTIPLIER", "multiplier", _env_float),
-            ("DB_RETRY_JITTER", "jitter", _env_bool),
-        )
-        values.update(overrides)
-        try:
-            return cls(**values)
-        except ConfigError as exc:
-            message = _env_names(str(exc))
-        raise ConfigError(message)  # outside the except block: no __context__ to carry the first error
+        return cls(**_env_values(cls, environ, overrides))
 
     def backoff(self, retry_number: int, rand: Callable[[], float] = random.random) -> float:
         """Return the sleep before retry *retry_number* (0-based): capped exponential, full jitter."""
@@ -4893,7 +4879,9 @@ class HealthApp:
             pool._nudge()
             with pool._lock:
                 last_error = pool._last_error
-            error = f"cannot connect: {_clean(last_error or 'no connection', pool.config._conninfo)}"
+            error = (
+                f"cannot connect: {_scrub(last_error or 'no connection', pool.config._conninfo, body=True)}"
+            )
         else:
             try:
                 with pool.connection(timeout=self.ready_timeout) as conn, conn.cursor() as cur:
@@ -4951,7 +4939,7 @@ class HealthApp:
 
     def _check_error(self, exc: BaseException, began: float, pool: Pool) -> str:
         """Describe why a check failed; say so when it ran out of time (a cut-off reads as a lost server)."""
-        text = _sanitized(exc, pool.config._conninfo)
+        text = _scrub(exc, pool.config._conninfo, body=True)
         if time.monotonic() - began >= self.ready_timeout:
             return f"no answer within ready_timeout={self.ready_timeout:g} s ({text})"
         return text
@@ -4977,7 +4965,7 @@ def _pool_entry(pool: Pool, now: str) -> dict[str, Any]:
     conns.update(poolSize=stats["pool_size"], poolMin=stats["pool_min"], poolMax=stats["pool_max"])
     conns.update(waiting=stats["requests_waiting"])
     if health.reasons:
-        conns["output"] = _clean("; ".join(health.reasons), pool.config._conninfo)
+        conns["output"] = _scrub("; ".join(health.reasons), pool.config._conninfo, body=True)
     return conns
 
 
@@ -4995,20 +4983,6 @@ def _migration_name(migration: Any) -> str:
         return str(migration.name)
     version = getattr(migration, "version", None)
     return str(migration) if version is None else f"{version} {getattr(migration, 'description', '')}".strip()
-
-
-def _clean(text: str, dsn: str) -> str:
-    """Make *text* fit for a response body: one line, no password, no DSN (not even redacted)."""
-    text = _scrub(text, dsn)
-    redacted = redact_dsn(dsn)
-    for form in (repr(redacted), redacted, dsn):
-        text = text.replace(form, "<dsn>")
-    return " ".join(text.split())[:500]
-
-
-def _sanitized(exc: BaseException, dsn: str) -> str:
-    """Return an error as a response body shows it: its type and its _clean text."""
-    return f"{type(exc).__name__}: {_clean(str(exc), dsn)}"
 
 
 def _respond(
@@ -5140,14 +5114,6 @@ def mount(
     return routed
 
 
-def _default_migrator(pool: Pool, environ: Mapping[str, str]) -> Migrator | None:
-    """Return a Migrator for PGOPS_MIGRATIONS_DIR, or ./migrations when it exists, else None."""
-    directory = environ.get("PGOPS_MIGRATIONS_DIR", "").strip()
-    if not directory and not os.path.isdir("migrations"):
-        return None
-    return Migrator(pool, directory or "migrations")
-
-
 def create_app(environ: Mapping[str, str] | None = None) -> HealthApp:
     """Build a HealthApp from DATABASE_URL, POOL_*, PGOPS_MIGRATIONS_DIR and PGOPS_HEALTH_* (os.environ).
 
@@ -5156,10 +5122,21 @@ def create_app(environ: Mapping[str, str] | None = None) -> HealthApp:
     ``HealthApp(app_pool)`` instead, and the checks borrow one of its connections for a moment.
     """
     environ = os.environ if environ is None else environ
-    raw_ttl = environ.get("PGOPS_HEALTH_CACHE_TTL", "").strip()
-    cache_ttl = _env_float("PGOPS_HEALTH_CACHE_TTL", raw_ttl) if raw_ttl else 5.0
-    if cache_ttl < 0:
-        raise ConfigError(f"PGOPS_HEALTH_CACHE_TTL={raw_ttl!r} must be at least 0")
+    migrations = environ.get("PGOPS_MIGRATIONS_DIR", "").strip()
+    if not migrations and os.path.isdir("migrations"):
+        migrations = "migrations"  # ./migrations when there is one; else no migrations to watch
+    return _health_app(environ, migrations)
+
+
+def _health_app(
+    environ: Mapping[str, str], migrations: str, *, dsn: str | None = None, cache_ttl: float | None = None
+) -> HealthApp:
+    """Return create_app's app, watching *migrations* ('': none); `pgops serve` passes its options."""
+    if cache_ttl is None:
+        raw_ttl = environ.get("PGOPS_HEALTH_CACHE_TTL", "").strip()
+        cache_ttl = _env_float("PGOPS_HEALTH_CACHE_TTL", raw_ttl) if raw_ttl else 5.0
+        if cache_ttl < 0:
+            raise ConfigError(f"PGOPS_HEALTH_CACHE_TTL={raw_ttl!r} must be at least 0")
     token = environ.get("PGOPS_HEALTH_TOKEN")
     if token is not None and not token.strip():
         # A blank token must not turn authentication off without a word.
@@ -5168,8 +5145,8 @@ def create_app(environ: Mapping[str, str] | None = None) -> HealthApp:
             "details without one"
         )
     # The pool connects in the background: a database that is down does not stop start-up.
-    pool = Pool(PoolConfig.from_env(environ, **_health_pool_sizes(environ)))
-    migrator = _default_migrator(pool, environ)
+    pool = Pool(PoolConfig.from_env(environ, dsn=dsn, **_health_pool_sizes(environ)))
+    migrator = Migrator(pool, migrations) if migrations else None
     return HealthApp(pool, migrator=migrator, cache_ttl=cache_ttl, token=token and token.strip())
 
 
@@ -5564,6 +5541,11 @@ def serve(
 # CLI
 # ================================================================================================
 
+if TYPE_CHECKING:
+    import argparse  # for the annotations only: `import pgops` must not pay for argparse
+
+    _Command = Callable[[argparse.Namespace, Mapping[str, str]], int]
+
 _EXIT_OK, _EXIT_FAILED, _EXIT_USAGE, _EXIT_LOCK, _EXIT_INVALID, _EXIT_DIRTY, _EXIT_CONNECT = range(7)
 _EXIT_INTERRUPTED, _EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM  # as a shell reports them
 
@@ -5616,69 +5598,52 @@ def _cancel_on_wakeup(reader: socket.socket, migrator: Migrator) -> None:
             migrator.cancel()
 
 
-def _exit_code(exc: BaseException) -> int:
-    """Map an expected error to the documented exit code."""
-    for kind, code in (
-        (ConfigError, _EXIT_USAGE),
-        (LockTimeout, _EXIT_LOCK),
-        (DirtyDatabase, _EXIT_DIRTY),
-        (CannotConnect, _EXIT_CONNECT),
-        (PoolTimeout, _EXIT_CONNECT),
-        (MigrationFailed, _EXIT_FAILED),
-        (MigrationError, _EXIT_INVALID),  # bad files, drift, out-of-order versions
-        (psycopg2.OperationalError, _EXIT_CONNECT),
-    ):
-        if isinstance(exc, kind):
-            return code
-    return _EXIT_FAILED
+# An expected error's documented exit code: the first kind it is, else _EXIT_FAILED.
+_EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (ConfigError, _EXIT_USAGE),
+    (LockTimeout, _EXIT_LOCK),
+    (DirtyDatabase, _EXIT_DIRTY),
+    (CannotConnect, _EXIT_CONNECT),
+    (PoolTimeout, _EXIT_CONNECT),
+    (MigrationFailed, _EXIT_FAILED),
+    (MigrationError, _EXIT_INVALID),  # bad files, drift, out-of-order versions
+    (psycopg2.OperationalError, _EXIT_CONNECT),
+)
 
 
-def _migration_dsn(args: Any, environ: Mapping[str, str]) -> tuple[str, str]:
-    """Return the DSN that migrations use and where it came from: --dsn, PGOPS_MIGRATE_URL, DATABASE_URL.
+def _migrator(args: argparse.Namespace, environ: Mapping[str, str]) -> Migrator:
+    """Return a migration command's Migrator, on --dsn, else PGOPS_MIGRATE_URL, else DATABASE_URL.
 
     PGOPS_MIGRATE_URL comes before DATABASE_URL so that an application whose DATABASE_URL points at
     a connection pooler migrates over a direct connection, with the same environment.
     """
-    if args.dsn:
-        return args.dsn, "--dsn"
+    source, dsn = "--dsn", args.dsn
     for name in ("PGOPS_MIGRATE_URL", "DATABASE_URL"):
-        value = environ.get(name, "").strip()
-        if value:
-            return value, name
-    return "", ""
-
-
-def _migrator(args: Any, environ: Mapping[str, str]) -> Migrator:
-    dsn, source = _migration_dsn(args, environ)
+        if not dsn:
+            source, dsn = name, environ.get(name, "").strip()
     if not dsn:
         raise ConfigError("no database given; pass --dsn or set PGOPS_MIGRATE_URL or DATABASE_URL")
-    try:
-        _check_dsn(dsn)
-    except ConfigError as exc:  # say where the bad DSN came from
-        raise ConfigError(str(exc).replace("dsn", source, 1)) from None
+    _check_dsn(dsn, source)  # a bad one named as given
     return Migrator(
         dsn,
         args.dir,
-        lock_timeout=getattr(args, "lock_timeout", 60.0),
-        allow_out_of_order=getattr(args, "allow_out_of_order", False),
+        lock_timeout=args.lock_timeout,
+        allow_out_of_order=args.allow_out_of_order,
         connect_retry=RetryPolicy.from_env(environ),
     )
 
 
-def _say(args: Any, text: str) -> None:
+def _say(args: argparse.Namespace, text: str) -> None:
     """Print one line of a command's report, unless -q asked for errors only."""
     if not args.quiet:
         print(text, flush=True)
 
 
-def _print_applied(args: Any, verb: str) -> Callable[[Migration, float], None]:
-    def report(migration: Migration, ms: float) -> None:
-        _say(args, f"{verb} {migration.name} ({ms:.1f} ms)")
-
-    return report
+def _print_applied(args: argparse.Namespace, verb: str) -> Callable[[Migration, float], None]:
+    return lambda migration, ms: _say(args, f"{verb} {migration.name} ({ms:.1f} ms)")
 
 
-def _cmd_migrate(args: Any, environ: Mapping[str, str]) -> int:
+def _cmd_migrate(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     migrator = _migrator(args, environ)
     started = time.perf_counter()
     if args.dry_run:
@@ -5696,7 +5661,7 @@ def _cmd_migrate(args: Any, environ: Mapping[str, str]) -> int:
     return _EXIT_OK
 
 
-def _cmd_status(args: Any, environ: Mapping[str, str]) -> int:
+def _cmd_status(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     migrator = _migrator(args, environ)
     rows = migrator.status()
     problems = migrator.validate()  # files status had to leave out, drift, dirty rows: said, not refused
@@ -5726,7 +5691,7 @@ def _print_status(rows: list[MigrationStatus], problems: Sequence[str] = ()) -> 
             print(f"  {problem}")
 
 
-def _cmd_validate(args: Any, environ: Mapping[str, str]) -> int:
+def _cmd_validate(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     migrator = _migrator(args, environ)
     problems = migrator.validate()
     spec = load_schema_spec(args.dir)
@@ -5748,7 +5713,7 @@ def _cmd_validate(args: Any, environ: Mapping[str, str]) -> int:
     return _EXIT_OK
 
 
-def _cmd_rollback(args: Any, environ: Mapping[str, str]) -> int:
+def _cmd_rollback(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     migrator = _migrator(args, environ)
     if args.to == 0 and not args.yes:
         _confirm_everything(migrator)
@@ -5770,12 +5735,11 @@ def _confirm_everything(migrator: Migrator) -> None:
     # The question goes to stderr, which a redirected stdout (`> rollback.log`) does not hide.
     print(f"rollback --to 0 reverts every applied migration in {where}.", file=sys.stderr)
     print("Type 'yes' to go on: ", end="", file=sys.stderr, flush=True)
-    answer = sys.stdin.readline()
-    if answer.strip().lower() != "yes":
+    if sys.stdin.readline().strip().lower() != "yes":
         raise ConfigError("rollback --to 0 not confirmed; nothing was reverted")
 
 
-def _cmd_baseline(args: Any, environ: Mapping[str, str]) -> int:
+def _cmd_baseline(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     migrator = _migrator(args, environ)
     with _cancel_on_signals(migrator):
         migrator.baseline(args.version)
@@ -5783,7 +5747,7 @@ def _cmd_baseline(args: Any, environ: Mapping[str, str]) -> int:
     return _EXIT_OK
 
 
-def _cmd_repair(args: Any, environ: Mapping[str, str]) -> int:
+def _cmd_repair(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     migrator = _migrator(args, environ)
     with _cancel_on_signals(migrator):
         actions = migrator.repair()
@@ -5793,19 +5757,15 @@ def _cmd_repair(args: Any, environ: Mapping[str, str]) -> int:
     return _EXIT_OK
 
 
-def _cmd_new(args: Any, environ: Mapping[str, str]) -> int:
+def _cmd_new(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.name):
         raise ConfigError(f"migration name {args.name!r} may only hold letters, digits, '_' and '-'")
     if os.path.exists(args.dir) and not os.path.isdir(args.dir):
         raise ConfigError(f"migrations directory {args.dir!r} is not a directory; pass --dir with a folder")
     os.makedirs(args.dir, exist_ok=True)
-    versions: list[tuple[int, int]] = []
-    for filename in os.listdir(args.dir):
-        match = _MIGRATION_FILE.match(filename)
-        if match:
-            versions.append((int(match["version"]), len(match["version"])))
-    number = max((v for v, _ in versions), default=0) + 1
-    width = max((w for _, w in versions), default=4)  # as wide as the widest existing file
+    versions = [match["version"] for match in map(_MIGRATION_FILE.match, os.listdir(args.dir)) if match]
+    number = max(map(int, versions), default=0) + 1
+    width = max(map(len, versions), default=4)  # as wide as the widest existing file
     path = os.path.join(args.dir, f"{number:0{width}d}_{args.name}.sql")
     down = path.removesuffix(".sql") + ".down.sql"
     try:
@@ -5813,8 +5773,8 @@ def _cmd_new(args: Any, environ: Mapping[str, str]) -> int:
         with open(down, "x", encoding="utf-8") as fh:
             fh.write(
                 f"-- undo {os.path.basename(path)}: what `pgops rollback` runs; delete this file if the\n"
+                "-- change cannot be undone (rollback then refuses to go below it).\n"
             )
-            fh.write("-- change cannot be undone (rollback then refuses to go below it).\n")
         with open(path, "x", encoding="utf-8") as fh:
             fh.write(f"-- {args.name}: write the change below; one transaction unless the next line says\n")
             fh.write("-- otherwise ('-- pgops: no-transaction' as one of the first lines).\n")
@@ -5831,15 +5791,11 @@ def _cmd_new(args: Any, environ: Mapping[str, str]) -> int:
     return _EXIT_OK
 
 
-def _cmd_serve(args: Any, environ: Mapping[str, str]) -> int:
-    env = {**environ, "PGOPS_MIGRATIONS_DIR": args.dir}
+def _cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if args.dsn:
-        env["DATABASE_URL"] = args.dsn
-    if args.cache_ttl is not None:
-        env["PGOPS_HEALTH_CACHE_TTL"] = str(args.cache_ttl)
-    if not os.path.isdir(args.dir):
-        del env["PGOPS_MIGRATIONS_DIR"]  # no migrations to watch: serve the pool's health only
-    app = create_app(env)
+        _check_dsn(args.dsn, "--dsn")  # a bad one named as given, not as the DATABASE_URL it replaces
+    migrations = args.dir if os.path.isdir(args.dir) else ""  # none to watch: the pool's health only
+    app = _health_app(environ, migrations, dsn=args.dsn, cache_ttl=args.cache_ttl)
     try:
         serve(app, args.host, args.port, ready=_announce)
     except OSError as exc:  # from bind(): a port in use, an address not on this host
@@ -5850,22 +5806,18 @@ def _cmd_serve(args: Any, environ: Mapping[str, str]) -> int:
 
 
 def _announce(server: WSGIServer) -> None:
-    host, port = str(server.server_address[0]), server.server_port
-    print(
-        f"serving /health/live, /health/ready, /health/detailed and /metrics on http://{host}:{port}",
-        flush=True,
-    )
+    host, routes = str(server.server_address[0]), "/health/live, /health/ready, /health/detailed and /metrics"
+    print(f"serving {routes} on http://{host}:{server.server_port}", flush=True)
 
 
-def _cmd_demo(args: Any, environ: Mapping[str, str]) -> int:
+def _cmd_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    import importlib
     import tempfile
     import warnings
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pgserver warns about XDG_RUNTIME_DIR on servers
-            import importlib
-
             pgserver = importlib.import_module("pgserver")
     except ImportError:  # no wheel for this Python (3.13+) or not installed: the system's PostgreSQL
         return _demo_on_system_postgres(args)
@@ -5880,7 +5832,7 @@ def _cmd_demo(args: Any, environ: Mapping[str, str]) -> int:
     return _EXIT_OK
 
 
-def _demo_on_system_postgres(args: Any) -> int:
+def _demo_on_system_postgres(args: argparse.Namespace) -> int:
     """Run the demo on a throwaway cluster made with the system's initdb and pg_ctl, then remove it."""
     import tempfile
 
@@ -5920,15 +5872,14 @@ def _system_bindir() -> str | None:
     import shutil
     import subprocess
 
-    pg_config = shutil.which("pg_config")
+    pg_config, found = shutil.which("pg_config"), ""
     if pg_config is not None:
-        try:
-            run = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            run = None
-        found = run.stdout.strip() if run is not None and run.returncode == 0 else ""
-        if found and all(shutil.which(prog, path=found) for prog in ("initdb", "pg_ctl")):
-            return found
+        with contextlib.suppress(OSError, subprocess.SubprocessError):  # check=True: a failure raises
+            found = subprocess.run(
+                [pg_config, "--bindir"], capture_output=True, text=True, timeout=30, check=True
+            ).stdout.strip()
+    if found and all(shutil.which(prog, path=found) for prog in ("initdb", "pg_ctl")):
+        return found
     initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
     if initdb and pg_ctl:
         return os.path.dirname(os.path.realpath(initdb))
@@ -5983,7 +5934,7 @@ def _demo_postgres(
         raise ConfigError(f"{prog} in {bindir!r} failed: {reason}")
 
 
-def _demo(dsn: str, args: Any) -> None:
+def _demo(dsn: str, args: argparse.Namespace) -> None:
     """Migrate, load documents with 3072-d embeddings through the pool, search, report, serve."""
     with Pool(dsn, min_size=2, max_size=8, application_name="pgops-demo", monitor_interval=0) as pool:
         migrator = Migrator(pool, args.dir)
@@ -6000,17 +5951,13 @@ def _demo(dsn: str, args: Any) -> None:
                 f"install it (Debian/Ubuntu: apt install postgresql-{major}-pgvector; macOS: brew install "
                 "pgvector)"
             )
-            workers = [threading.Thread(target=pool.run, args=(_demo_query,)) for _ in range(16)]
-            for worker in workers:
-                worker.start()
-            for worker in workers:
-                worker.join()
+            _on_16_threads(pool, _demo_query)
             print("ran 16 pooled transactions from 16 threads")
         print("\nmigration status:")
         _print_status(migrator.status())
         print("\npool stats:", json.dumps(pool.stats()))
         watched = migrator if has_vector else None  # pending migrations would fail the health check
-        app = HealthApp(pool, migrator=watched, cache_ttl=args.cache_ttl or 5.0, service="pgops-demo")
+        app = HealthApp(pool, migrator=watched, cache_ttl=args.cache_ttl, service="pgops-demo")
         detailed = _call_wsgi(app, "/health/detailed")
         print("\nGET /health/detailed:", json.dumps(json.loads(detailed), indent=2))
 
@@ -6031,7 +5978,16 @@ def _demo_query(conn: psycopg2.extensions.connection) -> None:
         cur.execute("SELECT count(*) FROM generate_series(1, 100000)")
 
 
-def _demo_documents(pool: Pool, args: Any) -> None:
+def _on_16_threads(pool: Pool, work: Callable[[psycopg2.extensions.connection], object]) -> None:
+    """Run pool.run(work) from 16 threads at once, twice as many as the pool's connections, and wait."""
+    workers = [threading.Thread(target=pool.run, args=(work,)) for _ in range(16)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+
+
+def _demo_documents(pool: Pool, args: argparse.Namespace) -> None:
     """Load documents with 3072-d embeddings through the pool and search them from 16 threads."""
     rng = random.Random(7)
     kinds = ["rust", "jupyter", "cilium", "talos", "solana", "ebpf"]
@@ -6064,11 +6020,7 @@ def _demo_documents(pool: Pool, args: Any) -> None:
             )
             return cur.fetchall()
 
-    workers = [threading.Thread(target=pool.run, args=(nearest,)) for _ in range(16)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
+    _on_16_threads(pool, nearest)
     print("exact nearest neighbours of a noisy copy of guide/0000.md (cosine distance):")
     for path, distance in pool.run(nearest):
         print(f"  {path}  {distance:.4f}")
@@ -6085,42 +6037,33 @@ def _call_wsgi(app: _WSGIApp, path: str) -> bytes:
     return b"".join(app(environ, lambda status, headers, exc_info=None: None))
 
 
-def _parser() -> Any:
+def _parser() -> argparse.ArgumentParser:
     import argparse
 
-    def common_options(p: Any, defaults: bool) -> None:
+    def common_options(p: argparse.ArgumentParser) -> None:
         """Add the options every command takes: before the command (like git) or after it."""
-
-        def default(value: object) -> object:
-            # After the command, an option that is not given must not undo the one given before it.
-            return value if defaults else argparse.SUPPRESS
-
         p.add_argument(
             "--dsn",
-            default=default(None),
             help="libpq URL or key=value string (default: $DATABASE_URL; migration commands read "
             "$PGOPS_MIGRATE_URL first); connecting gives up after "
             f"connect_timeout seconds: the DSN's, else $PGCONNECT_TIMEOUT, else {_CONNECT_TIMEOUT:g}",
         )
-        p.add_argument(
-            "--dir",
-            default=default(None),
-            help="migrations folder (default: $PGOPS_MIGRATIONS_DIR or ./migrations)",
-        )
-        p.add_argument(
-            "-v", "--verbose", action="count", default=default(0), help="more log output (-v: SQL too)"
-        )
-        p.add_argument("-q", "--quiet", action="store_true", default=default(False), help="print errors only")
+        p.add_argument("--dir", help="migrations folder (default: $PGOPS_MIGRATIONS_DIR or ./migrations)")
+        p.add_argument("-v", "--verbose", action="count", help="more log output (-v: SQL too)")
+        p.add_argument("-q", "--quiet", action="store_true", help="print errors only")
 
     # Given a width, argparse does not import shutil (and bz2, lzma, fnmatch with it): 5 ms a command.
-    formatter = functools.partial(argparse.HelpFormatter, width=_help_width())
-    common = argparse.ArgumentParser(add_help=False, formatter_class=formatter)
-    common_options(common, defaults=False)
+    fmt = functools.partial(argparse.HelpFormatter, width=_help_width())
+    # After the command, an option that is not given must not undo the one given before it.
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS, formatter_class=fmt)
+    common_options(common)
     description = __doc__.splitlines()[0] if __doc__ else None
-    parser = argparse.ArgumentParser(prog="pgops", description=description, formatter_class=formatter)
+    parser = argparse.ArgumentParser(prog="pgops", description=description, formatter_class=fmt)
     parser.add_argument("--version", action="version", version=f"pgops {__version__}")
-    common_options(parser, defaults=True)
+    common_options(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # What a command without these options makes its Migrator with (the Migrator's defaults).
+    parser.set_defaults(lock_timeout=60.0, allow_out_of_order=False)
 
     def seconds(text: str) -> float:
         """Parse a number of seconds: finite, 0 or more."""
@@ -6138,42 +6081,41 @@ def _parser() -> Any:
             raise argparse.ArgumentTypeError(f"{text!r} is not a port (0 to 65535; 0 picks a free one)")
         return int(text)
 
-    def command(name: str, func: Callable[[Any, Mapping[str, str]], int], help: str) -> Any:
-        p = sub.add_parser(name, parents=[common], help=help, description=help, formatter_class=formatter)
-        p.set_defaults(func=func)
-        return p
-
-    p = command("migrate", _cmd_migrate, "apply pending migrations")
-    p.add_argument("--dry-run", action="store_true", help="list what would be applied; change nothing")
-    p.add_argument("--target", type=int, metavar="V", help="apply up to version V only")
-    p.add_argument(
+    lock = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS, formatter_class=fmt)
+    lock.add_argument(  # for the commands that take the migration lock; the others get 60 too (above)
         "--lock-timeout",
         type=seconds,
-        default=60.0,
         metavar="SECONDS",
         help="give up when other runners show no progress for this long (default 60)",
     )
+
+    def command(
+        name: str, func: _Command, text: str, *more: argparse.ArgumentParser
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common, *more], help=text, description=text, formatter_class=fmt)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("migrate", _cmd_migrate, "apply pending migrations", lock)
+    p.add_argument("--dry-run", action="store_true", help="list what would be applied; change nothing")
+    p.add_argument("--target", type=int, metavar="V", help="apply up to version V only")
     p.add_argument(
         "--allow-out-of-order", action="store_true", help="apply versions older than the newest applied"
     )
     p = command("status", _cmd_status, "show applied and pending migrations")
     p.add_argument("--json", action="store_true", help="print JSON")
     command("validate", _cmd_validate, "check applied migrations against their files")
-    p = command(
-        "rollback", _cmd_rollback, "revert the newest migration, or those above --to V, with their .down.sql"
-    )
+    text = "revert the newest migration, or those above --to V, with their .down.sql"
+    p = command("rollback", _cmd_rollback, text, lock)
     p.add_argument(
         "--to", type=int, metavar="V", help="version to return to (0: everything; default: undo the newest)"
     )
     p.add_argument("--yes", action="store_true", help="confirm --to 0 without asking")
-    p.add_argument("--lock-timeout", type=seconds, default=60.0, metavar="SECONDS")
-    p = command("baseline", _cmd_baseline, "record that the database is already at version V")
+    p = command("baseline", _cmd_baseline, "record that the database is already at version V", lock)
     p.add_argument(
         "version", type=int, metavar="V", help="the version the database is at; files up to it never run"
     )
-    p.add_argument("--lock-timeout", type=seconds, default=60.0, metavar="SECONDS")
-    p = command("repair", _cmd_repair, "remove failed history rows and accept changed checksums")
-    p.add_argument("--lock-timeout", type=seconds, default=60.0, metavar="SECONDS")
+    command("repair", _cmd_repair, "remove failed history rows and accept changed checksums", lock)
     p = command("new", _cmd_new, "create the next numbered migration file")
     p.add_argument("name", help="description: letters, digits, '_' or '-'")
     for name, func, text in (
@@ -6188,6 +6130,7 @@ def _parser() -> Any:
         )
         p.add_argument("--port", type=port, default=3001, help="port (default 3001; 0 picks a free one)")
         p.add_argument("--cache-ttl", type=seconds, metavar="SECONDS", help="health cache TTL (default 5)")
+    p.set_defaults(cache_ttl=5.0)  # the demo's (serve's None reads $PGOPS_HEALTH_CACHE_TTL, else 5)
     p.add_argument(
         "--seconds", type=seconds, default=0, metavar="N", help="stop after N seconds (default: Ctrl-C)"
     )
@@ -6197,17 +6140,13 @@ def _parser() -> Any:
 
 def _help_width() -> int:
     """Return the width argparse wraps help to: shutil.get_terminal_size()'s columns, less 2."""
-    try:
+    columns = 0
+    with contextlib.suppress(ValueError):
         columns = int(os.environ.get("COLUMNS", ""))
-    except ValueError:
-        columns = 0
-    if columns <= 0:
-        stdout = sys.__stdout__
-        try:
-            columns = os.get_terminal_size(stdout.fileno()).columns if stdout is not None else 0
-        except (OSError, ValueError):  # not a terminal, or no file descriptor
-            columns = 0
-    return (columns or 80) - 2
+    if columns <= 0 and sys.__stdout__ is not None:
+        with contextlib.suppress(OSError, ValueError):  # not a terminal, or no file descriptor
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+    return (columns if columns > 0 else 80) - 2
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -6231,7 +6170,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         for dsn in (args.dsn, environ.get("PGOPS_MIGRATE_URL"), environ.get("DATABASE_URL")):
             message = _scrub(message, dsn or "")
         print(f"pgops: error: {message}", file=sys.stderr)
-        return _exit_code(exc)
+        return next((code for kind, code in _EXIT_CODES if isinstance(exc, kind)), _EXIT_FAILED)
     except KeyboardInterrupt as exc:  # the running statement was cancelled and rolled back
         if isinstance(exc, _Terminated):
             print("pgops: terminated", file=sys.stderr)
