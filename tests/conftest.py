@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,18 @@ import pytest
 
 import pgtest
 from pgbouncer import PgBouncer, PgBouncerNotFound, find_pgbouncer
-from pgtest import ExternalServer, LocalServer, PgServer, PostgresNotFound, temporary_database
+from pgtest import (
+    ExternalServer,
+    LocalServer,
+    PgServer,
+    PostgresNotFound,
+    run_pgops,
+    secrets_of,
+    temporary_database,
+)
 from standby import StandbyServer, streaming_standby
+
+CompletedRun = subprocess.CompletedProcess[str]
 
 
 def in_ci() -> bool:
@@ -121,6 +132,29 @@ def mdir(tmp_path: Path) -> Path:
     path = tmp_path / "migrations"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def cli(
+    pg_server: PgServer, dsn: str, mdir: Path, tmp_path: Path
+) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run ``python -m pgops COMMAND --dir mdir ARGS`` on this test's database (DATABASE_URL), in tmp_path."""
+
+    def run(
+        command: str, *rest: str, database_url: str | None = dsn, env: dict[str, str] | None = None
+    ) -> CompletedRun:
+        return run_pgops(
+            command,
+            "--dir",
+            str(mdir),
+            *rest,
+            database_url=database_url,
+            env=env,
+            cwd=tmp_path,
+            secrets=secrets_of(pg_server),
+        )
+
+    return run
 
 
 @pytest.fixture

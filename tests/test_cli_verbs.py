@@ -8,27 +8,27 @@ import json
 import os
 import pty
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import psycopg2.extensions
 import pytest
 
-from pgtest import PgServer, relation_exists, scalar, write
-from test_cli import (
-    APPLIED_LINE,
+from pgtest import (
+    PgServer,
     applied,
-    base_env,
     check_output,
-    cli,
     history,
+    pgops_argv,
+    pgops_env,
+    relation_exists,
     run_pgops,
+    scalar,
     secrets_of,
     simple_set,
+    write,
 )
-
-__all__ = ["cli"]  # a fixture, used by name
+from test_cli import APPLIED_LINE
 
 Conn = psycopg2.extensions.connection
 Run = Any
@@ -78,8 +78,8 @@ def test_rollback_everything_asks_on_a_terminal(
         try:
             os.write(leader, text.encode())
             proc = subprocess.run(
-                [sys.executable, "-m", "pgops", "rollback", "--to", "0", "--dir", str(mdir)],
-                env=base_env(dsn),
+                pgops_argv("rollback", "--to", "0", "--dir", str(mdir)),
+                env=pgops_env(dsn),
                 cwd=tmp_path,
                 stdin=follower,
                 capture_output=True,
