@@ -74,6 +74,13 @@ def has_pgvector(pg_server: PgServer) -> bool:
 
 
 @pytest.fixture
+def pgvector(has_pgvector: bool) -> None:
+    """Skip the test when the session server cannot `CREATE EXTENSION vector`."""
+    if not has_pgvector:
+        pytest.skip("this PostgreSQL has no pgvector")
+
+
+@pytest.fixture
 def dbname(pg_server: PgServer) -> Iterator[str]:
     """Name of a fresh, empty database for this test alone, dropped (WITH FORCE) afterwards."""
     with temporary_database(pg_server) as name:
@@ -100,6 +107,14 @@ def admin(pg_server: PgServer, dbname: str) -> Iterator[psycopg2.extensions.conn
         yield conn
     finally:
         conn.close()
+
+
+@pytest.fixture
+def vector_admin(pgvector: None, admin: psycopg2.extensions.connection) -> psycopg2.extensions.connection:
+    """admin, in a database where `CREATE EXTENSION vector` has run (skips the test without pgvector)."""
+    with admin.cursor() as cur:
+        cur.execute("CREATE EXTENSION vector")
+    return admin
 
 
 @pytest.fixture

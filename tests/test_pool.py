@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ import pytest
 
 import pgops
 from pgops import CannotConnect, Pool, PoolClosed, PoolTimeout
-from pgtest import PgServer, wait_until
+from pgtest import PgServer, pgops_env, wait_until
 
 
 @pytest.fixture
@@ -378,14 +377,8 @@ def test_monitor_logs_status(dsn: str, caplog: pytest.LogCaptureFixture) -> None
         )
 
 
-def test_pgvector_types_are_registered(
-    dsn: str, admin: psycopg2.extensions.connection, has_pgvector: bool
-) -> None:
+def test_pgvector_types_are_registered(dsn: str, vector_admin: psycopg2.extensions.connection) -> None:
     """With the extension present, vector values come back as pgvector values through the pool."""
-    if not has_pgvector:
-        pytest.skip("this PostgreSQL has no pgvector")
-    with admin.cursor() as cur:
-        cur.execute("CREATE EXTENSION vector")
     with Pool(dsn, min_size=0, max_size=1) as pool, pool.connection() as conn, conn.cursor() as cur:
         cur.execute("SELECT '[1,2,3]'::vector")
         row = cur.fetchone()
@@ -482,7 +475,7 @@ pgops.retry_call(flaky, policy=pgops.RetryPolicy(max_attempts=2))
 def test_warnings_reach_stderr_only_when_the_application_configures_logging(configured: bool) -> None:
     """Without logging configured a pgops warning prints nothing; with basicConfig it is printed."""
     script = ("import logging; logging.basicConfig()\n" if configured else "") + _WARN_ONCE
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(pgops.__file__))}
+    env = pgops_env()
     proc = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60, check=True
     )
@@ -535,7 +528,7 @@ print("ok")
 
 def test_pool_works_without_poll_fork_or_dup(dsn: str) -> None:
     """Where select.poll, fork and os.dup of a socket are missing (Windows), the pool still heals."""
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(pgops.__file__))}
+    env = pgops_env()
     proc = subprocess.run(
         [sys.executable, "-c", _WITHOUT_POSIX, dsn], env=env, capture_output=True, text=True, timeout=120
     )

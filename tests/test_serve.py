@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import http.client
-import os
 import resource
 import signal
 import socket
@@ -20,8 +19,8 @@ import pytest
 
 import pgtest
 from pgops import ConfigError, HealthApp, Pool, make_server, serve
+from pgtest import pgops_env
 
-ROOT = Path(__file__).resolve().parent.parent
 CLIENT_TIMEOUT = 10.0  # generous: a loaded CI machine answers in milliseconds, a kubelet waits 1 s
 
 
@@ -220,8 +219,7 @@ def test_sigterm_finishes_requests_in_flight_refuses_new_ones_and_exits_0(tmp_pa
     process exits 0 once a request that never ends has had stop_timeout seconds."""
     stop_timeout = 5.0
     log = tmp_path / "serve.log"
-    paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    env = pgops_env()
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-c", SLOW_SERVER, str(stop_timeout)],
@@ -296,7 +294,7 @@ def test_importing_pgops_leaves_the_http_server_modules_unloaded() -> None:
         "names = ('http.server', 'socketserver', 'wsgiref.simple_server')\n"
         "print(sorted(name for name in names if name in sys.modules))"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = pgops_env()
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
