@@ -43,7 +43,7 @@ APPLIED_LINE = re.compile(r"^applied (\d+_[A-Za-z0-9_-]+\.sql) \((\d+\.\d) ms\)$
 
 @pytest.mark.parametrize("form", ["key=value", "url"])
 def test_migrate_prints_one_line_per_migration_and_a_summary(
-    pg_server: PgServer, dsn: str, db_url: str, admin: Conn, mdir: Path, tmp_path: Path, form: str
+    pg_server: PgServer, dsn: str, db_url: str, admin: Conn, mdir: Path, form: str
 ) -> None:
     """migrate applies every file, printing each with its time in ms and a final summary; rerun is a no-op."""
     simple_set(mdir, 3)
@@ -592,7 +592,7 @@ def test_missing_directory_exits_2(cli: Run, mdir: Path) -> None:
 
 
 def test_verbose_shows_sql_but_never_the_password(
-    pg_server: PgServer, db_url: str, admin: Conn, mdir: Path, tmp_path: Path
+    pg_server: PgServer, db_url: str, admin: Conn, mdir: Path
 ) -> None:
     """With -v every command logs at DEBUG (the SQL too), and the real password shows nowhere."""
     if not pg_server.password:

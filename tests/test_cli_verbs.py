@@ -188,9 +188,7 @@ def test_a_failing_repeatable_migration_changes_nothing(cli: Run, admin: Conn, m
     assert scalar(admin, "SELECT checksum FROM migration_history WHERE version < 0") == before
 
 
-def test_an_older_release_leaves_newer_repeatables_alone(
-    cli: Run, admin: Conn, mdir: Path, tmp_path: Path
-) -> None:
+def test_an_older_release_leaves_newer_repeatables_alone(cli: Run, admin: Conn, mdir: Path) -> None:
     """A runner whose files are older than the database (a rollout) does not put its older view back."""
     write(mdir, "0001_items.sql", "CREATE TABLE items (id int, price int);\n")
     write(mdir, "0002_more.sql", "SELECT 1;\n")
@@ -225,7 +223,7 @@ def test_repeatable_migration_misuse_exits_4(
     assert history(admin) is None
 
 
-def test_repair_forgets_a_repeatable_whose_file_is_gone(cli: Run, admin: Conn, mdir: Path) -> None:
+def test_repair_forgets_a_repeatable_whose_file_is_gone(cli: Run, mdir: Path) -> None:
     """A repeatable file deleted after it ran shows as missing; migrate goes on; repair forgets it."""
     write(mdir, "0001_items.sql", "CREATE TABLE items (id int);\n")
     write(mdir, "R__v.sql", "CREATE OR REPLACE VIEW v AS SELECT id FROM items;\n")
@@ -300,9 +298,7 @@ def test_status_shows_the_state_and_lists_file_problems(cli: Run, admin: Conn, m
 # -- global options, -q ------------------------------------------------------------------------------
 
 
-def test_global_options_before_the_command(
-    pg_server: PgServer, dsn: str, admin: Conn, mdir: Path, tmp_path: Path
-) -> None:
+def test_global_options_before_the_command(dsn: str, admin: Conn, mdir: Path, tmp_path: Path) -> None:
     """`pgops --dsn X --dir D migrate` works like git's and flyway's options; after the command they win."""
     simple_set(mdir, 1)
     proc = run_pgops("--dsn", dsn, "--dir", str(mdir), "migrate", database_url=None, cwd=tmp_path)
@@ -371,7 +367,7 @@ def test_baseline_needs_the_file_of_its_version(cli: Run, admin: Conn, mdir: Pat
     assert history(admin) is None
 
 
-def test_a_version_used_twice_is_invalid_not_missing(cli: Run, admin: Conn, mdir: Path) -> None:
+def test_a_version_used_twice_is_invalid_not_missing(cli: Run, mdir: Path) -> None:
     """An applied version that gains a second file shows as invalid, and validate says "used twice",
     not that the applied file is missing."""
     simple_set(mdir, 2)

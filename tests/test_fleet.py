@@ -408,7 +408,7 @@ def test_waiting_for_the_lock_is_quiet_by_default(
 
 
 def test_a_long_wait_for_the_lock_becomes_a_warning(
-    pg_server: PgServer, dbname: str, dsn: str, admin: Conn, mdir: Path,
+    pg_server: PgServer, dbname: str, dsn: str, mdir: Path,
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     """Past _LOCK_QUIET seconds, waiting for the lock is logged at WARNING (before that, at INFO)."""
@@ -524,7 +524,7 @@ pgops.Migrator(sys.argv[1], sys.argv[2], lease_timeout=2.0).migrate()
 
 
 def test_a_dead_runners_lease_expires_and_the_file_is_not_run_again(
-    pg_server: PgServer, dbname: str, dsn: str, admin: Conn, mdir: Path, tmp_path: Path,
+    dsn: str, admin: Conn, mdir: Path, tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
     """A runner SIGKILLed inside a no-transaction file: another runner waits while its lease is live

@@ -20,7 +20,7 @@ import pytest
 import pgops
 import pgtest
 from pgops import MigrationFailed, Migrator
-from pgtest import PgServer, locked_table, scalar, write
+from pgtest import locked_table, scalar, write
 
 Conn = psycopg2.extensions.connection
 
@@ -77,7 +77,7 @@ def test_every_file_starts_from_the_same_session_however_runs_are_batched(
 
 
 @pytest.fixture
-def role(pg_server: PgServer, admin: Conn) -> Iterator[str]:
+def role(admin: Conn) -> Iterator[str]:
     """A role without login for this test, dropped with what it owns afterwards."""
     with pgtest.temporary_role(admin, "pgops_owner_") as name:
         yield name

@@ -92,12 +92,20 @@ def test_exhausted_pool_waits_then_times_out_with_its_state(dsn: str) -> None:
         assert pool.stats()["requests_errors"] == 1
 
 
-def test_waiter_gets_a_connection_returned_while_it_waits(dsn: str) -> None:
-    """A caller blocked on a full pool is served as soon as a connection comes back."""
-    with Pool(dsn, min_size=0, max_size=1, acquire_timeout=10.0) as pool:
+@pytest.mark.parametrize(
+    ("options", "wait"),
+    [({"acquire_timeout": 10.0}, {}), ({}, {"timeout": float("inf")})],
+    ids=["acquire_timeout", "timeout=inf"],
+)
+def test_waiter_gets_a_connection_returned_while_it_waits(
+    dsn: str, options: dict[str, float], wait: dict[str, float]
+) -> None:
+    """A caller blocked on a full pool is served as soon as a connection comes back; getconn(timeout=inf)
+    waits as long as it takes."""
+    with Pool(dsn, min_size=0, max_size=1, **options) as pool:
         conn = pool.getconn()
         got: list[psycopg2.extensions.connection] = []
-        waiter = threading.Thread(target=lambda: got.append(pool.getconn()))
+        waiter = threading.Thread(target=lambda: got.append(pool.getconn(**wait)))
         waiter.start()
         wait_until(lambda: pool.stats()["requests_waiting"] == 1, message="waiter not queued")
         pool.putconn(conn)
@@ -284,7 +292,7 @@ def test_idle_timeout_shrinks_to_min_size(dsn: str) -> None:
 
 
 def test_leak_warning_shows_where_the_connection_was_taken(
-    pool: Pool, dsn: str, caplog: pytest.LogCaptureFixture
+    dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A connection held past leak_threshold logs one warning with the checkout stack."""
     caplog.set_level(logging.WARNING, logger="pgops")
@@ -418,20 +426,6 @@ def test_password_never_logged_or_shown(
     assert any("started for" in t for t in texts)
     for text in texts:
         assert password not in text
-
-
-def test_waiting_without_a_deadline(dsn: str) -> None:
-    """getconn(timeout=inf) waits as long as it takes, and is served when a connection returns."""
-    with Pool(dsn, min_size=0, max_size=1) as pool:
-        conn = pool.getconn()
-        got: list[psycopg2.extensions.connection] = []
-        waiter = threading.Thread(target=lambda: got.append(pool.getconn(timeout=float("inf"))))
-        waiter.start()
-        wait_until(lambda: pool.stats()["requests_waiting"] == 1, message="waiter not queued")
-        pool.putconn(conn)
-        waiter.join(10)
-        assert got == [conn]
-        pool.putconn(conn)
 
 
 def test_session_characteristics_do_not_leak_to_the_next_borrower(pool: Pool) -> None:

@@ -77,7 +77,7 @@ def test_dimension_mismatch_names_both_numbers(vector_admin: psycopg2.extensions
     assert "1536" in problem and "3072" in problem and "documents.embedding" in problem
 
 
-def test_missing_things_are_reported_with_a_remedy(dsn: str, admin: psycopg2.extensions.connection) -> None:
+def test_missing_things_are_reported_with_a_remedy(admin: psycopg2.extensions.connection) -> None:
     """A missing extension, table, column and index each give one problem saying what to do."""
     with admin.cursor() as cur:
         cur.execute("CREATE TABLE documents (id int)")
@@ -97,7 +97,7 @@ def test_missing_things_are_reported_with_a_remedy(dsn: str, admin: psycopg2.ext
     assert "index 'idx_documents_doc_type' does not exist" in problems
 
 
-def test_type_aliases_match(dsn: str, admin: psycopg2.extensions.connection) -> None:
+def test_type_aliases_match(admin: psycopg2.extensions.connection) -> None:
     """varchar(n), timestamptz, int and bool match the server's spelling of those types."""
     with admin.cursor() as cur:
         cur.execute("CREATE TABLE t (a varchar(255), b timestamptz, c int, d bool)")

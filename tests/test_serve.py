@@ -151,7 +151,7 @@ def test_half_sent_requests_hold_no_threads_and_are_closed_by_the_read_timeout(a
         serving_thread.join(timeout=30)
 
 
-def test_requests_past_the_thread_cap_get_503_with_retry_after(tmp_path: Path) -> None:
+def test_requests_past_the_thread_cap_get_503_with_retry_after() -> None:
     """With every thread busy and the line full, one more request gets 503 and Retry-After at once."""
     release = threading.Event()
     inside: list[str] = []
