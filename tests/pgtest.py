@@ -247,12 +247,30 @@ def run_pgops(
     secrets: Sequence[str] = (),
     timeout: float = CLI_TIMEOUT,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m pgops ARGS`` to its end (env: see pgops_env) and return it after check_output.
+    """Run ``python -m pgops ARGS`` to its end (see run_in_checkout) and return it after check_output.
 
     Every run is checked for a traceback and for secrets and FAKE_PASSWORD in its output.
     """
-    proc = subprocess.run(
-        pgops_argv(*args),
+    proc = run_in_checkout(
+        pgops_argv(*args), database_url=database_url, env=env, cwd=cwd, stdin=stdin, timeout=timeout
+    )
+    check_output(proc, [*secrets, FAKE_PASSWORD])
+    return proc
+
+
+def run_in_checkout(
+    argv: Sequence[str],
+    *,
+    database_url: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    stdin: Any = subprocess.DEVNULL,
+    timeout: float = CLI_TIMEOUT,
+) -> subprocess.CompletedProcess[str]:
+    """Run argv (a Python command line) to its end with pgops_env(database_url, env), in cwd (default
+    ROOT), and return it with its output as text; its exit status is for the caller to check."""
+    return subprocess.run(
+        argv,
         env=pgops_env(database_url, env),
         cwd=cwd or ROOT,
         stdin=stdin,
@@ -261,8 +279,6 @@ def run_pgops(
         timeout=timeout,
         check=False,
     )
-    check_output(proc, [*secrets, FAKE_PASSWORD])
-    return proc
 
 
 def spawn_pgops(

@@ -16,7 +16,7 @@ import pytest
 
 import pgops
 import pgtest
-from pgtest import ROOT, pgops_argv, pgops_env, run_pgops
+from pgtest import ROOT, pgops_argv, pgops_env, run_in_checkout, run_pgops
 
 
 def postgres_processes_under(path: str) -> list[int]:
@@ -57,10 +57,7 @@ WITHOUT_PGSERVER = (
 
 def test_demo_without_any_postgresql_says_what_to_install(tmp_path: Path) -> None:
     """Without pgserver and with no initdb/pg_config on PATH, the demo names the fixes in one line, exit 2."""
-    done = subprocess.run(
-        [sys.executable, "-c", WITHOUT_PGSERVER, "demo"],
-        cwd=ROOT, env=pgops_env(extra={"PATH": str(tmp_path)}), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    done = run_in_checkout([sys.executable, "-c", WITHOUT_PGSERVER, "demo"], env={"PATH": str(tmp_path)})
     assert done.returncode == 2
     assert done.stderr.strip() == (
         "pgops: error: the demo needs PostgreSQL: pip install pgserver (Python 3.10 to 3.12; from a "
@@ -96,10 +93,7 @@ def test_demo_falls_back_to_the_system_postgresql() -> None:
         except KeyError:
             pytest.skip("running as root and there is no 'postgres' account to run the server")
     demo = ["demo", "--seconds", "1", "--port", "0", "--documents", "20"]
-    done = subprocess.run(
-        [sys.executable, "-c", WITHOUT_PGSERVER, *demo],
-        cwd=ROOT, env=pgops_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    done = run_in_checkout([sys.executable, "-c", WITHOUT_PGSERVER, *demo], timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     started = STARTED.search(out)

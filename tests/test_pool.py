@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import subprocess
 import sys
 import threading
 import time
@@ -18,7 +17,7 @@ import pytest
 
 import pgops
 from pgops import CannotConnect, Pool, PoolClosed, PoolTimeout
-from pgtest import PgServer, pgops_env, wait_until
+from pgtest import PgServer, run_in_checkout, wait_until
 
 
 @pytest.fixture
@@ -469,10 +468,8 @@ pgops.retry_call(flaky, policy=pgops.RetryPolicy(max_attempts=2))
 def test_warnings_reach_stderr_only_when_the_application_configures_logging(configured: bool) -> None:
     """Without logging configured a pgops warning prints nothing; with basicConfig it is printed."""
     script = ("import logging; logging.basicConfig()\n" if configured else "") + _WARN_ONCE
-    env = pgops_env()
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60, check=True
-    )
+    proc = run_in_checkout([sys.executable, "-c", script], timeout=60)
+    assert proc.returncode == 0, proc.stderr
     if configured:
         assert "WARNING:pgops:retrying flaky after attempt 1 of 2" in proc.stderr
     else:
@@ -522,9 +519,6 @@ print("ok")
 
 def test_pool_works_without_poll_fork_or_dup(dsn: str) -> None:
     """Where select.poll, fork and os.dup of a socket are missing (Windows), the pool still heals."""
-    env = pgops_env()
-    proc = subprocess.run(
-        [sys.executable, "-c", _WITHOUT_POSIX, dsn], env=env, capture_output=True, text=True, timeout=120
-    )
+    proc = run_in_checkout([sys.executable, "-c", _WITHOUT_POSIX, dsn])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "ok\n"

@@ -19,7 +19,7 @@ import pytest
 
 import pgtest
 from pgops import ConfigError, HealthApp, Pool, make_server, serve
-from pgtest import pgops_env
+from pgtest import pgops_env, run_in_checkout
 
 CLIENT_TIMEOUT = 10.0  # generous: a loaded CI machine answers in milliseconds, a kubelet waits 1 s
 
@@ -294,8 +294,8 @@ def test_importing_pgops_leaves_the_http_server_modules_unloaded() -> None:
         "names = ('http.server', 'socketserver', 'wsgiref.simple_server')\n"
         "print(sorted(name for name in names if name in sys.modules))"
     )
-    env = pgops_env()
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    out = run_in_checkout([sys.executable, "-c", script])
+    assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
 

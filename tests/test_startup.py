@@ -8,12 +8,11 @@ modules that no migration command needs out of the import.
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pgops
-from pgtest import CLI_TIMEOUT, ROOT, pgops_env, run_pgops, write
+from pgtest import run_in_checkout, run_pgops, write
 
 # Imported by pgops for other commands, or for the type checker only: typing (about 5 ms a run),
 # shutil (argparse's terminal width: 5 ms with bz2, lzma and fnmatch), the health server's modules,
@@ -34,15 +33,7 @@ NOT_FOR_MIGRATE = frozenset(
 
 def imported_by(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> set[str]:
     """Run ``python -X importtime ARGS`` on this checkout and return the modules it imported."""
-    proc = subprocess.run(
-        [sys.executable, "-X", "importtime", *args],
-        env=pgops_env(None, env),
-        cwd=cwd or ROOT,
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT,
-        check=False,
-    )
+    proc = run_in_checkout([sys.executable, "-X", "importtime", *args], env=env, cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     return {
         line.rsplit("|", 1)[1].strip()
