@@ -150,9 +150,7 @@ def mdir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def cli(
-    pg_server: PgServer, dsn: str, mdir: Path, tmp_path: Path
-) -> Callable[..., subprocess.CompletedProcess[str]]:
+def cli(pg_server: PgServer, dsn: str, mdir: Path, tmp_path: Path) -> Callable[..., CompletedRun]:
     """Run ``python -m pgops COMMAND --dir mdir ARGS`` on this test's database (DATABASE_URL), in tmp_path."""
 
     def run(
