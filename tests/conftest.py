@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,18 @@ import pytest
 
 import pgtest
 from pgbouncer import PgBouncer, PgBouncerNotFound, find_pgbouncer
-from pgtest import ExternalServer, LocalServer, PgServer, PostgresNotFound, temporary_database
+from pgtest import (
+    ExternalServer,
+    LocalServer,
+    PgServer,
+    PostgresNotFound,
+    run_pgops,
+    secrets_of,
+    temporary_database,
+)
 from standby import StandbyServer, streaming_standby
+
+CompletedRun = subprocess.CompletedProcess[str]
 
 
 def in_ci() -> bool:
@@ -63,6 +74,13 @@ def has_pgvector(pg_server: PgServer) -> bool:
 
 
 @pytest.fixture
+def pgvector(has_pgvector: bool) -> None:
+    """Skip the test when the session server cannot `CREATE EXTENSION vector`."""
+    if not has_pgvector:
+        pytest.skip("this PostgreSQL has no pgvector")
+
+
+@pytest.fixture
 def dbname(pg_server: PgServer) -> Iterator[str]:
     """Name of a fresh, empty database for this test alone, dropped (WITH FORCE) afterwards."""
     with temporary_database(pg_server) as name:
@@ -89,6 +107,14 @@ def admin(pg_server: PgServer, dbname: str) -> Iterator[psycopg2.extensions.conn
         yield conn
     finally:
         conn.close()
+
+
+@pytest.fixture
+def vector_admin(pgvector: None, admin: psycopg2.extensions.connection) -> psycopg2.extensions.connection:
+    """admin, in a database where `CREATE EXTENSION vector` has run (skips the test without pgvector)."""
+    with admin.cursor() as cur:
+        cur.execute("CREATE EXTENSION vector")
+    return admin
 
 
 @pytest.fixture
@@ -121,6 +147,27 @@ def mdir(tmp_path: Path) -> Path:
     path = tmp_path / "migrations"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def cli(pg_server: PgServer, dsn: str, mdir: Path, tmp_path: Path) -> Callable[..., CompletedRun]:
+    """Run ``python -m pgops COMMAND --dir mdir ARGS`` on this test's database (DATABASE_URL), in tmp_path."""
+
+    def run(
+        command: str, *rest: str, database_url: str | None = dsn, env: dict[str, str] | None = None
+    ) -> CompletedRun:
+        return run_pgops(
+            command,
+            "--dir",
+            str(mdir),
+            *rest,
+            database_url=database_url,
+            env=env,
+            cwd=tmp_path,
+            secrets=secrets_of(pg_server),
+        )
+
+    return run
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Throwaway PostgreSQL clusters and polling helpers for the pgops test suite."""
+"""Throwaway PostgreSQL clusters, ``python -m pgops`` runners and polling helpers for the pgops tests."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote, urlencode
@@ -39,6 +40,18 @@ _MAX_SOCKET_PATH = 100
 
 _START_TIMEOUT = 60.0
 _STOP_MODES = ("smart", "fast", "immediate")
+
+ROOT = Path(__file__).resolve().parent.parent
+"""The checkout under test: first on the PYTHONPATH of every pgops subprocess."""
+
+CLI_TIMEOUT = 120.0
+"""Seconds a ``python -m pgops`` run may take before the test fails (generous: CI machines are slow)."""
+
+FAKE_PASSWORD = "Zebra-Distinct-Pw-8431"
+"""A password tests write into DSNs; run_pgops fails any run whose output shows it."""
+
+# Variables of the parent environment that could change what pgops or libpq does, or carry a password.
+_CLEARED = ("DATABASE_", "PGOPS_", "DB_RETRY_", "POOL_", "APP_NAME", "PG")
 
 
 class PostgresNotFound(RuntimeError):
@@ -128,6 +141,159 @@ def scalar(conn: psycopg2.extensions.connection, query: str, args: tuple[Any, ..
 def relation_exists(conn: psycopg2.extensions.connection, name: str) -> bool:
     """Tell whether a table, index or view called name (schema-qualified or not) exists."""
     return scalar(conn, "SELECT to_regclass(%s) IS NOT NULL", (name,)) is True
+
+
+def history(
+    conn: psycopg2.extensions.connection, schema: str = "public", table: str = "migration_history"
+) -> list[tuple[int, str]] | None:
+    """Return (version, status) rows of the history table, or None when it does not exist."""
+    if not relation_exists(conn, f'"{schema}"."{table}"'):
+        return None
+    with conn.cursor() as cur:
+        cur.execute(
+            psycopg2.sql.SQL("SELECT version, status FROM {} ORDER BY version").format(
+                psycopg2.sql.Identifier(schema, table)
+            )
+        )
+        return [(int(v), s) for v, s in cur.fetchall()]
+
+
+def applied(*versions: int) -> list[tuple[int, str]]:
+    """Return the history rows expected when exactly these versions are applied."""
+    return [(v, "applied") for v in versions]
+
+
+def simple_set(directory: Path, count: int, *, down: bool = True) -> None:
+    """Write migrations 1..count, each creating table t<version>, with down files dropping them."""
+    for v in range(1, count + 1):
+        write(directory, f"{v:04d}_table_{v}.sql", f"CREATE TABLE t{v} (id int);\n")
+        if down:
+            write(directory, f"{v:04d}_table_{v}.down.sql", f"DROP TABLE t{v};\n")
+
+
+@contextlib.contextmanager
+def locked_table(
+    dsn: str, admin: psycopg2.extensions.connection, name: str, mode: str
+) -> Iterator[psycopg2.extensions.connection]:
+    """Create table name and yield another session whose open transaction holds it LOCKed IN mode MODE.
+
+    The test releases the lock by rolling that session back; it is closed afterwards either way.
+    """
+    with admin.cursor() as cur:
+        cur.execute(psycopg2.sql.SQL("CREATE TABLE {} (id int)").format(psycopg2.sql.Identifier(name)))
+    blocker = psycopg2.connect(dsn)
+    try:
+        with blocker.cursor() as cur:
+            lock = psycopg2.sql.SQL("LOCK TABLE {} IN " + mode + " MODE")  # mode: one of PostgreSQL's words
+            cur.execute(lock.format(psycopg2.sql.Identifier(name)))
+        yield blocker
+    finally:
+        blocker.close()
+
+
+# -- python -m pgops ----------------------------------------------------------------------------------
+
+
+def pgops_env(database_url: str | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Return the environment of a pgops subprocess that imports this checkout.
+
+    The parent's environment without anything that configures pgops or libpq (or carries a
+    password), this checkout first on PYTHONPATH, no ~/.pgpass, DATABASE_URL as given (None: unset),
+    then extra on top.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_CLEARED)}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env["PGPASSFILE"] = os.devnull
+    if database_url is not None:
+        env["DATABASE_URL"] = database_url
+    env.update(extra or {})
+    return env
+
+
+def pgops_argv(*args: str) -> list[str]:
+    """Return the argv of ``python -m pgops ARGS``.
+
+    A child inherits an ignored SIGINT (this process may be a background job), and Python then
+    installs no Ctrl-C handler: in that case a launcher restores Python's default one first.
+    """
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        return [sys.executable, "-m", "pgops", *args]
+    launcher = (
+        "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "runpy.run_module('pgops', run_name='__main__', alter_sys=True)"
+    )
+    return [sys.executable, "-c", launcher, *args]
+
+
+def check_output(proc: subprocess.CompletedProcess[str] | Any, secrets: Sequence[str]) -> None:
+    """Assert that a finished pgops run printed no traceback and none of the secrets."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for secret in secrets:
+        assert secret not in proc.stdout, proc.stdout
+        assert secret not in proc.stderr, proc.stderr
+
+
+def secrets_of(server: PgServer) -> list[str]:
+    """Return the server's password as a secret to look for, when it has one."""
+    return [server.password] if server.password and len(server.password) >= 4 else []
+
+
+def run_pgops(
+    *args: str,
+    database_url: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    stdin: Any = subprocess.DEVNULL,
+    secrets: Sequence[str] = (),
+    timeout: float = CLI_TIMEOUT,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m pgops ARGS`` to its end (see run_in_checkout) and return it after check_output.
+
+    Every run is checked for a traceback and for secrets and FAKE_PASSWORD in its output.
+    """
+    proc = run_in_checkout(
+        pgops_argv(*args), database_url=database_url, env=env, cwd=cwd, stdin=stdin, timeout=timeout
+    )
+    check_output(proc, [*secrets, FAKE_PASSWORD])
+    return proc
+
+
+def run_in_checkout(
+    argv: Sequence[str],
+    *,
+    database_url: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    stdin: Any = subprocess.DEVNULL,
+    timeout: float = CLI_TIMEOUT,
+) -> subprocess.CompletedProcess[str]:
+    """Run argv (a Python command line) to its end with pgops_env(database_url, env), in cwd (default
+    ROOT), and return it with its output as text; its exit status is for the caller to check."""
+    return subprocess.run(
+        argv,
+        env=pgops_env(database_url, env),
+        cwd=cwd or ROOT,
+        stdin=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def spawn_pgops(
+    *args: str, database_url: str | None = None, env: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.Popen[str]:
+    """Start ``python -m pgops ARGS`` as a process of its own (env: see pgops_env), its output piped."""
+    return subprocess.Popen(
+        pgops_argv(*args),
+        env=pgops_env(database_url, env),
+        cwd=cwd or ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @dataclasses.dataclass

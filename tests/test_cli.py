@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import psycopg2
 import psycopg2.extensions
@@ -17,106 +14,26 @@ import psycopg2.sql
 import pytest
 
 import pgops
-from pgtest import PgServer, free_port, relation_exists, scalar, wait_until, write
+from pgtest import (
+    CLI_TIMEOUT,
+    FAKE_PASSWORD,
+    PgServer,
+    applied,
+    check_output,
+    free_port,
+    history,
+    relation_exists,
+    run_pgops,
+    scalar,
+    secrets_of,
+    simple_set,
+    spawn_pgops,
+    wait_until,
+    write,
+)
 
 Conn = psycopg2.extensions.connection
 Run = Callable[..., subprocess.CompletedProcess[str]]
-
-ROOT = Path(__file__).resolve().parent.parent
-FAKE_PASSWORD = "Zebra-Distinct-Pw-8431"
-TIMEOUT = 120.0
-
-# Variables of the parent environment that could change what pgops does or leak a password.
-_CLEARED = ("DATABASE_URL", "PGOPS_", "DB_RETRY_", "POOL_", "APP_NAME", "PG")
-
-
-def base_env(database_url: str | None, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Return a clean environment for pgops: this checkout first on PYTHONPATH, DATABASE_URL as given."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_CLEARED)}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    env["PGPASSFILE"] = os.devnull
-    if database_url is not None:
-        env["DATABASE_URL"] = database_url
-    env.update(extra or {})
-    return env
-
-
-def check_output(proc: subprocess.CompletedProcess[str] | Any, secrets: Sequence[str]) -> None:
-    """Assert that a finished pgops run printed no traceback and none of the secrets."""
-    assert "Traceback" not in proc.stderr, proc.stderr
-    for secret in secrets:
-        assert secret not in proc.stdout, proc.stdout
-        assert secret not in proc.stderr, proc.stderr
-
-
-def run_pgops(
-    *args: str,
-    database_url: str | None = None,
-    env: dict[str, str] | None = None,
-    cwd: Path | None = None,
-    secrets: Sequence[str] = (),
-    timeout: float = TIMEOUT,
-) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m pgops ARGS`` and return the finished process after the output checks."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "pgops", *args],
-        env=base_env(database_url, env),
-        cwd=cwd or ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    check_output(proc, [*secrets, FAKE_PASSWORD])
-    return proc
-
-
-def secrets_of(pg_server: PgServer) -> list[str]:
-    """Return the session server's password as a secret to look for, when it has one."""
-    return [pg_server.password] if pg_server.password and len(pg_server.password) >= 4 else []
-
-
-@pytest.fixture
-def cli(pg_server: PgServer, dsn: str, mdir: Path, tmp_path: Path) -> Run:
-    """Run pgops on this test's database (DATABASE_URL) and migrations directory (--dir)."""
-
-    def run(*args: str, database_url: str | None = dsn, env: dict[str, str] | None = None) -> Any:
-        command, *rest = args
-        return run_pgops(
-            command,
-            "--dir",
-            str(mdir),
-            *rest,
-            database_url=database_url,
-            env=env,
-            cwd=tmp_path,
-            secrets=secrets_of(pg_server),
-        )
-
-    return run
-
-
-def history(conn: Conn) -> list[tuple[int, str]] | None:
-    """Return (version, status) rows of public.migration_history, or None when it does not exist."""
-    if not relation_exists(conn, "public.migration_history"):
-        return None
-    with conn.cursor() as cur:
-        cur.execute("SELECT version, status FROM migration_history ORDER BY version")
-        return [(int(v), s) for v, s in cur.fetchall()]
-
-
-def applied(*versions: int) -> list[tuple[int, str]]:
-    """Return the history rows expected when exactly these versions are applied."""
-    return [(v, "applied") for v in versions]
-
-
-def simple_set(directory: Path, count: int, *, down: bool = True) -> None:
-    """Write migrations 1..count, each creating table t<version>, with down files dropping them."""
-    for v in range(1, count + 1):
-        write(directory, f"{v:04d}_table_{v}.sql", f"CREATE TABLE t{v} (id int);\n")
-        if down:
-            write(directory, f"{v:04d}_table_{v}.down.sql", f"DROP TABLE t{v};\n")
-
 
 APPLIED_LINE = re.compile(r"^applied (\d+_[A-Za-z0-9_-]+\.sql) \((\d+\.\d) ms\)$", re.MULTILINE)
 
@@ -126,7 +43,7 @@ APPLIED_LINE = re.compile(r"^applied (\d+_[A-Za-z0-9_-]+\.sql) \((\d+\.\d) ms\)$
 
 @pytest.mark.parametrize("form", ["key=value", "url"])
 def test_migrate_prints_one_line_per_migration_and_a_summary(
-    pg_server: PgServer, dsn: str, db_url: str, admin: Conn, mdir: Path, tmp_path: Path, form: str
+    pg_server: PgServer, dsn: str, db_url: str, admin: Conn, mdir: Path, form: str
 ) -> None:
     """migrate applies every file, printing each with its time in ms and a final summary; rerun is a no-op."""
     simple_set(mdir, 3)
@@ -193,18 +110,8 @@ def test_eight_concurrent_processes_apply_each_migration_exactly_once(
     gate = psycopg2.connect(pg_server.dsn(dbname, application_name="starting-gate"))
     gate.autocommit = True
     gate.cursor().execute("SELECT pg_advisory_lock(%s, %s)", (pgops._LOCK_CLASS, key))
-    command = [sys.executable, "-m", "pgops", "migrate", "--dir", str(mdir), "--lock-timeout", "120"]
-    procs = [
-        subprocess.Popen(
-            command,
-            env=base_env(dsn),
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(8)
-    ]
+    command = ("migrate", "--dir", str(mdir), "--lock-timeout", "120")
+    procs = [spawn_pgops(*command, database_url=dsn, cwd=tmp_path) for _ in range(8)]
     results = []
     try:
 
@@ -220,12 +127,12 @@ def test_eight_concurrent_processes_apply_each_migration_exactly_once(
 
         wait_until(
             lambda: waiting_runners() == 8 or any(p.poll() is not None for p in procs),
-            timeout=TIMEOUT,
+            timeout=CLI_TIMEOUT,
             message="the eight runners never all waited for the lock",
         )
         assert scalar(gate, "SELECT pg_advisory_unlock(%s, %s)", (pgops._LOCK_CLASS, key)) is True
         for proc in procs:
-            stdout, stderr = proc.communicate(timeout=TIMEOUT * 2)
+            stdout, stderr = proc.communicate(timeout=CLI_TIMEOUT * 2)
             results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
     finally:
         gate.close()
@@ -364,26 +271,24 @@ def test_drift_makes_validate_exit_4_and_migrate_refuse(cli: Run, admin: Conn, m
     assert re.search(r"^1\s+table_1\s+changed\b", status.stdout, re.MULTILINE)
 
 
-def test_deleted_applied_file_is_refused(cli: Run, mdir: Path) -> None:
-    """An applied migration whose file is gone makes validate and migrate exit 4 naming the version."""
-    simple_set(mdir, 3, down=False)
-    assert cli("migrate").returncode == 0
-    (mdir / "0002_table_2.sql").unlink()  # below the newest file: lost, not a newer release's
-    for command in ("validate", "migrate"):
-        proc = cli(command)
-        assert proc.returncode == 4
-        assert "applied migration 2 (table_2) has no file" in proc.stderr
-
-
-def test_applied_migration_newer_than_every_file_is_a_warning(cli: Run, mdir: Path) -> None:
-    """An applied version above the newest file (a newer release's) warns; validate and migrate exit 0."""
-    simple_set(mdir, 2, down=False)
+@pytest.mark.parametrize(
+    ("count", "code", "message"),
+    [
+        (3, 4, "applied migration 2 (table_2) has no file"),
+        (2, 0, "migration 2 (table_2) is applied but newer than every file here"),
+    ],
+    ids=["below-the-newest-file-is-refused", "newer-than-every-file-is-a-warning"],
+)
+def test_an_applied_file_that_is_gone(cli: Run, mdir: Path, count: int, code: int, message: str) -> None:
+    """An applied migration whose file is gone below the newest file is lost: validate and migrate exit 4
+    naming the version.  Above every file (a newer release's) it only warns, and both exit 0."""
+    simple_set(mdir, count, down=False)
     assert cli("migrate").returncode == 0
     (mdir / "0002_table_2.sql").unlink()
     for command in ("validate", "migrate"):
         proc = cli(command)
-        assert proc.returncode == 0, proc.stderr
-        assert "migration 2 (table_2) is applied but newer than every file here" in proc.stderr
+        assert proc.returncode == code, proc.stderr
+        assert message in proc.stderr
 
 
 @pytest.mark.parametrize(
@@ -685,7 +590,7 @@ def test_missing_directory_exits_2(cli: Run, mdir: Path) -> None:
 
 
 def test_verbose_shows_sql_but_never_the_password(
-    pg_server: PgServer, db_url: str, admin: Conn, mdir: Path, tmp_path: Path
+    pg_server: PgServer, db_url: str, admin: Conn, mdir: Path
 ) -> None:
     """With -v every command logs at DEBUG (the SQL too), and the real password shows nowhere."""
     if not pg_server.password:

@@ -8,27 +8,27 @@ import json
 import os
 import pty
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import psycopg2.extensions
 import pytest
 
-from pgtest import PgServer, relation_exists, scalar, write
-from test_cli import (
-    APPLIED_LINE,
+from pgtest import (
+    PgServer,
     applied,
-    base_env,
     check_output,
-    cli,
     history,
+    pgops_argv,
+    pgops_env,
+    relation_exists,
     run_pgops,
+    scalar,
     secrets_of,
     simple_set,
+    write,
 )
-
-__all__ = ["cli"]  # a fixture, used by name
+from test_cli import APPLIED_LINE
 
 Conn = psycopg2.extensions.connection
 Run = Any
@@ -78,8 +78,8 @@ def test_rollback_everything_asks_on_a_terminal(
         try:
             os.write(leader, text.encode())
             proc = subprocess.run(
-                [sys.executable, "-m", "pgops", "rollback", "--to", "0", "--dir", str(mdir)],
-                env=base_env(dsn),
+                pgops_argv("rollback", "--to", "0", "--dir", str(mdir)),
+                env=pgops_env(dsn),
                 cwd=tmp_path,
                 stdin=follower,
                 capture_output=True,
@@ -188,9 +188,7 @@ def test_a_failing_repeatable_migration_changes_nothing(cli: Run, admin: Conn, m
     assert scalar(admin, "SELECT checksum FROM migration_history WHERE version < 0") == before
 
 
-def test_an_older_release_leaves_newer_repeatables_alone(
-    cli: Run, admin: Conn, mdir: Path, tmp_path: Path
-) -> None:
+def test_an_older_release_leaves_newer_repeatables_alone(cli: Run, admin: Conn, mdir: Path) -> None:
     """A runner whose files are older than the database (a rollout) does not put its older view back."""
     write(mdir, "0001_items.sql", "CREATE TABLE items (id int, price int);\n")
     write(mdir, "0002_more.sql", "SELECT 1;\n")
@@ -225,7 +223,7 @@ def test_repeatable_migration_misuse_exits_4(
     assert history(admin) is None
 
 
-def test_repair_forgets_a_repeatable_whose_file_is_gone(cli: Run, admin: Conn, mdir: Path) -> None:
+def test_repair_forgets_a_repeatable_whose_file_is_gone(cli: Run, mdir: Path) -> None:
     """A repeatable file deleted after it ran shows as missing; migrate goes on; repair forgets it."""
     write(mdir, "0001_items.sql", "CREATE TABLE items (id int);\n")
     write(mdir, "R__v.sql", "CREATE OR REPLACE VIEW v AS SELECT id FROM items;\n")
@@ -300,9 +298,7 @@ def test_status_shows_the_state_and_lists_file_problems(cli: Run, admin: Conn, m
 # -- global options, -q ------------------------------------------------------------------------------
 
 
-def test_global_options_before_the_command(
-    pg_server: PgServer, dsn: str, admin: Conn, mdir: Path, tmp_path: Path
-) -> None:
+def test_global_options_before_the_command(dsn: str, admin: Conn, mdir: Path, tmp_path: Path) -> None:
     """`pgops --dsn X --dir D migrate` works like git's and flyway's options; after the command they win."""
     simple_set(mdir, 1)
     proc = run_pgops("--dsn", dsn, "--dir", str(mdir), "migrate", database_url=None, cwd=tmp_path)
@@ -371,7 +367,7 @@ def test_baseline_needs_the_file_of_its_version(cli: Run, admin: Conn, mdir: Pat
     assert history(admin) is None
 
 
-def test_a_version_used_twice_is_invalid_not_missing(cli: Run, admin: Conn, mdir: Path) -> None:
+def test_a_version_used_twice_is_invalid_not_missing(cli: Run, mdir: Path) -> None:
     """An applied version that gains a second file shows as invalid, and validate says "used twice",
     not that the applied file is missing."""
     simple_set(mdir, 2)

@@ -16,16 +16,7 @@ import pytest
 
 import pgops
 import pgtest
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def pgops_env(**extra: str) -> dict[str, str]:
-    """Return an environment that imports the pgops under test."""
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    env["PYTHONPATH"] = str(ROOT)
-    env.update(extra)
-    return env
+from pgtest import ROOT, pgops_argv, pgops_env, run_in_checkout, run_pgops
 
 
 def postgres_processes_under(path: str) -> list[int]:
@@ -45,10 +36,7 @@ def postgres_processes_under(path: str) -> list[int]:
 def test_demo_runs_end_to_end_and_leaves_nothing_running() -> None:
     """The demo migrates, loads and searches embeddings, reports, serves 2 s, exits 0, stops PostgreSQL."""
     pytest.importorskip("pgserver")
-    done = subprocess.run(
-        [sys.executable, "-m", "pgops", "demo", "--seconds", "2", "--port", "0", "--documents", "50"],
-        cwd=ROOT, env=pgops_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    done = run_pgops("demo", "--seconds", "2", "--port", "0", "--documents", "50", timeout=300)
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "applied 0002_documents.sql" in out
@@ -69,10 +57,7 @@ WITHOUT_PGSERVER = (
 
 def test_demo_without_any_postgresql_says_what_to_install(tmp_path: Path) -> None:
     """Without pgserver and with no initdb/pg_config on PATH, the demo names the fixes in one line, exit 2."""
-    done = subprocess.run(
-        [sys.executable, "-c", WITHOUT_PGSERVER, "demo"],
-        cwd=ROOT, env=pgops_env(PATH=str(tmp_path)), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    done = run_in_checkout([sys.executable, "-c", WITHOUT_PGSERVER, "demo"], env={"PATH": str(tmp_path)})
     assert done.returncode == 2
     assert done.stderr.strip() == (
         "pgops: error: the demo needs PostgreSQL: pip install pgserver (Python 3.10 to 3.12; from a "
@@ -108,10 +93,7 @@ def test_demo_falls_back_to_the_system_postgresql() -> None:
         except KeyError:
             pytest.skip("running as root and there is no 'postgres' account to run the server")
     demo = ["demo", "--seconds", "1", "--port", "0", "--documents", "20"]
-    done = subprocess.run(
-        [sys.executable, "-c", WITHOUT_PGSERVER, *demo],
-        cwd=ROOT, env=pgops_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    done = run_in_checkout([sys.executable, "-c", WITHOUT_PGSERVER, *demo], timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     started = STARTED.search(out)
@@ -145,10 +127,10 @@ def _has_vector_extension() -> bool:
 def test_serve_command_answers_probes_and_stops_on_sigterm(dsn: str, tmp_path: Path) -> None:
     """`pgops serve --port 0` answers /health/ready, and SIGTERM stops it with exit 0."""
     log = tmp_path / "serve.log"
-    env = pgops_env(DATABASE_URL=dsn, POOL_PRESET="testing")
+    env = pgops_env(dsn, {"POOL_PRESET": "testing"})
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pgops", "serve", "--port", "0", "--dir", str(tmp_path / "none")],
+            pgops_argv("serve", "--port", "0", "--dir", str(tmp_path / "none")),
             cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
         )  # fmt: skip
     try:

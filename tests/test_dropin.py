@@ -515,7 +515,7 @@ def test_max_waiting_comes_from_the_environment(dsn: str) -> None:
 
 
 def test_connection_defaults_through_pgbouncer_leave_no_session_state(
-    pgbouncer: Callable[..., PgBouncer], dbname: str, admin: psycopg2.extensions.connection
+    pgbouncer: Callable[..., PgBouncer], dbname: str
 ) -> None:
     """Autocommit and isolation defaults, and the drop-in, work through a transaction pooler without
     leaving a session SET on a server connection that other clients share."""

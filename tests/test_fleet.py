@@ -28,15 +28,20 @@ import pgops
 from pgbouncer import PgBouncer
 from pgtest import (
     PgServer,
+    check_output,
     free_port,
+    history,
+    pgops_env,
     relation_exists,
+    run_pgops,
     scalar,
+    secrets_of,
+    spawn_pgops,
     temporary_database,
     temporary_role,
     wait_until,
     write,
 )
-from test_cli import base_env, check_output, history, run_pgops, secrets_of
 
 Conn = psycopg2.extensions.connection
 MakeBouncer = Callable[..., PgBouncer]
@@ -106,10 +111,6 @@ def assert_no_advisory_locks(conn: Conn) -> None:
     wait_until(lambda: advisory_locks(conn) == 0, timeout=5, message="an advisory lock was left behind")
 
 
-def migrate_command(mdir: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "pgops", "migrate", "--dir", str(mdir), *args]
-
-
 def migrate(
     pg_server: PgServer, url: str | None, mdir: Path, cwd: Path, *args: str, env: dict[str, str] | None = None
 ) -> Done:
@@ -121,16 +122,8 @@ def migrate(
 def spawn(
     mdir: Path, *args: str, database_url: str | None, cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.Popen[str]:
-    """Start `migrate` as a process of its own, its output piped."""
-    return subprocess.Popen(
-        migrate_command(mdir, *args),
-        env=base_env(database_url, env),
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    """Start `migrate --dir mdir ARGS` as a process of its own, its output piped."""
+    return spawn_pgops("migrate", "--dir", str(mdir), *args, database_url=database_url, env=env, cwd=cwd)
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = TIMEOUT) -> Done:
@@ -415,7 +408,7 @@ def test_waiting_for_the_lock_is_quiet_by_default(
 
 
 def test_a_long_wait_for_the_lock_becomes_a_warning(
-    pg_server: PgServer, dbname: str, dsn: str, admin: Conn, mdir: Path,
+    pg_server: PgServer, dbname: str, dsn: str, mdir: Path,
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     """Past _LOCK_QUIET seconds, waiting for the lock is logged at WARNING (before that, at INFO)."""
@@ -531,7 +524,7 @@ pgops.Migrator(sys.argv[1], sys.argv[2], lease_timeout=2.0).migrate()
 
 
 def test_a_dead_runners_lease_expires_and_the_file_is_not_run_again(
-    pg_server: PgServer, dbname: str, dsn: str, admin: Conn, mdir: Path, tmp_path: Path,
+    dsn: str, admin: Conn, mdir: Path, tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
     """A runner SIGKILLed inside a no-transaction file: another runner waits while its lease is live
@@ -541,7 +534,7 @@ def test_a_dead_runners_lease_expires_and_the_file_is_not_run_again(
     write(mdir, "0002_sleepy.sql", f"{NO_TX}INSERT INTO ran VALUES (2);\nSELECT pg_sleep(60);\n")
     first = subprocess.Popen(
         [sys.executable, "-c", LEASE_SCRIPT, dsn, str(mdir)],
-        env=base_env(None), cwd=tmp_path, stdin=subprocess.DEVNULL,
+        env=pgops_env(), cwd=tmp_path, stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     outcome: dict[str, Any] = {}

@@ -155,7 +155,7 @@ def test_writes_through_pgbouncer_follow_it_to_the_promoted_standby(
 
 
 def test_a_read_only_transaction_of_the_caller_keeps_its_connection(
-    pg_server: PgServer, dsn: str, admin: psycopg2.extensions.connection
+    dsn: str, admin: psycopg2.extensions.connection
 ) -> None:
     """25006 from the caller's own READ ONLY transaction is no reason to discard the connection."""
     with admin.cursor() as cur:

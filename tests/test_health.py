@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import re
 import secrets
 import signal
@@ -36,8 +35,8 @@ from pgops import (
     render_prometheus,
     serve,
 )
+from pgtest import ROOT, pgops_env
 
-ROOT = Path(__file__).resolve().parent.parent
 MODULE = create_app.__module__  # what gunicorn and waitress load: follows the import above
 ROUTES = ("/health/live", "/health/ready", "/health/detailed", "/metrics")
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
@@ -842,8 +841,7 @@ def test_serve_returns_after_shutdown_from_another_thread(app: HealthApp) -> Non
 @contextlib.contextmanager
 def running(cmd: list[str], environ: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """Run cmd beside log (no ./migrations there) with environ added; terminate it by pid at the end."""
-    env = {**os.environ, **environ}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env = pgops_env(None, environ)
     with log.open("wb") as out:
         proc = subprocess.Popen(
             cmd, cwd=log.parent, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out

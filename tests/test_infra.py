@@ -9,31 +9,22 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 
-from pgtest import LocalServer, PgServer, temporary_database, wait_until
+from pgtest import LocalServer, PgServer, scalar, temporary_database, wait_until
 from standby import StandbyServer, current_wal_lsn, fence, ha_dsn, unfence
 
 # Names of the databases handed to the two "fresh database" tests, in the order they ran.
 _seen_databases: list[str] = []
 
 
-def _scalar(conn: psycopg2.extensions.connection, query: str, args: tuple[object, ...] = ()) -> object:
-    """Return the first column of the first row of query."""
-    with conn.cursor() as cur:
-        cur.execute(query, args)
-        row = cur.fetchone()
-        assert row is not None
-        return row[0]
-
-
 def _database_exists(server: PgServer, name: str) -> bool:
     """Tell whether database name exists on server."""
     with contextlib.closing(server.admin_connect()) as conn:
-        return bool(_scalar(conn, "SELECT count(*) FROM pg_database WHERE datname = %s", (name,)))
+        return bool(scalar(conn, "SELECT count(*) FROM pg_database WHERE datname = %s", (name,)))
 
 
 def _user_tables(conn: psycopg2.extensions.connection) -> object:
     """Count tables outside the system schemas."""
-    return _scalar(
+    return scalar(
         conn,
         "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE c.relkind IN ('r', 'p', 'v', 'm') "
@@ -43,7 +34,7 @@ def _user_tables(conn: psycopg2.extensions.connection) -> object:
 
 def test_session_server_answers(pg_server: PgServer) -> None:
     with contextlib.closing(pg_server.admin_connect()) as conn:
-        assert _scalar(conn, "SELECT 1") == 1
+        assert scalar(conn, "SELECT 1") == 1
         assert conn.autocommit
 
 
@@ -52,7 +43,7 @@ def test_each_test_gets_a_fresh_empty_database(
     run: int, pg_server: PgServer, admin: psycopg2.extensions.connection, dbname: str
 ) -> None:
     assert dbname.startswith("pgops_test_")
-    assert _scalar(admin, "SELECT current_database()") == dbname
+    assert scalar(admin, "SELECT current_database()") == dbname
     assert _user_tables(admin) == 0
     if _seen_databases:  # the previous run's database is gone, not reused
         previous = _seen_databases[-1]
@@ -66,7 +57,7 @@ def test_each_test_gets_a_fresh_empty_database(
 def test_dsn_and_url_reach_the_test_database(dsn: str, db_url: str, dbname: str) -> None:
     for target in (dsn, db_url):
         with contextlib.closing(psycopg2.connect(target)) as conn:
-            assert _scalar(conn, "SELECT current_database()") == dbname
+            assert scalar(conn, "SELECT current_database()") == dbname
 
 
 def test_temporary_database_is_dropped_even_with_open_connections(pg_server: PgServer) -> None:
@@ -76,7 +67,7 @@ def test_temporary_database_is_dropped_even_with_open_connections(pg_server: PgS
     try:
         assert not _database_exists(pg_server, name)
         with pytest.raises(psycopg2.OperationalError):
-            _scalar(leaked, "SELECT 1")
+            scalar(leaked, "SELECT 1")
     finally:
         leaked.close()
 
@@ -84,7 +75,7 @@ def test_temporary_database_is_dropped_even_with_open_connections(pg_server: PgS
 def test_own_server_survives_stop_crash_and_restart(own_server: LocalServer) -> None:
     def answers() -> bool:
         with contextlib.closing(psycopg2.connect(own_server.dsn(connect_timeout=2))) as conn:
-            return _scalar(conn, "SELECT 1") == 1
+            return scalar(conn, "SELECT 1") == 1
 
     port = own_server.port
     first_pid = own_server.postmaster_pid
@@ -104,7 +95,7 @@ def test_own_server_survives_stop_crash_and_restart(own_server: LocalServer) -> 
     own_server.crash()
     assert not own_server.is_running()
     with pytest.raises(psycopg2.OperationalError):
-        _scalar(conn, "SELECT 1")
+        scalar(conn, "SELECT 1")
     conn.close()
 
     own_server.start()
@@ -137,15 +128,15 @@ def test_tcp_requires_the_password(
 
     # The unix socket is trusted, so tests can always get in as the superuser.
     with contextlib.closing(psycopg2.connect(server.socket_dsn(passfile=no_passfile))) as conn:
-        assert _scalar(conn, "SELECT current_user") == "postgres"
+        assert scalar(conn, "SELECT current_user") == "postgres"
 
 
 def test_local_server_listens_on_loopback_only(pg_server: PgServer, request: pytest.FixtureRequest) -> None:
     server = _local(pg_server, request)
     with contextlib.closing(server.admin_connect()) as conn:
-        assert _scalar(conn, "SHOW listen_addresses") == "127.0.0.1"
-        assert _scalar(conn, "SHOW fsync") == "off"
-        assert int(str(_scalar(conn, "SHOW max_connections"))) >= 200
+        assert scalar(conn, "SHOW listen_addresses") == "127.0.0.1"
+        assert scalar(conn, "SHOW fsync") == "off"
+        assert int(str(scalar(conn, "SHOW max_connections"))) >= 200
     assert len(str(server.socket_dir / f".s.PGSQL.{server.port}")) < 107
 
 
@@ -187,8 +178,8 @@ def _write_is_refused_as_read_only(conn: psycopg2.extensions.connection) -> None
 def _server_port(dsn: str) -> object:
     """Connect with dsn, check that the session may write, and return the server's port."""
     with contextlib.closing(psycopg2.connect(dsn)) as conn:
-        assert _scalar(conn, "SHOW transaction_read_only") == "off"
-        return _scalar(conn, "SELECT inet_server_port()")
+        assert scalar(conn, "SHOW transaction_read_only") == "off"
+        return scalar(conn, "SELECT inet_server_port()")
 
 
 def test_standby_replays_what_the_primary_writes(ha_pair: tuple[LocalServer, StandbyServer]) -> None:
@@ -198,7 +189,7 @@ def test_standby_replays_what_the_primary_writes(ha_pair: tuple[LocalServer, Sta
         cur.execute("INSERT INTO ha_probe VALUES (1, 'written on the primary')")
     standby.wait_replayed(current_wal_lsn(primary))
     with contextlib.closing(standby.admin_connect()) as conn:
-        assert _scalar(conn, "SELECT note FROM ha_probe WHERE id = 1") == "written on the primary"
+        assert scalar(conn, "SELECT note FROM ha_probe WHERE id = 1") == "written on the primary"
 
 
 def test_standby_refuses_writes_until_promoted(ha_pair: tuple[LocalServer, StandbyServer]) -> None:
@@ -206,16 +197,16 @@ def test_standby_refuses_writes_until_promoted(ha_pair: tuple[LocalServer, Stand
     assert standby.port != primary.port
     assert standby.password == primary.password
     with contextlib.closing(standby.admin_connect()) as conn:
-        assert _scalar(conn, "SELECT pg_is_in_recovery()") is True
+        assert scalar(conn, "SELECT pg_is_in_recovery()") is True
         _write_is_refused_as_read_only(conn)
 
     standby.promote()
     with contextlib.closing(standby.admin_connect()) as conn:
-        assert _scalar(conn, "SELECT pg_is_in_recovery()") is False
+        assert scalar(conn, "SELECT pg_is_in_recovery()") is False
         with conn.cursor() as cur:
             cur.execute("CREATE TABLE promoted (id int)")
             cur.execute("INSERT INTO promoted VALUES (1)")
-        assert _scalar(conn, "SELECT count(*) FROM promoted") == 1
+        assert scalar(conn, "SELECT count(*) FROM promoted") == 1
 
 
 def test_fence_makes_new_sessions_read_only_until_unfenced(
@@ -225,7 +216,7 @@ def test_fence_makes_new_sessions_read_only_until_unfenced(
     pid = primary.postmaster_pid
     fence(primary)
     with contextlib.closing(primary.admin_connect()) as conn:
-        assert _scalar(conn, "SELECT pg_is_in_recovery()") is False
+        assert scalar(conn, "SELECT pg_is_in_recovery()") is False
         _write_is_refused_as_read_only(conn)
     assert primary.postmaster_pid == pid  # fenced, not stopped
 
@@ -253,4 +244,4 @@ def test_read_write_ha_dsn_follows_fence_and_promotion(ha_pair: tuple[LocalServe
     for dsn in dsns:
         assert _server_port(dsn) == standby.port
     with contextlib.closing(psycopg2.connect(ha_dsn(primary, standby, dbname="template1"))) as conn:
-        assert _scalar(conn, "SELECT current_database()") == "template1"
+        assert scalar(conn, "SELECT current_database()") == "template1"

@@ -29,7 +29,18 @@ from pgops import (
     load_migrations,
     migration_checksum,
 )
-from pgtest import PgServer, free_port, relation_exists, scalar, wait_until, write
+from pgtest import (
+    PgServer,
+    applied,
+    free_port,
+    history,
+    locked_table,
+    relation_exists,
+    scalar,
+    simple_set,
+    wait_until,
+    write,
+)
 
 Conn = psycopg2.extensions.connection
 
@@ -55,33 +66,6 @@ DO $do$ BEGIN INSERT INTO "semi;colon" VALUES (4, 'from do;'); END $do$;
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def history(
-    conn: Conn, schema: str = "public", table: str = "migration_history"
-) -> list[tuple[int, str]] | None:
-    """Return (version, status) rows of the history table, or None when it does not exist."""
-    if not relation_exists(conn, f'"{schema}"."{table}"'):
-        return None
-    with conn.cursor() as cur:
-        cur.execute(
-            psycopg2.sql.SQL("SELECT version, status FROM {} ORDER BY version").format(
-                psycopg2.sql.Identifier(schema, table)
-            )
-        )
-        return [(int(v), s) for v, s in cur.fetchall()]
-
-
-def applied(*versions: int) -> list[tuple[int, str]]:
-    """Return the history rows expected when exactly these versions are applied."""
-    return [(v, "applied") for v in versions]
-
-
-def simple_set(directory: Path, count: int) -> None:
-    """Write migrations 1..count, each creating table t<version>, with a down file dropping it."""
-    for v in range(1, count + 1):
-        write(directory, f"{v:04d}_table_{v}.sql", f"CREATE TABLE t{v} (id int);\n")
-        write(directory, f"{v:04d}_table_{v}.down.sql", f"DROP TABLE t{v};\n")
 
 
 def statements(text: str) -> list[str]:
@@ -555,13 +539,8 @@ def test_rollback_retries_a_down_file_that_hit_the_statement_lock_timeout(
 @pytest.fixture
 def busy_table(dsn: str, admin: Conn) -> Iterator[Conn]:
     """Table busy, share-locked by an open transaction until the test rolls it back."""
-    admin.cursor().execute("CREATE TABLE busy (id int)")
-    blocker = psycopg2.connect(dsn)
-    try:
-        blocker.cursor().execute("LOCK TABLE busy IN ACCESS SHARE MODE")  # held until rollback
+    with locked_table(dsn, admin, "busy", "ACCESS SHARE") as blocker:
         yield blocker
-    finally:
-        blocker.close()
 
 
 def test_blocked_no_transaction_statement_is_retried_alone(

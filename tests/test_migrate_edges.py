@@ -11,8 +11,6 @@ import os
 import secrets
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -33,8 +31,21 @@ from pgops import (
     Migrator,
     load_migrations,
 )
-from pgtest import PgServer, relation_exists, scalar, temporary_role, wait_until, write
-from test_cli import FAKE_PASSWORD, applied, base_env, history, run_pgops, simple_set
+from pgtest import (
+    FAKE_PASSWORD,
+    PgServer,
+    applied,
+    history,
+    locked_table,
+    relation_exists,
+    run_pgops,
+    scalar,
+    simple_set,
+    spawn_pgops,
+    temporary_role,
+    wait_until,
+    write,
+)
 
 Conn = psycopg2.extensions.connection
 
@@ -192,13 +203,8 @@ def test_a_user_without_create_migrates_once_the_history_table_exists(
 @pytest.fixture
 def gate(dsn: str, admin: Conn) -> Iterator[Conn]:
     """Table gate, locked ACCESS EXCLUSIVE by another session's open transaction until it rolls back."""
-    admin.cursor().execute("CREATE TABLE gate (id int)")
-    blocker = psycopg2.connect(dsn)
-    try:
-        blocker.cursor().execute("LOCK TABLE gate IN ACCESS EXCLUSIVE MODE")
+    with locked_table(dsn, admin, "gate", "ACCESS EXCLUSIVE") as blocker:
         yield blocker
-    finally:
-        blocker.close()
 
 
 def waiting_at_gate(admin: Conn) -> bool:
@@ -323,21 +329,6 @@ def test_copy_with_the_client_is_refused_before_anything_runs(
 # -- Ctrl-C and SIGTERM -----------------------------------------------------------------------------
 
 
-def pgops_argv(*args: str) -> list[str]:
-    """Return the argv of ``python -m pgops ARGS``.
-
-    A child inherits an ignored SIGINT (this process may be a background job), and Python then
-    installs no Ctrl-C handler: in that case a launcher restores Python's default one first.
-    """
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        return [sys.executable, "-m", "pgops", *args]
-    launcher = (
-        "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-        "runpy.run_module('pgops', run_name='__main__', alter_sys=True)"
-    )
-    return [sys.executable, "-c", launcher, *args]
-
-
 def sleepers(admin: Conn) -> int:
     """Return how many sessions of this database run the migration's pg_sleep."""
     return int(
@@ -358,15 +349,7 @@ def test_a_signal_cancels_the_running_statement_and_rolls_back(
     """Ctrl-C or SIGTERM during a long statement cancels it at once, rolls back, and exits 130 or 143."""
     write(mdir, "0001_first.sql", "CREATE TABLE first (id int);\n")
     write(mdir, "0002_slow.sql", "CREATE TABLE slow_marker (id int);\nSELECT pg_sleep(60);\n")
-    proc = subprocess.Popen(
-        pgops_argv("migrate", "--dir", str(mdir)),
-        env=base_env(dsn),
-        cwd=tmp_path,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = spawn_pgops("migrate", "--dir", str(mdir), database_url=dsn, cwd=tmp_path)
     try:
         wait_until(lambda: proc.poll() is not None or sleepers(admin), timeout=60, message="no pg_sleep")
         proc.send_signal(signum)

@@ -20,7 +20,7 @@ import pytest
 import pgops
 import pgtest
 from pgops import MigrationFailed, Migrator
-from pgtest import PgServer, scalar, write
+from pgtest import locked_table, scalar, write
 
 Conn = psycopg2.extensions.connection
 
@@ -77,7 +77,7 @@ def test_every_file_starts_from_the_same_session_however_runs_are_batched(
 
 
 @pytest.fixture
-def role(pg_server: PgServer, admin: Conn) -> Iterator[str]:
+def role(admin: Conn) -> Iterator[str]:
     """A role without login for this test, dropped with what it owns afterwards."""
     with pgtest.temporary_role(admin, "pgops_owner_") as name:
         yield name
@@ -110,13 +110,8 @@ def test_set_role_in_a_file_ends_with_that_file(
 @pytest.fixture
 def busy(dsn: str, admin: Conn) -> Iterator[Conn]:
     """Table busy, share-locked by another session's open transaction until the test rolls it back."""
-    admin.cursor().execute("CREATE TABLE busy (id int)")
-    blocker = psycopg2.connect(dsn)
-    try:
-        blocker.cursor().execute("LOCK TABLE busy IN ACCESS SHARE MODE")
+    with locked_table(dsn, admin, "busy", "ACCESS SHARE") as blocker:
         yield blocker
-    finally:
-        blocker.close()
 
 
 @pytest.mark.parametrize("marker", ["", "-- pgops: no-transaction\n"], ids=["transaction", "no-transaction"])

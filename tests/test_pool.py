@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import subprocess
 import sys
 import threading
 import time
@@ -19,7 +17,7 @@ import pytest
 
 import pgops
 from pgops import CannotConnect, Pool, PoolClosed, PoolTimeout
-from pgtest import PgServer, wait_until
+from pgtest import PgServer, run_in_checkout, wait_until
 
 
 @pytest.fixture
@@ -93,12 +91,20 @@ def test_exhausted_pool_waits_then_times_out_with_its_state(dsn: str) -> None:
         assert pool.stats()["requests_errors"] == 1
 
 
-def test_waiter_gets_a_connection_returned_while_it_waits(dsn: str) -> None:
-    """A caller blocked on a full pool is served as soon as a connection comes back."""
-    with Pool(dsn, min_size=0, max_size=1, acquire_timeout=10.0) as pool:
+@pytest.mark.parametrize(
+    ("options", "wait"),
+    [({"acquire_timeout": 10.0}, {}), ({}, {"timeout": float("inf")})],
+    ids=["acquire_timeout", "timeout=inf"],
+)
+def test_waiter_gets_a_connection_returned_while_it_waits(
+    dsn: str, options: dict[str, float], wait: dict[str, float]
+) -> None:
+    """A caller blocked on a full pool is served as soon as a connection comes back; getconn(timeout=inf)
+    waits as long as it takes."""
+    with Pool(dsn, min_size=0, max_size=1, **options) as pool:
         conn = pool.getconn()
         got: list[psycopg2.extensions.connection] = []
-        waiter = threading.Thread(target=lambda: got.append(pool.getconn()))
+        waiter = threading.Thread(target=lambda: got.append(pool.getconn(**wait)))
         waiter.start()
         wait_until(lambda: pool.stats()["requests_waiting"] == 1, message="waiter not queued")
         pool.putconn(conn)
@@ -285,7 +291,7 @@ def test_idle_timeout_shrinks_to_min_size(dsn: str) -> None:
 
 
 def test_leak_warning_shows_where_the_connection_was_taken(
-    pool: Pool, dsn: str, caplog: pytest.LogCaptureFixture
+    dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A connection held past leak_threshold logs one warning with the checkout stack."""
     caplog.set_level(logging.WARNING, logger="pgops")
@@ -378,14 +384,8 @@ def test_monitor_logs_status(dsn: str, caplog: pytest.LogCaptureFixture) -> None
         )
 
 
-def test_pgvector_types_are_registered(
-    dsn: str, admin: psycopg2.extensions.connection, has_pgvector: bool
-) -> None:
+def test_pgvector_types_are_registered(dsn: str, vector_admin: psycopg2.extensions.connection) -> None:
     """With the extension present, vector values come back as pgvector values through the pool."""
-    if not has_pgvector:
-        pytest.skip("this PostgreSQL has no pgvector")
-    with admin.cursor() as cur:
-        cur.execute("CREATE EXTENSION vector")
     with Pool(dsn, min_size=0, max_size=1) as pool, pool.connection() as conn, conn.cursor() as cur:
         cur.execute("SELECT '[1,2,3]'::vector")
         row = cur.fetchone()
@@ -425,20 +425,6 @@ def test_password_never_logged_or_shown(
     assert any("started for" in t for t in texts)
     for text in texts:
         assert password not in text
-
-
-def test_waiting_without_a_deadline(dsn: str) -> None:
-    """getconn(timeout=inf) waits as long as it takes, and is served when a connection returns."""
-    with Pool(dsn, min_size=0, max_size=1) as pool:
-        conn = pool.getconn()
-        got: list[psycopg2.extensions.connection] = []
-        waiter = threading.Thread(target=lambda: got.append(pool.getconn(timeout=float("inf"))))
-        waiter.start()
-        wait_until(lambda: pool.stats()["requests_waiting"] == 1, message="waiter not queued")
-        pool.putconn(conn)
-        waiter.join(10)
-        assert got == [conn]
-        pool.putconn(conn)
 
 
 def test_session_characteristics_do_not_leak_to_the_next_borrower(pool: Pool) -> None:
@@ -482,10 +468,8 @@ pgops.retry_call(flaky, policy=pgops.RetryPolicy(max_attempts=2))
 def test_warnings_reach_stderr_only_when_the_application_configures_logging(configured: bool) -> None:
     """Without logging configured a pgops warning prints nothing; with basicConfig it is printed."""
     script = ("import logging; logging.basicConfig()\n" if configured else "") + _WARN_ONCE
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(pgops.__file__))}
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60, check=True
-    )
+    proc = run_in_checkout([sys.executable, "-c", script], timeout=60)
+    assert proc.returncode == 0, proc.stderr
     if configured:
         assert "WARNING:pgops:retrying flaky after attempt 1 of 2" in proc.stderr
     else:
@@ -535,9 +519,6 @@ print("ok")
 
 def test_pool_works_without_poll_fork_or_dup(dsn: str) -> None:
     """Where select.poll, fork and os.dup of a socket are missing (Windows), the pool still heals."""
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(pgops.__file__))}
-    proc = subprocess.run(
-        [sys.executable, "-c", _WITHOUT_POSIX, dsn], env=env, capture_output=True, text=True, timeout=120
-    )
+    proc = run_in_checkout([sys.executable, "-c", _WITHOUT_POSIX, dsn])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "ok\n"

@@ -22,9 +22,8 @@ from pathlib import Path
 import pytest
 
 from pgops import Migrator
-from pgtest import PgServer
+from pgtest import ROOT, PgServer, pgops_env
 
-ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>```+|~~~+)\s*(?P<info>[^`]*)$")
@@ -45,9 +44,6 @@ if callable(app):
         reply = pgtest.wsgi_call(app, route)
         assert reply.status == 200, f"app answered {reply.status} to GET {route}: {reply.body!r}"
 """
-
-# Variables a block may read: only those the test sets reach it, never the caller's own.
-_ISOLATED = ("DATABASE_", "POOL_", "DB_RETRY_", "PGOPS_", "APP_NAME", "PG")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,22 +129,17 @@ def test_markers_and_fences_are_read_as_documented() -> None:
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[f"line{block.line}" for block in BLOCKS])
 def test_readme_block_runs(
-    block: Block, pg_server: PgServer, dbname: str, has_pgvector: bool, tmp_path: Path
+    block: Block, pg_server: PgServer, dbname: str, pgvector: None, tmp_path: Path
 ) -> None:
-    """The block runs to the end, exit 0, against a fresh database migrated with migrations/."""
+    """The block runs to the end, exit 0, against a fresh database migrated with migrations/ (pgvector)."""
     if block.skip:
         pytest.skip(f"README.md:{block.line} is marked not run: {block.skip}")
-    if not has_pgvector:
-        pytest.skip("this PostgreSQL has no pgvector, which the repository's migrations need")
     shutil.copytree(ROOT / "migrations", tmp_path / "migrations")
     Migrator(pg_server.dsn(dbname), str(tmp_path / "migrations")).migrate()
     script = tmp_path / "block.py"
     script.write_text(block.code, encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_ISOLATED)}
-    env.update(
-        DATABASE_URL=pg_server.url(dbname),
-        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-    )
+    # Only the variables set here reach the block, never the caller's own; pgtest is on the path.
+    env = pgops_env(pg_server.url(dbname), {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])})
     done = subprocess.run(
         [sys.executable, "-c", _RUNNER, str(script), str(README), str(block.line + 1)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,

@@ -435,7 +435,7 @@ class CommitReplyLoss:
 
 
 @pytest.fixture
-def lossy_dsn(pg_server: LocalServer, dsn: str, admin: psycopg2.extensions.connection) -> Iterator[str]:
+def lossy_dsn(dsn: str, admin: psycopg2.extensions.connection) -> Iterator[str]:
     """A DSN to the test database through a proxy that loses the reply to the first COMMIT."""
     with admin.cursor() as cur:
         cur.execute("CREATE TABLE transfers (id int PRIMARY KEY, note text)")

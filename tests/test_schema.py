@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import psycopg2.extensions
 import pytest
 
 import pgops
 from pgops import Migrator, check_schema
+from pgtest import ROOT, run_pgops
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS = ROOT / "migrations"
 
 
 @pytest.fixture
-def doc_server(dsn: str, has_pgvector: bool) -> str:
+def doc_server(dsn: str, pgvector: None) -> str:
     """The test's database with the repository's migrations applied."""
-    if not has_pgvector:
-        pytest.skip("this PostgreSQL has no pgvector")
     Migrator(dsn, str(MIGRATIONS)).migrate()
     return dsn
 
@@ -71,21 +67,17 @@ def test_updated_at_trigger(doc_server: str, admin: psycopg2.extensions.connecti
         assert cur.fetchone() == (True,)
 
 
-def test_dimension_mismatch_names_both_numbers(
-    dsn: str, admin: psycopg2.extensions.connection, has_pgvector: bool
-) -> None:
+def test_dimension_mismatch_names_both_numbers(vector_admin: psycopg2.extensions.connection) -> None:
     """A vector(1536) column where vector(3072) is expected is reported with both dimensions."""
-    if not has_pgvector:
-        pytest.skip("this PostgreSQL has no pgvector")
-    with admin.cursor() as cur:
-        cur.execute("CREATE EXTENSION vector; CREATE TABLE documents (embedding vector(1536))")
-    report = check_schema(admin, columns={"documents.embedding": "vector(3072)"})
+    with vector_admin.cursor() as cur:
+        cur.execute("CREATE TABLE documents (embedding vector(1536))")
+    report = check_schema(vector_admin, columns={"documents.embedding": "vector(3072)"})
     assert not report.ok
     (problem,) = report.problems
     assert "1536" in problem and "3072" in problem and "documents.embedding" in problem
 
 
-def test_missing_things_are_reported_with_a_remedy(dsn: str, admin: psycopg2.extensions.connection) -> None:
+def test_missing_things_are_reported_with_a_remedy(admin: psycopg2.extensions.connection) -> None:
     """A missing extension, table, column and index each give one problem saying what to do."""
     with admin.cursor() as cur:
         cur.execute("CREATE TABLE documents (id int)")
@@ -105,7 +97,7 @@ def test_missing_things_are_reported_with_a_remedy(dsn: str, admin: psycopg2.ext
     assert "index 'idx_documents_doc_type' does not exist" in problems
 
 
-def test_type_aliases_match(dsn: str, admin: psycopg2.extensions.connection) -> None:
+def test_type_aliases_match(admin: psycopg2.extensions.connection) -> None:
     """varchar(n), timestamptz, int and bool match the server's spelling of those types."""
     with admin.cursor() as cur:
         cur.execute("CREATE TABLE t (a varchar(255), b timestamptz, c int, d bool)")
@@ -114,15 +106,13 @@ def test_type_aliases_match(dsn: str, admin: psycopg2.extensions.connection) -> 
 
 
 def test_index_limit_is_a_problem_when_an_ann_index_is_required(
-    dsn: str, admin: psycopg2.extensions.connection, has_pgvector: bool
+    vector_admin: psycopg2.extensions.connection,
 ) -> None:
     """Asking for an ANN-indexable vector(3072) reports the 2000-dimension limit and the remedy."""
-    if not has_pgvector:
-        pytest.skip("this PostgreSQL has no pgvector")
-    with admin.cursor() as cur:
-        cur.execute("CREATE EXTENSION vector; CREATE TABLE docs (embedding vector(3072), small vector(384))")
+    with vector_admin.cursor() as cur:
+        cur.execute("CREATE TABLE docs (embedding vector(3072), small vector(384))")
     report = check_schema(
-        admin,
+        vector_admin,
         columns={"docs.embedding": "vector(3072)", "docs.small": "vector(384)"},
         ann=["docs.embedding", "docs.small"],
     )
@@ -135,20 +125,12 @@ def test_index_limit_is_a_problem_when_an_ann_index_is_required(
 
 def test_validate_checks_the_schema_spec(doc_server: str, admin: psycopg2.extensions.connection) -> None:
     """`pgops validate` on the repository's migrations checks schema.json and fails (4) on a mismatch."""
-    root = Path(__file__).resolve().parent.parent
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "DATABASE_URL": doc_server}
-    ok = subprocess.run(
-        [sys.executable, "-m", "pgops", "validate", "--dir", str(MIGRATIONS)],
-        capture_output=True, text=True, env=env, timeout=60,
-    )  # fmt: skip
+    ok = run_pgops("validate", "--dir", str(MIGRATIONS), database_url=doc_server)
     assert ok.returncode == 0, ok.stderr
     assert "schema as expected" in ok.stdout
     with admin.cursor() as cur:
         cur.execute("DROP INDEX idx_documents_doc_type")
-    bad = subprocess.run(
-        [sys.executable, "-m", "pgops", "validate", "--dir", str(MIGRATIONS)],
-        capture_output=True, text=True, env=env, timeout=60,
-    )  # fmt: skip
+    bad = run_pgops("validate", "--dir", str(MIGRATIONS), database_url=doc_server)
     assert bad.returncode == 4
     assert "idx_documents_doc_type" in bad.stderr and "Traceback" not in bad.stderr
 

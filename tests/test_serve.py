@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import http.client
-import os
 import resource
 import signal
 import socket
@@ -20,8 +19,8 @@ import pytest
 
 import pgtest
 from pgops import ConfigError, HealthApp, Pool, make_server, serve
+from pgtest import pgops_env, run_in_checkout
 
-ROOT = Path(__file__).resolve().parent.parent
 CLIENT_TIMEOUT = 10.0  # generous: a loaded CI machine answers in milliseconds, a kubelet waits 1 s
 
 
@@ -152,7 +151,7 @@ def test_half_sent_requests_hold_no_threads_and_are_closed_by_the_read_timeout(a
         serving_thread.join(timeout=30)
 
 
-def test_requests_past_the_thread_cap_get_503_with_retry_after(tmp_path: Path) -> None:
+def test_requests_past_the_thread_cap_get_503_with_retry_after() -> None:
     """With every thread busy and the line full, one more request gets 503 and Retry-After at once."""
     release = threading.Event()
     inside: list[str] = []
@@ -220,8 +219,7 @@ def test_sigterm_finishes_requests_in_flight_refuses_new_ones_and_exits_0(tmp_pa
     process exits 0 once a request that never ends has had stop_timeout seconds."""
     stop_timeout = 5.0
     log = tmp_path / "serve.log"
-    paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    env = pgops_env()
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-c", SLOW_SERVER, str(stop_timeout)],
@@ -296,8 +294,8 @@ def test_importing_pgops_leaves_the_http_server_modules_unloaded() -> None:
         "names = ('http.server', 'socketserver', 'wsgiref.simple_server')\n"
         "print(sorted(name for name in names if name in sys.modules))"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    out = run_in_checkout([sys.executable, "-c", script])
+    assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
 

@@ -7,17 +7,12 @@ modules that no migration command needs out of the import.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pgops
-from pgtest import write
-
-ROOT = Path(__file__).resolve().parent.parent
-TIMEOUT = 120.0
+from pgtest import run_in_checkout, run_pgops, write
 
 # Imported by pgops for other commands, or for the type checker only: typing (about 5 ms a run),
 # shutil (argparse's terminal width: 5 ms with bz2, lzma and fnmatch), the health server's modules,
@@ -38,17 +33,7 @@ NOT_FOR_MIGRATE = frozenset(
 
 def imported_by(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> set[str]:
     """Run ``python -X importtime ARGS`` on this checkout and return the modules it imported."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "PGOPS_", "PG"))}
-    clean.update(PYTHONPATH=str(ROOT), PGPASSFILE=os.devnull, **(env or {}))
-    proc = subprocess.run(
-        [sys.executable, "-X", "importtime", *args],
-        env=clean,
-        cwd=cwd or ROOT,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
+    proc = run_in_checkout([sys.executable, "-X", "importtime", *args], env=env, cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     return {
         line.rsplit("|", 1)[1].strip()
@@ -79,15 +64,8 @@ def test_migrate_imports_only_what_it_needs(dsn: str, mdir: Path, tmp_path: Path
 def test_help_is_wrapped_to_the_columns_variable(tmp_path: Path) -> None:
     """Help text wraps to $COLUMNS, as argparse does by itself through shutil."""
     for columns in (50, 150):
-        proc = subprocess.run(
-            [sys.executable, "-m", "pgops", "migrate", "--help"],
-            env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": str(columns)},
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            check=True,
-        )
+        proc = run_pgops("migrate", "--help", env={"COLUMNS": str(columns)}, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
         widest = max(len(line) for line in proc.stdout.splitlines())
         assert columns - 30 < widest <= columns - 2
 
