@@ -803,6 +803,7 @@ _RECONNECT_MAX_DELAY = 0.5  # keeps the pool back within a second of the server 
 _LIFETIME_JITTER = 0.1  # connections expire up to 10% early so that they do not all expire at once
 _HEALTH_WINDOW = 60.0  # seconds of query counts that health() judges the success rate on
 _HEALTH_MIN_QUERIES = 20
+_TICK_MIN, _TICK_MAX = 0.05, 1.0  # seconds between the worker's maintenance rounds (see Pool._tick)
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # A validation check gets at least this long, so that a caller whose wait left almost no time does not
 # cut off, and throw away, a healthy connection; getconn may overrun its timeout by about this much.
@@ -1635,16 +1636,12 @@ class Pool:
 
         Give it back with putconn(); ``with pool.connection()`` does both, and commits.
         """
-        now = time.monotonic()
-        conn: _Connection | None = None
-        with self._lock:
-            # The common case, kept to one lock and one clock read: an idle connection, no queue.
-            if self._idle and not self._waiters and not self._closed:
-                conn = self._idle.pop()
-                self._in_use.add(conn)
-                self._counters["requests_num"] += 1
-                self._wait_counts[0] += 1
-        if conn is not None:
+        start = time.monotonic()
+        first = True
+        while True:
+            conn = self._take(start, timeout, first)
+            first = False
+            now = time.monotonic()
             # The plainest case inline (every cycle of a busy pool): a connection given back less than
             # _RECENTLY_USED ago, nothing to watch for, and a quiet socket.  Anything else takes the
             # full check below, which asks all of this again.
@@ -1661,25 +1658,12 @@ class Pool:
                 conn._pgops_lent = True
                 conn._pgops_checked_out = now
                 return conn
-            problem = self._check_out_problem(conn, now, timeout)
+            problem = self._check_out_problem(conn, now, self._deadline_for(start, timeout))
             if problem is None:
                 return self._lend(conn, now)
             self._discard(conn, problem)
-        return self._wait_for_connection(now, timeout, first=conn is None)
 
     _checkout = getconn  # for pgops' own callers, whatever getconn a subclass has (ThreadedConnectionPool)
-
-    def _wait_for_connection(self, start: float, timeout: float | None, first: bool) -> _Connection:
-        """Queue for a connection until the deadline, replacing any that fail their check."""
-        deadline = self._deadline_for(start, timeout)
-        while True:
-            conn = self._take(start, deadline, first)
-            first = False
-            now = time.monotonic()
-            problem = self._check_out_problem(conn, now, deadline - now)
-            if problem is None:
-                return self._lend(conn, now)
-            self._discard(conn, problem)
 
     def _deadline_for(self, start: float, timeout: float | None) -> float:
         """Return when a request made at *start* runs out of time, _deadline() included."""
@@ -1717,22 +1701,26 @@ class Pool:
         finally:
             del self._bounds[ident]
 
-    def _take(self, start: float, deadline: float, first: bool) -> _Connection:
-        """Pop an idle connection, or queue and wait for one (first come, first served)."""
+    def _take(self, start: float, timeout: float | None, first: bool) -> _Connection:
+        """Pop an idle connection, or queue and wait for one (first come, first served).
+
+        *first* is False for a caller whose connection failed its check: its request was counted
+        and served once already, so it is not counted again and goes back to the front of the queue.
+        """
         with self._lock:
             if self._closed:
                 raise PoolClosed("the pool is closed")
-            self._start_worker()  # the first request of a forked child
             if first:
                 self._counters["requests_num"] += 1
-            elif time.monotonic() >= deadline:
+            elif time.monotonic() >= self._deadline_for(start, timeout):
                 raise self._timed_out(start)  # a connection failed its check and took the time left
-            if self._idle and not self._waiters:
+            if self._idle and not self._waiters:  # the common case: one lock, no queue
                 conn = self._idle.pop()
                 self._in_use.add(conn)
                 if first:
                     self._wait_counts[0] += 1
                 return conn
+            self._start_worker()  # the first request of a forked child (whose pool has no idle one)
             # A caller whose connection failed its check was already served once: never turned away.
             if first and self.config.max_waiting and len(self._waiters) >= self.config.max_waiting:
                 self._counters["requests_errors"] += 1
@@ -1741,13 +1729,12 @@ class Pool:
                     "raise max_waiting (POOL_MAX_WAITING) or max_size, or shed this request"
                 )
             waiter = _Waiter(start)
-            # A caller whose connection failed its check goes back to the front of the queue.
             self._waiters.append(waiter) if first else self._waiters.appendleft(waiter)
             self._counters["requests_queued"] += first
             if self._size < self.config.max_size:
                 self._wakeup.notify()  # the worker can open one more; at max_size a return serves us
         try:
-            handed = waiter.wait(deadline - time.monotonic())
+            handed = waiter.wait(self._deadline_for(start, timeout) - time.monotonic())
         except BaseException:
             self._abandon(waiter)  # interrupted (KeyboardInterrupt): leave no ghost in the queue
             raise
@@ -1801,18 +1788,17 @@ class Pool:
             text += f"; last connection error: {self._last_error}"
         return text
 
-    def _check_out_problem(self, conn: _Connection, now: float, timeout: float | None) -> str | None:
+    def _check_out_problem(self, conn: _Connection, now: float, deadline: float) -> str | None:
         """Return why *conn* must not be handed out (closed, expired, failed its check), or None.
 
-        *timeout* is what is left of the caller's time (None: acquire_timeout); the check takes at
-        most half of it.
+        *deadline* is when the caller's time runs out; the check takes at most half of what is left.
         """
         if conn.closed:
             return "lost"
         if now >= conn._pgops_expires:
             return "expired"
         if conn._pgops_seen_writable < self._writable_before:
-            return self._writable_problem(conn, now, timeout)
+            return self._writable_problem(conn, now, deadline)
         last = conn._pgops_last_used
         # A server that ends a session (terminate, shutdown, crash) sends an error and closes the
         # socket: a zero-timeout poll sees that in under a microsecond, without a round trip.
@@ -1824,22 +1810,21 @@ class Pool:
             # The check may take half of what is left of the caller's time, so that a caller whose
             # connection stalls has the other half to get another one; and no longer than a server
             # is given to accept a connection, since a new one is what replaces this one.
-            return _bounded(conn, self._check_deadline(now, timeout), _select_one)
+            return _bounded(conn, self._check_deadline(now, deadline), _select_one)
         return None
 
-    def _check_deadline(self, now: float, timeout: float | None) -> float:
+    def _check_deadline(self, now: float, deadline: float) -> float:
         """Return when a check of a connection must end: half the caller's time left, within bounds."""
-        left = self._deadline_for(now, timeout) - now
-        return now + max(min(left / 2, self.config.connect_timeout), _CHECK_MIN_TIME)
+        return now + max(min((deadline - now) / 2, self.config.connect_timeout), _CHECK_MIN_TIME)
 
-    def _writable_problem(self, conn: _Connection, now: float, timeout: float | None) -> str | None:
+    def _writable_problem(self, conn: _Connection, now: float, deadline: float) -> str | None:
         """Ask whether *conn*'s server takes writes; return None, "read_only", "lost" or "stalled".
 
         While the pool is degraded because it connected to a read-only server, such a connection is
         kept either way: the pool has warned, and a new connection would reach that server again.
         Once one of them takes writes (unfenced, promoted, a pooler pointed elsewhere), so does the pool.
         """
-        problem = _bounded(conn, self._check_deadline(now, timeout), _writable)
+        problem = _bounded(conn, self._check_deadline(now, deadline), _writable)
         if problem not in (None, "read_only"):
             return problem
         conn._pgops_seen_writable = now
@@ -1977,7 +1962,7 @@ class Pool:
             # The caller's own READ ONLY transaction, or a server that stopped taking writes?  (Not
             # asked while the pool is degraded for the read-only server this connection was opened to.)
             if not (conn._pgops_read_only_server and self._read_only_reason is not None):
-                return self._writable_problem(conn, now, None)
+                return self._writable_problem(conn, now, self._deadline_for(now, None))
         return None
 
     def _hook_error(self, hook: str, conn: _Connection) -> BaseException | None:
@@ -2061,6 +2046,13 @@ class Pool:
         else:
             self._idle.append(conn)
 
+    def _fail_waiters(self, error: BaseException) -> None:
+        """Wake every waiter with *error* instead of a connection (lock held)."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.error = error
+            waiter.wake()
+
     def _discard(self, conn: _Connection, reason: str, *, in_use: bool = True) -> None:
         """Close a connection that must not be used again and let the worker replace it."""
         with self._lock:
@@ -2136,11 +2128,27 @@ class Pool:
                 next_monitor = now + self.config.monitor_interval
 
     def _tick(self) -> float:
-        limits = [self.config.leak_threshold / 2, self.config.idle_timeout / 4, self.config.max_lifetime / 10]
-        return min(1.0, max(0.05, min((x for x in limits if x > 0), default=1.0)))
+        """Return the seconds between maintenance rounds: fine enough for the pool's shortest limit.
+
+        A leak is reported within half a leak_threshold late, an idle connection closed within a
+        quarter of idle_timeout, an expired one within a tenth of max_lifetime (already jittered by
+        _LIFETIME_JITTER); never more often than _TICK_MIN, which a tiny setting would otherwise turn
+        into a busy loop, and at least every _TICK_MAX, so that health()'s window of query counts
+        and the read-only recheck are never more than that behind.
+        """
+        config = self.config
+        limits = [config.leak_threshold / 2, config.idle_timeout / 4, config.max_lifetime / 10]
+        return min(_TICK_MAX, max(_TICK_MIN, min((x for x in limits if x > 0), default=_TICK_MAX)))
 
     def _wants_connection(self) -> bool:
-        """Tell whether the worker should open one more connection now (lock held)."""
+        """Tell whether the worker should open one more connection now (lock held).
+
+        After a fatal error (authentication, a missing database) the worker stops filling to
+        min_size, since retrying cannot help by itself; but a caller who waits, or a nudge, still
+        gets an attempt: the fix (a rotated password, a created database) then takes effect without
+        a restart, and a caller gets the server's answer of now, not a stale error.  Each such
+        attempt that fails again fails the waiters at once (_connect_failed).
+        """
         if self._size >= self.config.max_size:
             return False
         if self._waiters or self._nudged:
@@ -2297,10 +2305,7 @@ class Pool:
             if fatal:
                 # Authentication failures and missing databases do not heal by waiting: fail fast.
                 self._fatal = CannotConnect(f"cannot connect to {redact_dsn(self.config.dsn)!r}: {message}")
-                while self._waiters:
-                    waiter = self._waiters.popleft()
-                    waiter.error = self._fatal
-                    waiter.wake()
+                self._fail_waiters(self._fatal)
                 return
             delay = min(_RECONNECT_MAX_DELAY, _RECONNECT_FIRST_DELAY * 2 ** min(self._failures - 1, 16))
             # New waiters notify the worker; that must not cut the backoff short during an outage.
@@ -2467,10 +2472,7 @@ class Pool:
             self._size -= len(idle)
             for conn in idle:
                 self._fold_queries(conn)
-            while self._waiters:
-                waiter = self._waiters.popleft()
-                waiter.error = PoolClosed("the pool was closed while waiting for a connection")
-                waiter.wake()
+            self._fail_waiters(PoolClosed("the pool was closed while waiting for a connection"))
             self._wakeup.notify_all()
             self._changed.notify_all()
         for conn in idle:
