@@ -959,6 +959,13 @@ def _on_refused_write(conn: _Connection, exc: BaseException) -> None:
     conn._pgops_refused_write = True
 
 
+_CHARACTERISTICS = ("readonly", "isolation_level", "deferrable")  # psycopg2's, besides autocommit
+# psycopg2's own descriptors of autocommit and the characteristics, which the classes below wrap.
+_SESSION: dict[str, Any] = {
+    name: vars(psycopg2.extensions.connection)[name] for name in ("autocommit", *_CHARACTERISTICS)
+}
+
+
 class _ReadPoolConnection(_Connection):
     """A read pool's direct connection: read-only in autocommit too.
 
@@ -968,12 +975,7 @@ class _ReadPoolConnection(_Connection):
     session SET, fine on a direct connection; psycopg2 undoes it when autocommit goes off).
     """
 
-    @property
-    def autocommit(self) -> bool:
-        return bool(_SESSION["autocommit"].__get__(self))
-
-    @autocommit.setter
-    def autocommit(self, value: bool) -> None:
+    def _set_autocommit(self, value: bool) -> None:
         readonly = _SESSION["readonly"].__get__(self)
         if value and readonly is not None and not self.autocommit:
             _SESSION["readonly"].__set__(self, None)  # not in autocommit: nothing is sent
@@ -982,14 +984,13 @@ class _ReadPoolConnection(_Connection):
         else:
             _SESSION["autocommit"].__set__(self, value)
 
-    def set_session(
-        self,
-        isolation_level: Any = None,
-        readonly: Any = None,
-        deferrable: Any = None,
-        autocommit: Any = None,
-    ) -> None:
-        super().set_session(isolation_level, readonly, deferrable)
+    autocommit = property(_SESSION["autocommit"].__get__, _set_autocommit)
+
+    def set_session(self, *args: Any, **kwargs: Any) -> None:
+        # psycopg2's (isolation_level, readonly, deferrable, autocommit): autocommit last, through the
+        # property above, so that it sees the readonly just set.
+        autocommit = kwargs.pop("autocommit", args[3] if len(args) > 3 else None)
+        super().set_session(*args[:3], **kwargs)
         if autocommit is not None:
             self.autocommit = bool(autocommit)
 
@@ -998,16 +999,6 @@ class _ReadPoolConnection(_Connection):
             self.autocommit = True
         else:
             super().set_isolation_level(level)
-
-
-# psycopg2's own descriptors of the session characteristics, which _BehindPooler guards.
-_SESSION: dict[str, Any] = {
-    name: vars(psycopg2.extensions.connection)[name]
-    for name in ("autocommit", "readonly", "isolation_level", "deferrable")
-}
-
-
-_CHARACTERISTICS = ("readonly", "isolation_level", "deferrable")  # psycopg2's, besides autocommit
 
 
 def _is_default(value: object) -> bool:
@@ -1044,17 +1035,14 @@ class _BehindPooler(_Connection):
 
     def _characteristics(self) -> bool:
         """Tell whether any session characteristic is set (not the server's default)."""
-        return not all(_is_default(_SESSION[name].__get__(self)) for name in _SESSION if name != "autocommit")
+        return not all(_is_default(_SESSION[name].__get__(self)) for name in _CHARACTERISTICS)
 
-    @property
-    def autocommit(self) -> bool:
-        return bool(_SESSION["autocommit"].__get__(self))
-
-    @autocommit.setter
-    def autocommit(self, value: bool) -> None:
+    def _set_autocommit(self, value: bool) -> None:
         if value and self._characteristics():
             raise _refuse_session_set("autocommit=True with readonly, isolation_level or deferrable set")
         _SESSION["autocommit"].__set__(self, value)
+
+    autocommit = property(_SESSION["autocommit"].__get__, _set_autocommit)
 
     def _set_characteristic(self, name: str, value: Any) -> None:
         if self.autocommit:  # psycopg2 sends a SET for it, even for the default
@@ -2647,16 +2635,14 @@ def _autocommit_query(conn: _Connection, query: str) -> tuple[Any, ...]:
         return _fetch_one(conn, query)
     # Set while autocommit is off, psycopg2 would send them as session SETs once it is on (refused
     # behind a pooler): taken off first, with autocommit off, when psycopg2 sends nothing for them.
-    saved = [(name, _SESSION[name].__get__(conn)) for name in _CHARACTERISTICS]
-    for name, value in saved:
-        if value is not None:
-            setattr(conn, name, None)
+    saved = {name: value for name in _CHARACTERISTICS if (value := _SESSION[name].__get__(conn)) is not None}
+    for name in saved:
+        setattr(conn, name, None)
     conn.autocommit = True
     row = _fetch_one(conn, query)
     conn.autocommit = False
-    for name, value in saved:
-        if value is not None:
-            setattr(conn, name, value)
+    for name, value in saved.items():
+        setattr(conn, name, value)
     return row
 
 
