@@ -825,11 +825,23 @@ _TCP_DEFAULTS = {
 _PROBE = "SELECT pg_backend_pid(), pg_is_in_recovery(), current_setting('transaction_read_only') = 'on'"
 # Asked of a connection whose server may have stopped taking writes (see Pool._writable_before).
 _WRITABLE = "SELECT current_setting('transaction_read_only') = 'off'"
+# The server's WAL position: what a standby has replayed, or what a primary has written.
+_WAL_POSITION = (
+    "CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END"
+)
 _READ_ONLY_SQLSTATE = "25006"  # read_only_sql_transaction: also what a standby answers to a write
 _READ_ONLY_WAIT = (0.002, 0.05)  # first and longest pause while a replica catches up with a token
 _READ_ONLY_QUIET = 10.0  # seconds: one warning per episode of connections discarded as read-only
 _NUDGE_EVERY = 1.0  # seconds between connection attempts of a read pool that reads turn away from
 _READ_ONLY_RECHECK = 2.0  # seconds between asking a read-only server of a write pool if it takes writes
+# Why a connection was discarded, counted as connections_<why>, and the warning that says so.
+_DISCARDED = {
+    "lost": "broken connection; the pool opens a new one",
+    "stalled": "connection that did not answer in time (a stalled network?); the pool opens a new one",
+    "read_only": "connection to a server that takes no writes (SQLSTATE 25006: a fenced or demoted primary, "
+    "or a standby); checking the others and reconnecting through the DSN (with "
+    "target_session_attrs=read-write libpq skips read-only servers)",
+}
 _LSN = _regex(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}\Z")
 _STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 _STATUS_IN_TRANSACTION = (
@@ -1300,19 +1312,20 @@ class Pool:
             config = dataclasses.replace(config, **overrides)
         self.config = config
         self.name = config.name
-        self._connect_kwargs = self._make_connect_kwargs(config)
+        self._connect_kwargs = _libpq_defaults(
+            config._conninfo, config.application_name, config.connect_timeout
+        )
         # What each lent connection is reset to on return (psycopg2's values for them).
         self._readonly: bool | None = True if config.read_only else None
         self._autocommit = config.autocommit
         self._isolation_level: int | None = config.isolation_level  # type: ignore[assignment]
         self._connection_kind = _connection_class(_Connection, config.connection_factory)
         # The counting cursor class; with a connection_factory and no cursor_factory, the factory's
-        # own default cursor, found on the first connection (see _connect).
-        self._cursor_class: type[psycopg2.extensions.cursor] | None = (
-            _Cursor if config.connection_factory is None or config.cursor_factory is not None else None
+        # own default cursor, found on the first connection (see _set_cursor_class).
+        base = config.cursor_factory or (
+            psycopg2.extensions.cursor if config.connection_factory is None else None
         )
-        if config.cursor_factory is not None:
-            self._cursor_class = _counting(config.cursor_factory)
+        self._cursor_class = None if base is None else _counting(base)
         self._reset_warned = False  # a failing reset(conn) is logged at WARNING once
         # Nothing to do on a plain checkout or return beyond the common checks (see getconn, putconn).
         self._plain_lend = not config.leak_threshold
@@ -1413,10 +1426,6 @@ class Pool:
         starts no thread inside the fork hook.
         """
         self._start()
-
-    @staticmethod
-    def _make_connect_kwargs(config: PoolConfig) -> dict[str, Any]:
-        return _libpq_defaults(config._conninfo, config.application_name, config.connect_timeout)
 
     def __repr__(self) -> str:
         return (
@@ -1577,12 +1586,7 @@ class Pool:
     def current_lsn(self) -> str:
         """Return the server's WAL position now: after a write commits, a token for read_connection()."""
         with self.connection() as conn:
-            cur = psycopg2.extensions.cursor(conn)
-            cur.execute(
-                "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
-                "ELSE pg_current_wal_insert_lsn() END)::text, current_setting('wal_block_size')::int"
-            )
-            row = cur.fetchone()
+            row = _fetch_one(conn, f"SELECT ({_WAL_POSITION})::text, current_setting('wal_block_size')::int")
         return _page_start(row[0], row[1]) if row and row[0] else "0/0"
 
     def _replayed(self, conn: _Connection, lsn: str, wait: float) -> bool:
@@ -1593,21 +1597,13 @@ class Pool:
         a pooler the question opens the caller's transaction, so that the answer and the reads come
         from the same server connection.
         """
-        query = (
-            "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
-            f"ELSE pg_current_wal_insert_lsn() END >= '{lsn}'::pg_lsn"  # lsn matched _LSN
-        )
-        pooled = isinstance(conn, _BehindPooler)
+        query = f"SELECT {_WAL_POSITION} >= '{lsn}'::pg_lsn"  # lsn matched _LSN
+        ask = _fetch_one if isinstance(conn, _BehindPooler) else _autocommit_query
         deadline = time.monotonic() + wait
         pause, longest = _READ_ONLY_WAIT
         waited = False
         while True:
-            if pooled:
-                cur = psycopg2.extensions.cursor(conn)
-                cur.execute(query)
-                row = cur.fetchone()
-            else:
-                row = _autocommit_query(conn, query)
+            row = ask(conn, query)
             if row and row[0]:
                 with self._lock:
                     self._counters["reads_waited"] += waited
@@ -2048,7 +2044,7 @@ class Pool:
                 self._in_use.discard(conn)
             self._fold_queries(conn)
             self._size -= 1
-            if reason in ("lost", "stalled", "read_only"):
+            if reason in _DISCARDED:
                 self._counters[f"connections_{reason}"] += 1
             if reason in ("lost", "stalled"):
                 # If one connection died, its siblings may have too (a server restart, a network
@@ -2064,22 +2060,9 @@ class Pool:
                 if first_read_only:
                     self._read_only_warned = now
             self._wakeup.notify()
-        if reason == "lost":
-            _logger.warning("pool %r: discarding a broken connection; the pool opens a new one", self.name)
-        elif reason == "stalled":
-            _logger.warning(
-                "pool %r: discarding a connection that did not answer in time (a stalled network?); "
-                "the pool opens a new one",
-                self.name,
-            )
-        elif reason == "read_only":
-            _logger.log(
-                logging.WARNING if first_read_only else logging.DEBUG,
-                "pool %r: discarding a connection to a server that takes no writes (SQLSTATE 25006: "
-                "a fenced or demoted primary, or a standby); checking the others and reconnecting "
-                "through the DSN (with target_session_attrs=read-write libpq skips read-only servers)",
-                self.name,
-            )
+        if reason in _DISCARDED:
+            level = logging.DEBUG if reason == "read_only" and not first_read_only else logging.WARNING
+            _logger.log(level, "pool %r: discarding a %s", self.name, _DISCARDED[reason])
         else:
             _logger.debug("closing a connection (%s)", reason)
         _close_quietly(conn)
@@ -2398,11 +2381,11 @@ class Pool:
 
     def health(self) -> PoolHealth:
         """Judge the pool: degraded above 80% use or under 95% query success, unhealthy past 95%/90%."""
+        cannot_connect = self._unreachable()
         with self._lock:
             utilization = len(self._in_use) / self.config.max_size
             queries, errors, _ms = self._query_totals()
             oldest = self._window[0]
-            cannot_connect = self._failures > 0 and not self._idle and not self._in_use
             fatal, last_error = self._fatal, self._last_error
             read_only_reason = self._read_only_reason
         reasons: list[str] = []
@@ -2537,10 +2520,8 @@ class ThreadedConnectionPool(Pool, psycopg2.pool.ThreadedConnectionPool):  # typ
         self, conn: psycopg2.extensions.connection | None = None, key: Any = None, close: bool = False
     ) -> None:
         """Give back a connection (or the one lent under *key*); with *close*, close it for good."""
-        if self._keyed or key is not None:
+        if self._keyed or key is not None or conn is None:
             conn = self._unkey(conn, key)
-        elif conn is None:
-            raise PoolError("putconn() needs the connection or the key it was lent under")
         Pool.putconn(self, conn, close=close)
 
     def _unkey(self, conn: psycopg2.extensions.connection | None, key: Any) -> psycopg2.extensions.connection:
@@ -2646,7 +2627,7 @@ def _autocommit_query(conn: _Connection, query: str) -> tuple[Any, ...]:
     return row
 
 
-def _fetch_one(conn: _Connection, query: str) -> tuple[Any, ...]:
+def _fetch_one(conn: psycopg2.extensions.connection, query: str) -> tuple[Any, ...]:
     """Run *query* with a plain cursor (not the pool's counted one) and return its first row."""
     cur = psycopg2.extensions.cursor(conn)
     cur.execute(query)
