@@ -4891,14 +4891,13 @@ class HealthApp:
         for pool, result in ((self.pool, check), (self.pool.replica, check.replica)):
             if pool is None or result is None:
                 continue
-            entry = _server_entry(result)
-            if result is check.replica and entry["status"] == "fail":
-                entry["status"] = "warn"  # reads turn to the primary meanwhile
-            checks["postgres:responseTime"].append(entry)
-            pool_entry = _pool_entry(pool, now)
-            if result is check.replica and pool_entry["status"] == "fail":
-                pool_entry["status"] = "warn"
-            checks["postgres:connections"].append(pool_entry)
+            for key, entry in (
+                ("postgres:responseTime", _server_entry(result)),
+                ("postgres:connections", _pool_entry(pool, now)),
+            ):
+                if result is check.replica and entry["status"] == "fail":
+                    entry["status"] = "warn"  # reads turn to the primary meanwhile
+                checks[key].append(entry)
             if result.read_only and result.error is None:
                 lag: dict[str, Any] = {"componentId": result.name, "componentType": "datastore"}
                 lag.update(observedValue=result.lag or 0.0, observedUnit="s", status="pass", time=result.time)
@@ -5124,65 +5123,65 @@ def _respond(
     return f"{code} {_REASONS[code]}", [*headers, *extra], data
 
 
-# pool.stats() key -> (metric name, help); a name ending in _total is a counter; ms become seconds.
-_POOL_METRICS = {
-    "pool_min": ("pgops_pool_min", "Minimum number of connections the pool keeps open."),
-    "pool_max": ("pgops_pool_max", "Maximum number of connections the pool may open."),
-    "pool_size": ("pgops_pool_size", "Connections open or being opened."),
-    "pool_available": ("pgops_pool_available", "Idle connections ready to be handed out."),
-    "pool_in_use": ("pgops_pool_in_use", "Connections lent to callers."),
-    # Checkouts, not "requests": a pool's requests_num counts callers asking it for a connection, and
-    # pgops_requests_total read like the HTTP requests a service counts under that name.
-    "requests_waiting": ("pgops_checkouts_waiting", "Callers waiting for a connection."),
-    "requests_num": ("pgops_checkouts_total", "Connection checkouts asked of the pool, served or not."),
-    "requests_queued": ("pgops_checkouts_queued_total", "Checkouts that had to wait for a connection."),
-    "requests_errors": ("pgops_checkouts_errors_total", "Checkouts that failed, timed out or were refused."),
-    "returns_bad": ("pgops_returns_bad_total", "Connections returned in a bad state."),
-    "returns_rolled_back": (
-        "pgops_returns_rolled_back_total",
-        "Connections returned inside a transaction, which the pool rolled back.",
-    ),
-    "connections_num": ("pgops_connections_total", "Connection attempts to the server."),
-    "connections_errors": ("pgops_connections_errors_total", "Failed connection attempts."),
-    "connections_lost": ("pgops_connections_lost_total", "Connections found broken and discarded."),
-    "connections_stalled": (
-        "pgops_connections_stalled_total",
-        "Connections cut off and discarded because they did not answer in time.",
-    ),
-    "connections_read_only": (
-        "pgops_connections_read_only_total",
-        "Connections discarded because their server stopped taking writes (25006).",
-    ),
-    "reads_waited": (
-        "pgops_reads_waited_total",
-        "Reads with a token that waited for the replica to replay it.",
-    ),
-    "reads_fallback": (
-        "pgops_reads_fallback_total",
-        "Reads with a token that the replica had not replayed in time, sent to the primary.",
-    ),
-    "queries_num": ("pgops_queries_total", "Statements executed on pooled connections."),
-    "queries_errors": ("pgops_queries_errors_total", "Statements that failed."),
-    "requests_wait_ms": ("pgops_checkouts_wait_seconds_total", "Time callers waited for a connection."),
-    "connections_ms": ("pgops_connections_seconds_total", "Time spent opening connections."),
-    "usage_ms": ("pgops_usage_seconds_total", "Time connections spent lent to callers."),
-    "queries_ms": ("pgops_queries_seconds_total", "Time spent executing statements."),
+# pool.stats() key -> the help text of its metric, which _pool_metric() names (README lists them all).
+_POOL_GAUGES = {
+    "pool_min": "Minimum number of connections the pool keeps open.",
+    "pool_max": "Maximum number of connections the pool may open.",
+    "pool_size": "Connections open or being opened.",
+    "pool_available": "Idle connections ready to be handed out.",
+    "pool_in_use": "Connections lent to callers.",
+    "requests_waiting": "Callers waiting for a connection.",
 }
+_POOL_COUNTERS = {
+    "requests_num": "Connection checkouts asked of the pool, served or not.",
+    "requests_queued": "Checkouts that had to wait for a connection.",
+    "requests_errors": "Checkouts that failed, timed out or were refused.",
+    "returns_bad": "Connections returned in a bad state.",
+    "returns_rolled_back": "Connections returned inside a transaction, which the pool rolled back.",
+    "connections_num": "Connection attempts to the server.",
+    "connections_errors": "Failed connection attempts.",
+    "connections_lost": "Connections found broken and discarded.",
+    "connections_stalled": "Connections cut off and discarded because they did not answer in time.",
+    "connections_read_only": "Connections discarded because their server stopped taking writes (25006).",
+    "reads_waited": "Reads with a token that waited for the replica to replay it.",
+    "reads_fallback": "Reads with a token that the replica had not replayed in time, sent to the primary.",
+    "queries_num": "Statements executed on pooled connections.",
+    "queries_errors": "Statements that failed.",
+    "requests_wait_ms": "Time callers waited for a connection.",
+    "connections_ms": "Time spent opening connections.",
+    "usage_ms": "Time connections spent lent to callers.",
+    "queries_ms": "Time spent executing statements.",
+}
+
+
+def _pool_metric(key: str, counter: bool) -> str:
+    """Name the metric of a pool.stats() key: requests_num -> pgops_checkouts_total, for one.
+
+    A counter ends in _total instead of stats()' _num, and its milliseconds are given as seconds
+    (usage_ms -> pgops_usage_seconds_total); a gauge is its key (pool_size -> pgops_pool_size).
+    Checkouts, not "requests": a pool's requests_num counts callers asking it for a connection, and
+    pgops_requests_total would read like the HTTP requests a service counts under that name.
+    """
+    name = "pgops_" + key.replace("requests_", "checkouts_")
+    if counter:
+        unit = "_seconds" if name.endswith("_ms") else ""
+        name = name.removesuffix("_num").removesuffix("_ms") + unit + "_total"
+    return name
 
 
 def _pool_families(pools: Sequence[Pool]) -> list[_Family]:
     """Return the metric families of the pools' stats() and wait_histogram(), labelled by pool name."""
     stats = [(pool.name, pool.stats()) for pool in pools]
     families: list[_Family] = []
-    for key, (name, text) in _POOL_METRICS.items():
-        kind = "counter" if name.endswith("_total") else "gauge"
-        samples: list[_Sample] = [
-            ("", {"pool": pool}, values[key] / 1000.0 if key.endswith("_ms") else values[key])
-            for pool, values in stats
-            if key in values
-        ]
-        if samples:
-            families.append((name, kind, text, samples))
+    for kind, table in (("gauge", _POOL_GAUGES), ("counter", _POOL_COUNTERS)):
+        for key, text in table.items():
+            samples: list[_Sample] = [
+                ("", {"pool": pool}, values[key] / 1000.0 if key.endswith("_ms") else values[key])
+                for pool, values in stats
+                if key in values
+            ]
+            if samples:
+                families.append((_pool_metric(key, kind == "counter"), kind, text, samples))
     samples = []
     for pool in pools:
         histogram = pool.wait_histogram()
@@ -5548,16 +5547,6 @@ def make_server(
     later read or write has the same timeout.  At most *max_threads* requests run at once, 4 per
     thread more wait in line, and past that the server answers 503 with ``Retry-After`` at once.
     """
-    server, _ = _make_server(
-        app, host, port, backlog=backlog, read_timeout=read_timeout, max_threads=max_threads
-    )
-    return server
-
-
-def _make_server(
-    app: _WSGIApp, host: str, port: int, *, backlog: int, read_timeout: float, max_threads: int
-) -> tuple[WSGIServer, _Connections]:
-    """Return make_server()'s server and its connections, which serve() drains on SIGTERM."""
     _check_int("backlog", backlog, minimum=1)
     _check_seconds("read_timeout", read_timeout, positive=True)
     _check_int("max_threads", max_threads, minimum=1)
@@ -5610,7 +5599,7 @@ def _make_server(
 
     server = Server()
     server.set_app(app)
-    return server, server.connections
+    return server
 
 
 def serve(
@@ -5632,9 +5621,8 @@ def serve(
     ``create_app`` under gunicorn or waitress.  *ready* is called with the bound server before serving.
     """
     _check_seconds("stop_timeout", stop_timeout, positive=False)
-    server, connections = _make_server(
-        app, host, port, backlog=backlog, read_timeout=read_timeout, max_threads=max_threads
-    )
+    server = make_server(app, host, port, backlog=backlog, read_timeout=read_timeout, max_threads=max_threads)
+    connections: _Connections = server.connections  # type: ignore[attr-defined]  # make_server's Server
     previous: dict[signal.Signals, Any] = {}
 
     def stop(signum: int, frame: Any) -> None:
