@@ -73,7 +73,6 @@ __all__ = [
     "create_app",
     "is_retryable",
     "load_migrations",
-    "load_schema_spec",
     "main",
     "make_server",
     "migration_checksum",
@@ -81,7 +80,6 @@ __all__ = [
     "normalize_sql",
     "parse_migration_name",
     "redact_dsn",
-    "render_prometheus",
     "retry",
     "retry_call",
     "serve",
@@ -653,10 +651,17 @@ _FATAL_CONNECT = _regex(
 _testing = False
 
 
-def set_testing(enabled: bool = True) -> None:
-    """Make every retry delay zero (for a project's own test suite); attempts stay as configured."""
+def set_testing(enabled: bool = True) -> contextlib.AbstractContextManager[Any]:
+    """Make every retry delay zero (for a project's own test suite); attempts stay as configured.
+
+    It takes effect at once; used as ``with set_testing():``, the block's end restores what was set
+    before (as stamina's set_testing does).
+    """
     global _testing
-    _testing = enabled
+    previous, _testing = _testing, enabled
+    restore = contextlib.ExitStack()  # nothing runs unless it is entered and left
+    restore.callback(set_testing, previous)
+    return restore
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -743,6 +748,7 @@ def is_retryable(exc: BaseException) -> bool:
 
 def retry_call(
     fn: Callable[..., _T],
+    /,
     *args: Any,
     policy: RetryPolicy | None = None,
     sleep: Callable[[float], None] = time.sleep,
@@ -751,7 +757,11 @@ def retry_call(
     rand: Callable[[], float] = random.random,
     **kwargs: Any,
 ) -> _T:
-    """Call ``fn(*args, **kwargs)``, retrying retryable errors; the last error is re-raised unchanged."""
+    """Call ``fn(*args, **kwargs)``, retrying retryable errors; the last error is re-raised unchanged.
+
+    *fn* is positional-only and the options keyword-only, so *fn*'s own keywords pass through (even one
+    named ``fn``); only the option names themselves cannot be passed on.
+    """
     policy = policy or RetryPolicy()
     start = clock()
     attempt = 1
@@ -4645,7 +4655,7 @@ def _type_problem(name: str, actual: str, expected: str) -> str:
     return f"column {name!r} is {actual} but {expected} is expected; write a migration that alters it"
 
 
-def load_schema_spec(directory: str) -> dict[str, Any] | None:
+def _load_schema_spec(directory: str) -> dict[str, Any] | None:
     """Read ``schema.json`` beside the migrations (the expectations validate checks), if there is one."""
     path = os.path.join(directory, "schema.json")
     if not os.path.exists(path):
@@ -4809,7 +4819,7 @@ class HealthApp:
         return [] if method == "HEAD" else [body]
 
     def _ready(self, environ: dict[str, Any]) -> _Response:
-        check = self.check()
+        check = self._check()
         rendered = self._ready_response
         # Probes hit ready most: answer from the response rendered for this check, not a new one.
         if rendered is None or rendered[0] is not check:
@@ -4826,7 +4836,7 @@ class HealthApp:
         return status, list(headers), data
 
     def _detailed(self, environ: dict[str, Any]) -> _Response:
-        checks = self._checks(self.check())
+        checks = self._checks(self._check())
         body: dict[str, Any] = {"status": _worst(checks)}
         if self._authorized(environ):
             body.update(version=self.version, serviceId=self.service, checks=checks)
@@ -4848,7 +4858,7 @@ class HealthApp:
             challenge = [("WWW-Authenticate", 'Bearer realm="pgops"')]
             body = {"status": "fail", "error": "send Authorization: Bearer <token>"}
             return _respond(401, body, extra=challenge)
-        check = self.check()
+        check = self._check()
         status = _worst(self._checks(check))
         by_status = [("", {"status": s}, s == status) for s in _RANK]
         took, uptime = check.response_ms / 1000.0, self._clock() - self._started
@@ -4871,7 +4881,7 @@ class HealthApp:
         if self.migrator is not None and check.pending is not None:
             pending = len(check.pending)
             families.append(_family("pgops_migrations_pending", "Migrations not applied yet.", pending))
-        text = render_prometheus(families).encode()
+        text = _render_prometheus(families).encode()
         return _respond(200, text, content_type="text/plain; version=0.0.4; charset=utf-8")
 
     def _authorized(self, environ: dict[str, Any]) -> bool:
@@ -4920,7 +4930,7 @@ class HealthApp:
         checks["uptime"][0].update(status="pass", time=now)
         return checks
 
-    def check(self) -> _Check:
+    def _check(self) -> _Check:
         """Return the cached database check, running one (single flight) once it is cache_ttl old."""
         last = self._last  # a fresh result needs no lock: reading one reference is atomic
         if last is not None and self._clock() - last.at < self.cache_ttl:
@@ -5198,7 +5208,7 @@ def _family(name: str, text: str, value: float, **labels: str) -> _Family:
     return (name, "counter" if name.endswith("_total") else "gauge", text, [("", labels, value)])
 
 
-def render_prometheus(families: Iterable[_Family]) -> str:
+def _render_prometheus(families: Iterable[_Family]) -> str:
     """Render ``(name, type, help, [(suffix, labels, value), ...])`` families as Prometheus text 0.0.4."""
     lines: list[str] = []
     for name, kind, text, samples in families:
@@ -5821,7 +5831,7 @@ def _print_status(rows: list[MigrationStatus], problems: Sequence[str] = ()) -> 
 def _cmd_validate(args: Any, environ: Mapping[str, str]) -> int:
     migrator = _migrator(args, environ)
     problems = migrator.validate()
-    spec = load_schema_spec(args.dir)
+    spec = _load_schema_spec(args.dir)
     if spec is not None and not problems:
         pending = migrator.pending()
         if pending:

@@ -18,11 +18,11 @@ from pgops import (
     ConfigError,
     PoolConfig,
     RetryPolicy,
+    _render_prometheus,
     _scrub,
     migration_checksum,
     parse_migration_name,
     redact_dsn,
-    render_prometheus,
     split_sql,
 )
 
@@ -326,7 +326,8 @@ def test_prometheus_text_parses_back_with_the_same_labels_help_and_values(
     name: str, help_text: str, samples: list[tuple[dict[str, str], float]]
 ) -> None:
     """Any label values and help text survive rendering and prometheus_client's parser unchanged."""
-    text = render_prometheus([(name, "gauge", help_text, [("", labels, value) for labels, value in samples])])
+    given = (name, "gauge", help_text, [("", labels, value) for labels, value in samples])
+    text = _render_prometheus([given])
     families = list(text_string_to_metric_families(text))
     assert [f.name for f in families] == [name]
     family = families[0]
