@@ -654,8 +654,7 @@ _testing = False
 def set_testing(enabled: bool = True) -> contextlib.AbstractContextManager[Any]:
     """Make every retry delay zero (for a project's own test suite); attempts stay as configured.
 
-    It takes effect at once; used as ``with set_testing():``, the block's end restores what was set
-    before (as stamina's set_testing does).
+    It takes effect at once; as ``with set_testing():`` (like stamina's) the block's end undoes it.
     """
     global _testing
     previous, _testing = _testing, enabled
@@ -759,8 +758,7 @@ def retry_call(
 ) -> _T:
     """Call ``fn(*args, **kwargs)``, retrying retryable errors; the last error is re-raised unchanged.
 
-    *fn* is positional-only and the options keyword-only, so *fn*'s own keywords pass through (even one
-    named ``fn``); only the option names themselves cannot be passed on.
+    *fn* is positional-only, so any keyword but the options (``fn`` too) is passed on to it.
     """
     policy = policy or RetryPolicy()
     start = clock()
@@ -1360,7 +1358,7 @@ class Pool:
             # standby refuses SERIALIZABLE, and a pooler refuses read-only autocommit.
             given = psycopg2.extensions.parse_dsn(config.read_dsn)
             kwargs = {k: v for k, v in config.connect_kwargs.items() if k not in given and k not in _ADDRESS}
-            replica = dataclasses.replace(
+            self.replica = Pool(
                 config,
                 dsn=config.read_dsn,
                 read_dsn="",
@@ -1370,7 +1368,6 @@ class Pool:
                 autocommit=False,
                 isolation_level=None,
             )
-            self.replica = Pool(replica)
 
     def _start(self) -> None:
         """Set up an empty pool with fresh locks and counters, and start its worker (unless closed)."""
@@ -2109,13 +2106,11 @@ class Pool:
                 next_monitor = now + self.config.monitor_interval
 
     def _tick(self) -> float:
-        """Return the seconds between maintenance rounds: fine enough for the pool's shortest limit.
+        """Return the seconds between maintenance rounds, fine enough for the pool's shortest limit.
 
-        A leak is reported within half a leak_threshold late, an idle connection closed within a
-        quarter of idle_timeout, an expired one within a tenth of max_lifetime (already jittered by
-        _LIFETIME_JITTER); never more often than _TICK_MIN, which a tiny setting would otherwise turn
-        into a busy loop, and at least every _TICK_MAX, so that health()'s window of query counts
-        and the read-only recheck are never more than that behind.
+        A leak is then reported at most half a leak_threshold late, an idle connection closed a quarter
+        of idle_timeout late, an expired one a tenth of max_lifetime; no more often than _TICK_MIN (a
+        tiny setting must not make a busy loop), and at least every _TICK_MAX for the health window.
         """
         config = self.config
         limits = [config.leak_threshold / 2, config.idle_timeout / 4, config.max_lifetime / 10]
@@ -2124,11 +2119,10 @@ class Pool:
     def _wants_connection(self) -> bool:
         """Tell whether the worker should open one more connection now (lock held).
 
-        After a fatal error (authentication, a missing database) the worker stops filling to
-        min_size, since retrying cannot help by itself; but a caller who waits, or a nudge, still
-        gets an attempt: the fix (a rotated password, a created database) then takes effect without
-        a restart, and a caller gets the server's answer of now, not a stale error.  Each such
-        attempt that fails again fails the waiters at once (_connect_failed).
+        After a fatal error (authentication, a missing database) the worker stops filling to min_size,
+        as retrying alone cannot help; but a waiting caller (or a nudge) still gets an attempt, so a
+        fix (a rotated password, a created database) works without a restart and the caller hears the
+        server's answer of now, not a stale error.  If it fails again, _connect_failed fails the waiters.
         """
         if self._size >= self.config.max_size:
             return False
@@ -4715,17 +4709,17 @@ class _Check:
     def lagging(self) -> bool:
         return self.read_only and self.max_lag > 0 and self.lag is not None and self.lag > self.max_lag
 
-    def problems(self, *, details: bool = True, label: str = "database") -> list[str]:
+    def problems(self, *, details: bool = True) -> list[str]:
         """Return why the service is not ready (empty when it is); without *details*, in generic words."""
         found: list[str] = []
         if self.error is not None:
-            found.append(f"{label}: {self.error if details else 'not reachable'}")
+            found.append(f"database: {self.error if details else 'not reachable'}")
         else:
             if self.in_recovery and not self.read_only:
-                found.append(f"{label}: the server is in recovery (read-only)")
+                found.append("database: the server is in recovery (read-only)")
             if self.lagging:
                 found.append(
-                    f"{label}: replication lag {self.lag:.1f} s is over max_replica_lag={self.max_lag:g} s"
+                    f"database: replication lag {self.lag:.1f} s is over max_replica_lag={self.max_lag:g} s"
                 )
             if self.migrations_error is not None:
                 found.append(f"migrations: {self.migrations_error if details else 'cannot be checked'}")
