@@ -1453,7 +1453,9 @@ class Pool:
 
     # -- checkout ------------------------------------------------------------------------------
 
-    def connection(self, timeout: float | None = None) -> _Checkout:
+    def connection(
+        self, timeout: float | None = None
+    ) -> contextlib.AbstractContextManager[psycopg2.extensions.connection]:
         """Lend a connection for a ``with`` block: commit on clean exit, roll back on error, return it."""
         return _Checkout(self, timeout)
 
