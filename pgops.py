@@ -678,11 +678,8 @@ class RetryPolicy:
         _check_int("max_attempts", self.max_attempts, minimum=1)
         _check_seconds("initial_delay", self.initial_delay, positive=False)
         _check_seconds("max_delay", self.max_delay, positive=False)
-        if (
-            not isinstance(self.multiplier, (int, float))
-            or not math.isfinite(self.multiplier)
-            or self.multiplier < 1
-        ):
+        multiplier = self.multiplier
+        if not (isinstance(multiplier, (int, float)) and math.isfinite(multiplier) and multiplier >= 1):
             raise ConfigError(f"multiplier={self.multiplier!r} must be a finite number of at least 1")
         if self.deadline is not None:
             _check_seconds("deadline", self.deadline, positive=True)
@@ -4595,18 +4592,15 @@ def check_schema(
         for name in extensions:
             if name not in installed:
                 cur.execute("SELECT 1 FROM pg_available_extensions WHERE name = %s", (name,))
-                how = (
-                    f"run CREATE EXTENSION {name}"
-                    if cur.fetchone()
-                    else f"install the {name} extension on the server, then run CREATE EXTENSION {name}"
-                )
+                how = f"run CREATE EXTENSION {name}"
+                if not cur.fetchone():
+                    how = f"install the {name} extension on the server, then {how}"
                 problems.append(f"extension {name!r} is not installed in this database; {how}")
         for table in tables:
             cur.execute("SELECT to_regclass(%s)", (table,))
             row = cur.fetchone()
             if row is None or row[0] is None:
                 problems.append(f"table {table!r} does not exist; apply the migrations that create it")
-        vector_columns = set(ann)
         for name, expected in (columns or {}).items():
             table, column = _split_name(name)
             cur.execute(
@@ -4625,10 +4619,8 @@ def check_schema(
                 problems.append(_type_problem(name, actual, expected))
             if typname in _VECTOR_INDEX_LIMITS and typmod > 0:
                 advice = _vector_advice(name, typname, typmod, installed)
-                if advice and name in vector_columns:
-                    problems.append(advice)
-                elif advice:
-                    notes.append(advice)
+                if advice:  # a problem only for a column that must be indexable
+                    (problems if name in ann else notes).append(advice)
         for index in indexes:
             cur.execute("SELECT c.relkind FROM pg_class c WHERE c.oid = to_regclass(%s)", (index,))
             row = cur.fetchone()
