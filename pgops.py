@@ -73,13 +73,11 @@ __all__ = [
     "create_app",
     "is_retryable",
     "load_migrations",
-    "load_schema_spec",
     "main",
     "make_server",
     "migration_checksum",
     "mount",
     "redact_dsn",
-    "render_prometheus",
     "retry",
     "retry_call",
     "serve",
@@ -646,10 +644,16 @@ _FATAL_CONNECT = _regex(
 _testing = False
 
 
-def set_testing(enabled: bool = True) -> None:
-    """Make every retry delay zero (for a project's own test suite); attempts stay as configured."""
+def set_testing(enabled: bool = True) -> contextlib.AbstractContextManager[Any]:
+    """Make every retry delay zero (for a project's own test suite); attempts stay as configured.
+
+    It takes effect at once; as ``with set_testing():`` (like stamina's) the block's end undoes it.
+    """
     global _testing
-    _testing = enabled
+    previous, _testing = _testing, enabled
+    restore = contextlib.ExitStack()  # nothing runs unless it is entered and left
+    restore.callback(set_testing, previous)
+    return restore
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -669,13 +673,10 @@ class RetryPolicy:
         _check_int(_names.get("max_attempts", "max_attempts"), self.max_attempts, minimum=1)
         _check_seconds(_names.get("initial_delay", "initial_delay"), self.initial_delay, positive=False)
         _check_seconds(_names.get("max_delay", "max_delay"), self.max_delay, positive=False)
-        if (
-            not isinstance(self.multiplier, (int, float))
-            or not math.isfinite(self.multiplier)
-            or self.multiplier < 1
-        ):
-            multiplier = _names.get("multiplier", "multiplier")
-            raise ConfigError(f"{multiplier}={self.multiplier!r} must be a finite number of at least 1")
+        multiplier = self.multiplier
+        if not (isinstance(multiplier, (int, float)) and math.isfinite(multiplier) and multiplier >= 1):
+            name = _names.get("multiplier", "multiplier")
+            raise ConfigError(f"{name}={self.multiplier!r} must be a finite number of at least 1")
         if self.deadline is not None:
             _check_seconds("deadline", self.deadline, positive=True)
 
@@ -726,6 +727,7 @@ def is_retryable(exc: BaseException) -> bool:
 
 def retry_call(
     fn: Callable[..., _T],
+    /,
     *args: Any,
     policy: RetryPolicy | None = None,
     sleep: Callable[[float], None] = time.sleep,
@@ -734,7 +736,10 @@ def retry_call(
     rand: Callable[[], float] = random.random,
     **kwargs: Any,
 ) -> _T:
-    """Call ``fn(*args, **kwargs)``, retrying retryable errors; the last error is re-raised unchanged."""
+    """Call ``fn(*args, **kwargs)``, retrying retryable errors; the last error is re-raised unchanged.
+
+    *fn* is positional-only, so any keyword but the options (``fn`` too) is passed on to it.
+    """
     policy = policy or RetryPolicy()
     start = clock()
     attempt = 1
@@ -786,6 +791,7 @@ _RECONNECT_MAX_DELAY = 0.5  # keeps the pool back within a second of the server 
 _LIFETIME_JITTER = 0.1  # connections expire up to 10% early so that they do not all expire at once
 _HEALTH_WINDOW = 60.0  # seconds of query counts that health() judges the success rate on
 _HEALTH_MIN_QUERIES = 20
+_TICK_MIN, _TICK_MAX = 0.05, 1.0  # seconds between the worker's maintenance rounds (see Pool._tick)
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # A validation check gets at least this long, so that a caller whose wait left almost no time does not
 # cut off, and throw away, a healthy connection; getconn may overrun its timeout by about this much.
@@ -807,11 +813,23 @@ _TCP_DEFAULTS = {
 _PROBE = "SELECT pg_backend_pid(), pg_is_in_recovery(), current_setting('transaction_read_only') = 'on'"
 # Asked of a connection whose server may have stopped taking writes (see Pool._writable_before).
 _WRITABLE = "SELECT current_setting('transaction_read_only') = 'off'"
+# The server's WAL position: what a standby has replayed, or what a primary has written.
+_WAL_POSITION = (
+    "CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END"
+)
 _READ_ONLY_SQLSTATE = "25006"  # read_only_sql_transaction: also what a standby answers to a write
 _READ_ONLY_WAIT = (0.002, 0.05)  # first and longest pause while a replica catches up with a token
 _READ_ONLY_QUIET = 10.0  # seconds: one warning per episode of connections discarded as read-only
 _NUDGE_EVERY = 1.0  # seconds between connection attempts of a read pool that reads turn away from
 _READ_ONLY_RECHECK = 2.0  # seconds between asking a read-only server of a write pool if it takes writes
+# Why a connection was discarded, counted as connections_<why>, and the warning that says so.
+_DISCARDED = {
+    "lost": "broken connection; the pool opens a new one",
+    "stalled": "connection that did not answer in time (a stalled network?); the pool opens a new one",
+    "read_only": "connection to a server that takes no writes (SQLSTATE 25006: a fenced or demoted primary, "
+    "or a standby); checking the others and reconnecting through the DSN (with "
+    "target_session_attrs=read-write libpq skips read-only servers)",
+}
 _LSN = _regex(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}\Z")
 _STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 _STATUS_IN_TRANSACTION = (
@@ -941,6 +959,13 @@ def _on_refused_write(conn: _Connection, exc: BaseException) -> None:
     conn._pgops_refused_write = True
 
 
+_CHARACTERISTICS = ("readonly", "isolation_level", "deferrable")  # psycopg2's, besides autocommit
+# psycopg2's own descriptors of autocommit and the characteristics, which the classes below wrap.
+_SESSION: dict[str, Any] = {
+    name: vars(psycopg2.extensions.connection)[name] for name in ("autocommit", *_CHARACTERISTICS)
+}
+
+
 class _ReadPoolConnection(_Connection):
     """A read pool's direct connection: read-only in autocommit too.
 
@@ -950,12 +975,7 @@ class _ReadPoolConnection(_Connection):
     session SET, fine on a direct connection; psycopg2 undoes it when autocommit goes off).
     """
 
-    @property
-    def autocommit(self) -> bool:
-        return bool(_SESSION["autocommit"].__get__(self))
-
-    @autocommit.setter
-    def autocommit(self, value: bool) -> None:
+    def _set_autocommit(self, value: bool) -> None:
         readonly = _SESSION["readonly"].__get__(self)
         if value and readonly is not None and not self.autocommit:
             _SESSION["readonly"].__set__(self, None)  # not in autocommit: nothing is sent
@@ -964,14 +984,13 @@ class _ReadPoolConnection(_Connection):
         else:
             _SESSION["autocommit"].__set__(self, value)
 
-    def set_session(
-        self,
-        isolation_level: Any = None,
-        readonly: Any = None,
-        deferrable: Any = None,
-        autocommit: Any = None,
-    ) -> None:
-        super().set_session(isolation_level, readonly, deferrable)
+    autocommit = property(_SESSION["autocommit"].__get__, _set_autocommit)
+
+    def set_session(self, *args: Any, **kwargs: Any) -> None:
+        # psycopg2's (isolation_level, readonly, deferrable, autocommit): autocommit last, through the
+        # property above, so that it sees the readonly just set.
+        autocommit = kwargs.pop("autocommit", args[3] if len(args) > 3 else None)
+        super().set_session(*args[:3], **kwargs)
         if autocommit is not None:
             self.autocommit = bool(autocommit)
 
@@ -980,16 +999,6 @@ class _ReadPoolConnection(_Connection):
             self.autocommit = True
         else:
             super().set_isolation_level(level)
-
-
-# psycopg2's own descriptors of the session characteristics, which _BehindPooler guards.
-_SESSION: dict[str, Any] = {
-    name: vars(psycopg2.extensions.connection)[name]
-    for name in ("autocommit", "readonly", "isolation_level", "deferrable")
-}
-
-
-_CHARACTERISTICS = ("readonly", "isolation_level", "deferrable")  # psycopg2's, besides autocommit
 
 
 def _is_default(value: object) -> bool:
@@ -1026,17 +1035,14 @@ class _BehindPooler(_Connection):
 
     def _characteristics(self) -> bool:
         """Tell whether any session characteristic is set (not the server's default)."""
-        return not all(_is_default(_SESSION[name].__get__(self)) for name in _SESSION if name != "autocommit")
+        return not all(_is_default(_SESSION[name].__get__(self)) for name in _CHARACTERISTICS)
 
-    @property
-    def autocommit(self) -> bool:
-        return bool(_SESSION["autocommit"].__get__(self))
-
-    @autocommit.setter
-    def autocommit(self, value: bool) -> None:
+    def _set_autocommit(self, value: bool) -> None:
         if value and self._characteristics():
             raise _refuse_session_set("autocommit=True with readonly, isolation_level or deferrable set")
         _SESSION["autocommit"].__set__(self, value)
+
+    autocommit = property(_SESSION["autocommit"].__get__, _set_autocommit)
 
     def _set_characteristic(self, name: str, value: Any) -> None:
         if self.autocommit:  # psycopg2 sends a SET for it, even for the default
@@ -1294,19 +1300,20 @@ class Pool:
             config = dataclasses.replace(config, **overrides)
         self.config = config
         self.name = config.name
-        self._connect_kwargs = self._make_connect_kwargs(config)
+        self._connect_kwargs = _libpq_defaults(
+            config._conninfo, config.application_name, config.connect_timeout
+        )
         # What each lent connection is reset to on return (psycopg2's values for them).
         self._readonly: bool | None = True if config.read_only else None
         self._autocommit = config.autocommit
         self._isolation_level: int | None = config.isolation_level  # type: ignore[assignment]
         self._connection_kind = _connection_class(_Connection, config.connection_factory)
         # The counting cursor class; with a connection_factory and no cursor_factory, the factory's
-        # own default cursor, found on the first connection (see _connect).
-        self._cursor_class: type[psycopg2.extensions.cursor] | None = (
-            _Cursor if config.connection_factory is None or config.cursor_factory is not None else None
+        # own default cursor, found on the first connection (see _set_cursor_class).
+        base = config.cursor_factory or (
+            psycopg2.extensions.cursor if config.connection_factory is None else None
         )
-        if config.cursor_factory is not None:
-            self._cursor_class = _counting(config.cursor_factory)
+        self._cursor_class = None if base is None else _counting(base)
         self._reset_warned = False  # a failing reset(conn) is logged at WARNING once
         # Nothing to do on a plain checkout or return beyond the common checks (see getconn, putconn).
         self._plain_lend = not config.leak_threshold
@@ -1331,7 +1338,7 @@ class Pool:
             # standby refuses SERIALIZABLE, and a pooler refuses read-only autocommit.
             given = psycopg2.extensions.parse_dsn(config.read_dsn)
             kwargs = {k: v for k, v in config.connect_kwargs.items() if k not in given and k not in _ADDRESS}
-            replica = dataclasses.replace(
+            self.replica = Pool(
                 config,
                 dsn=config.read_dsn,
                 read_dsn="",
@@ -1341,7 +1348,6 @@ class Pool:
                 autocommit=False,
                 isolation_level=None,
             )
-            self.replica = Pool(replica)
 
     def _start(self) -> None:
         """Set up an empty pool with fresh locks and counters, and start its worker (unless closed)."""
@@ -1408,10 +1414,6 @@ class Pool:
         """
         self._start()
 
-    @staticmethod
-    def _make_connect_kwargs(config: PoolConfig) -> dict[str, Any]:
-        return _libpq_defaults(config._conninfo, config.application_name, config.connect_timeout)
-
     def __repr__(self) -> str:
         return (
             f"<Pool {self.name!r} {redact_dsn(self.config.dsn)!r} size={self._size} idle={len(self._idle)} "
@@ -1431,7 +1433,9 @@ class Pool:
 
     # -- checkout ------------------------------------------------------------------------------
 
-    def connection(self, timeout: float | None = None) -> _Checkout:
+    def connection(
+        self, timeout: float | None = None
+    ) -> contextlib.AbstractContextManager[psycopg2.extensions.connection]:
         """Lend a connection for a ``with`` block: commit on clean exit, roll back on error, return it."""
         return _Checkout(self, timeout)
 
@@ -1571,12 +1575,7 @@ class Pool:
     def current_lsn(self) -> str:
         """Return the server's WAL position now: after a write commits, a token for read_connection()."""
         with self.connection() as conn:
-            cur = psycopg2.extensions.cursor(conn)
-            cur.execute(
-                "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
-                "ELSE pg_current_wal_insert_lsn() END)::text, current_setting('wal_block_size')::int"
-            )
-            row = cur.fetchone()
+            row = _fetch_one(conn, f"SELECT ({_WAL_POSITION})::text, current_setting('wal_block_size')::int")
         return _page_start(row[0], row[1]) if row and row[0] else "0/0"
 
     def _replayed(self, conn: _Connection, lsn: str, wait: float) -> bool:
@@ -1587,21 +1586,13 @@ class Pool:
         a pooler the question opens the caller's transaction, so that the answer and the reads come
         from the same server connection.
         """
-        query = (
-            "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
-            f"ELSE pg_current_wal_insert_lsn() END >= '{lsn}'::pg_lsn"  # lsn matched _LSN
-        )
-        pooled = isinstance(conn, _BehindPooler)
+        query = f"SELECT {_WAL_POSITION} >= '{lsn}'::pg_lsn"  # lsn matched _LSN
+        ask = _fetch_one if isinstance(conn, _BehindPooler) else _autocommit_query
         deadline = time.monotonic() + wait
         pause, longest = _READ_ONLY_WAIT
         waited = False
         while True:
-            if pooled:
-                cur = psycopg2.extensions.cursor(conn)
-                cur.execute(query)
-                row = cur.fetchone()
-            else:
-                row = _autocommit_query(conn, query)
+            row = ask(conn, query)
             if row and row[0]:
                 with self._lock:
                     self._counters["reads_waited"] += waited
@@ -1618,16 +1609,12 @@ class Pool:
 
         Give it back with putconn(); ``with pool.connection()`` does both, and commits.
         """
-        now = time.monotonic()
-        conn: _Connection | None = None
-        with self._lock:
-            # The common case, kept to one lock and one clock read: an idle connection, no queue.
-            if self._idle and not self._waiters and not self._closed:
-                conn = self._idle.pop()
-                self._in_use.add(conn)
-                self._counters["requests_num"] += 1
-                self._wait_counts[0] += 1
-        if conn is not None:
+        start = time.monotonic()
+        first = True
+        while True:
+            conn = self._take(start, timeout, first)
+            first = False
+            now = time.monotonic()
             # The plainest case inline (every cycle of a busy pool): a connection given back less than
             # _RECENTLY_USED ago, nothing to watch for, and a quiet socket.  Anything else takes the
             # full check below, which asks all of this again.
@@ -1644,25 +1631,12 @@ class Pool:
                 conn._pgops_lent = True
                 conn._pgops_checked_out = now
                 return conn
-            problem = self._check_out_problem(conn, now, timeout)
+            problem = self._check_out_problem(conn, now, self._deadline_for(start, timeout))
             if problem is None:
                 return self._lend(conn, now)
             self._discard(conn, problem)
-        return self._wait_for_connection(now, timeout, first=conn is None)
 
     _checkout = getconn  # for pgops' own callers, whatever getconn a subclass has (ThreadedConnectionPool)
-
-    def _wait_for_connection(self, start: float, timeout: float | None, first: bool) -> _Connection:
-        """Queue for a connection until the deadline, replacing any that fail their check."""
-        deadline = self._deadline_for(start, timeout)
-        while True:
-            conn = self._take(start, deadline, first)
-            first = False
-            now = time.monotonic()
-            problem = self._check_out_problem(conn, now, deadline - now)
-            if problem is None:
-                return self._lend(conn, now)
-            self._discard(conn, problem)
 
     def _deadline_for(self, start: float, timeout: float | None) -> float:
         """Return when a request made at *start* runs out of time, _deadline() included."""
@@ -1700,22 +1674,26 @@ class Pool:
         finally:
             del self._bounds[ident]
 
-    def _take(self, start: float, deadline: float, first: bool) -> _Connection:
-        """Pop an idle connection, or queue and wait for one (first come, first served)."""
+    def _take(self, start: float, timeout: float | None, first: bool) -> _Connection:
+        """Pop an idle connection, or queue and wait for one (first come, first served).
+
+        *first* is False for a caller whose connection failed its check: its request was counted
+        and served once already, so it is not counted again and goes back to the front of the queue.
+        """
         with self._lock:
             if self._closed:
                 raise PoolClosed("the pool is closed")
-            self._start_worker()  # the first request of a forked child
             if first:
                 self._counters["requests_num"] += 1
-            elif time.monotonic() >= deadline:
+            elif time.monotonic() >= self._deadline_for(start, timeout):
                 raise self._timed_out(start)  # a connection failed its check and took the time left
-            if self._idle and not self._waiters:
+            if self._idle and not self._waiters:  # the common case: one lock, no queue
                 conn = self._idle.pop()
                 self._in_use.add(conn)
                 if first:
                     self._wait_counts[0] += 1
                 return conn
+            self._start_worker()  # the first request of a forked child (whose pool has no idle one)
             # A caller whose connection failed its check was already served once: never turned away.
             if first and self.config.max_waiting and len(self._waiters) >= self.config.max_waiting:
                 self._counters["requests_errors"] += 1
@@ -1724,13 +1702,12 @@ class Pool:
                     "raise max_waiting (POOL_MAX_WAITING) or max_size, or shed this request"
                 )
             waiter = _Waiter(start)
-            # A caller whose connection failed its check goes back to the front of the queue.
             self._waiters.append(waiter) if first else self._waiters.appendleft(waiter)
             self._counters["requests_queued"] += first
             if self._size < self.config.max_size:
                 self._wakeup.notify()  # the worker can open one more; at max_size a return serves us
         try:
-            handed = waiter.wait(deadline - time.monotonic())
+            handed = waiter.wait(self._deadline_for(start, timeout) - time.monotonic())
         except BaseException:
             self._abandon(waiter)  # interrupted (KeyboardInterrupt): leave no ghost in the queue
             raise
@@ -1784,18 +1761,17 @@ class Pool:
             text += f"; last connection error: {self._last_error}"
         return text
 
-    def _check_out_problem(self, conn: _Connection, now: float, timeout: float | None) -> str | None:
+    def _check_out_problem(self, conn: _Connection, now: float, deadline: float) -> str | None:
         """Return why *conn* must not be handed out (closed, expired, failed its check), or None.
 
-        *timeout* is what is left of the caller's time (None: acquire_timeout); the check takes at
-        most half of it.
+        *deadline* is when the caller's time runs out; the check takes at most half of what is left.
         """
         if conn.closed:
             return "lost"
         if now >= conn._pgops_expires:
             return "expired"
         if conn._pgops_seen_writable < self._writable_before:
-            return self._writable_problem(conn, now, timeout)
+            return self._writable_problem(conn, now, deadline)
         last = conn._pgops_last_used
         # A server that ends a session (terminate, shutdown, crash) sends an error and closes the
         # socket: a zero-timeout poll sees that in under a microsecond, without a round trip.
@@ -1807,22 +1783,21 @@ class Pool:
             # The check may take half of what is left of the caller's time, so that a caller whose
             # connection stalls has the other half to get another one; and no longer than a server
             # is given to accept a connection, since a new one is what replaces this one.
-            return _bounded(conn, self._check_deadline(now, timeout), _select_one)
+            return _bounded(conn, self._check_deadline(now, deadline), _select_one)
         return None
 
-    def _check_deadline(self, now: float, timeout: float | None) -> float:
+    def _check_deadline(self, now: float, deadline: float) -> float:
         """Return when a check of a connection must end: half the caller's time left, within bounds."""
-        left = self._deadline_for(now, timeout) - now
-        return now + max(min(left / 2, self.config.connect_timeout), _CHECK_MIN_TIME)
+        return now + max(min((deadline - now) / 2, self.config.connect_timeout), _CHECK_MIN_TIME)
 
-    def _writable_problem(self, conn: _Connection, now: float, timeout: float | None) -> str | None:
+    def _writable_problem(self, conn: _Connection, now: float, deadline: float) -> str | None:
         """Ask whether *conn*'s server takes writes; return None, "read_only", "lost" or "stalled".
 
         While the pool is degraded because it connected to a read-only server, such a connection is
         kept either way: the pool has warned, and a new connection would reach that server again.
         Once one of them takes writes (unfenced, promoted, a pooler pointed elsewhere), so does the pool.
         """
-        problem = _bounded(conn, self._check_deadline(now, timeout), _writable)
+        problem = _bounded(conn, self._check_deadline(now, deadline), _writable)
         if problem not in (None, "read_only"):
             return problem
         conn._pgops_seen_writable = now
@@ -1960,7 +1935,7 @@ class Pool:
             # The caller's own READ ONLY transaction, or a server that stopped taking writes?  (Not
             # asked while the pool is degraded for the read-only server this connection was opened to.)
             if not (conn._pgops_read_only_server and self._read_only_reason is not None):
-                return self._writable_problem(conn, now, None)
+                return self._writable_problem(conn, now, self._deadline_for(now, None))
         return None
 
     def _hook_error(self, hook: str, conn: _Connection) -> BaseException | None:
@@ -2044,6 +2019,13 @@ class Pool:
         else:
             self._idle.append(conn)
 
+    def _fail_waiters(self, error: BaseException) -> None:
+        """Wake every waiter with *error* instead of a connection (lock held)."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.error = error
+            waiter.wake()
+
     def _discard(self, conn: _Connection, reason: str, *, in_use: bool = True) -> None:
         """Close a connection that must not be used again and let the worker replace it."""
         with self._lock:
@@ -2051,7 +2033,7 @@ class Pool:
                 self._in_use.discard(conn)
             self._fold_queries(conn)
             self._size -= 1
-            if reason in ("lost", "stalled", "read_only"):
+            if reason in _DISCARDED:
                 self._counters[f"connections_{reason}"] += 1
             if reason in ("lost", "stalled"):
                 # If one connection died, its siblings may have too (a server restart, a network
@@ -2067,22 +2049,9 @@ class Pool:
                 if first_read_only:
                     self._read_only_warned = now
             self._wakeup.notify()
-        if reason == "lost":
-            _logger.warning("pool %r: discarding a broken connection; the pool opens a new one", self.name)
-        elif reason == "stalled":
-            _logger.warning(
-                "pool %r: discarding a connection that did not answer in time (a stalled network?); "
-                "the pool opens a new one",
-                self.name,
-            )
-        elif reason == "read_only":
-            _logger.log(
-                logging.WARNING if first_read_only else logging.DEBUG,
-                "pool %r: discarding a connection to a server that takes no writes (SQLSTATE 25006: "
-                "a fenced or demoted primary, or a standby); checking the others and reconnecting "
-                "through the DSN (with target_session_attrs=read-write libpq skips read-only servers)",
-                self.name,
-            )
+        if reason in _DISCARDED:
+            level = logging.DEBUG if reason == "read_only" and not first_read_only else logging.WARNING
+            _logger.log(level, "pool %r: discarding a %s", self.name, _DISCARDED[reason])
         else:
             _logger.debug("closing a connection (%s)", reason)
         _close_quietly(conn)
@@ -2119,11 +2088,24 @@ class Pool:
                 next_monitor = now + self.config.monitor_interval
 
     def _tick(self) -> float:
-        limits = [self.config.leak_threshold / 2, self.config.idle_timeout / 4, self.config.max_lifetime / 10]
-        return min(1.0, max(0.05, min((x for x in limits if x > 0), default=1.0)))
+        """Return the seconds between maintenance rounds, fine enough for the pool's shortest limit.
+
+        A leak is then reported at most half a leak_threshold late, an idle connection closed a quarter
+        of idle_timeout late, an expired one a tenth of max_lifetime; no more often than _TICK_MIN (a
+        tiny setting must not make a busy loop), and at least every _TICK_MAX for the health window.
+        """
+        config = self.config
+        limits = [config.leak_threshold / 2, config.idle_timeout / 4, config.max_lifetime / 10]
+        return min(_TICK_MAX, max(_TICK_MIN, min((x for x in limits if x > 0), default=_TICK_MAX)))
 
     def _wants_connection(self) -> bool:
-        """Tell whether the worker should open one more connection now (lock held)."""
+        """Tell whether the worker should open one more connection now (lock held).
+
+        After a fatal error (authentication, a missing database) the worker stops filling to min_size,
+        as retrying alone cannot help; but a waiting caller (or a nudge) still gets an attempt, so a
+        fix (a rotated password, a created database) works without a restart and the caller hears the
+        server's answer of now, not a stale error.  If it fails again, _connect_failed fails the waiters.
+        """
         if self._size >= self.config.max_size:
             return False
         if self._waiters or self._nudged:
@@ -2280,10 +2262,7 @@ class Pool:
             if fatal:
                 # Authentication failures and missing databases do not heal by waiting: fail fast.
                 self._fatal = CannotConnect(f"cannot connect to {redact_dsn(self.config.dsn)!r}: {message}")
-                while self._waiters:
-                    waiter = self._waiters.popleft()
-                    waiter.error = self._fatal
-                    waiter.wake()
+                self._fail_waiters(self._fatal)
                 return
             delay = min(_RECONNECT_MAX_DELAY, _RECONNECT_FIRST_DELAY * 2 ** min(self._failures - 1, 16))
             # New waiters notify the worker; that must not cut the backoff short during an outage.
@@ -2388,11 +2367,11 @@ class Pool:
 
     def health(self) -> PoolHealth:
         """Judge the pool: degraded above 80% use or under 95% query success, unhealthy past 95%/90%."""
+        cannot_connect = self._unreachable()
         with self._lock:
             utilization = len(self._in_use) / self.config.max_size
             queries, errors, _ms = self._query_totals()
             oldest = self._window[0]
-            cannot_connect = self._failures > 0 and not self._idle and not self._in_use
             fatal, last_error = self._fatal, self._last_error
             read_only_reason = self._read_only_reason
         reasons: list[str] = []
@@ -2450,10 +2429,7 @@ class Pool:
             self._size -= len(idle)
             for conn in idle:
                 self._fold_queries(conn)
-            while self._waiters:
-                waiter = self._waiters.popleft()
-                waiter.error = PoolClosed("the pool was closed while waiting for a connection")
-                waiter.wake()
+            self._fail_waiters(PoolClosed("the pool was closed while waiting for a connection"))
             self._wakeup.notify_all()
             self._changed.notify_all()
         for conn in idle:
@@ -2530,10 +2506,8 @@ class ThreadedConnectionPool(Pool, psycopg2.pool.ThreadedConnectionPool):  # typ
         self, conn: psycopg2.extensions.connection | None = None, key: Any = None, close: bool = False
     ) -> None:
         """Give back a connection (or the one lent under *key*); with *close*, close it for good."""
-        if self._keyed or key is not None:
+        if self._keyed or key is not None or conn is None:
             conn = self._unkey(conn, key)
-        elif conn is None:
-            raise PoolError("putconn() needs the connection or the key it was lent under")
         Pool.putconn(self, conn, close=close)
 
     def _unkey(self, conn: psycopg2.extensions.connection | None, key: Any) -> psycopg2.extensions.connection:
@@ -2628,20 +2602,18 @@ def _autocommit_query(conn: _Connection, query: str) -> tuple[Any, ...]:
         return _fetch_one(conn, query)
     # Set while autocommit is off, psycopg2 would send them as session SETs once it is on (refused
     # behind a pooler): taken off first, with autocommit off, when psycopg2 sends nothing for them.
-    saved = [(name, _SESSION[name].__get__(conn)) for name in _CHARACTERISTICS]
-    for name, value in saved:
-        if value is not None:
-            setattr(conn, name, None)
+    saved = {name: value for name in _CHARACTERISTICS if (value := _SESSION[name].__get__(conn)) is not None}
+    for name in saved:
+        setattr(conn, name, None)
     conn.autocommit = True
     row = _fetch_one(conn, query)
     conn.autocommit = False
-    for name, value in saved:
-        if value is not None:
-            setattr(conn, name, value)
+    for name, value in saved.items():
+        setattr(conn, name, value)
     return row
 
 
-def _fetch_one(conn: _Connection, query: str) -> tuple[Any, ...]:
+def _fetch_one(conn: psycopg2.extensions.connection, query: str) -> tuple[Any, ...]:
     """Run *query* with a plain cursor (not the pool's counted one) and return its first row."""
     cur = psycopg2.extensions.cursor(conn)
     cur.execute(query)
@@ -4471,18 +4443,15 @@ def check_schema(
         for name in extensions:
             if name not in installed:
                 cur.execute("SELECT 1 FROM pg_available_extensions WHERE name = %s", (name,))
-                how = (
-                    f"run CREATE EXTENSION {name}"
-                    if cur.fetchone()
-                    else f"install the {name} extension on the server, then run CREATE EXTENSION {name}"
-                )
+                how = f"run CREATE EXTENSION {name}"
+                if not cur.fetchone():
+                    how = f"install the {name} extension on the server, then {how}"
                 problems.append(f"extension {name!r} is not installed in this database; {how}")
         for table in tables:
             cur.execute("SELECT to_regclass(%s)", (table,))
             row = cur.fetchone()
             if row is None or row[0] is None:
                 problems.append(f"table {table!r} does not exist; apply the migrations that create it")
-        vector_columns = set(ann)
         for name, expected in (columns or {}).items():
             table, column = _split_name(name)
             cur.execute(
@@ -4501,10 +4470,8 @@ def check_schema(
                 problems.append(_type_problem(name, actual, expected))
             if typname in _VECTOR_INDEX_LIMITS and typmod > 0:
                 advice = _vector_advice(name, typname, typmod, installed)
-                if advice and name in vector_columns:
-                    problems.append(advice)
-                elif advice:
-                    notes.append(advice)
+                if advice:  # a problem only for a column that must be indexable
+                    (problems if name in ann else notes).append(advice)
         for index in indexes:
             cur.execute("SELECT c.relkind FROM pg_class c WHERE c.oid = to_regclass(%s)", (index,))
             row = cur.fetchone()
@@ -4527,7 +4494,7 @@ def _type_problem(name: str, actual: str, expected: str) -> str:
     return f"column {name!r} is {actual} but {expected} is expected; write a migration that alters it"
 
 
-def load_schema_spec(directory: str) -> dict[str, Any] | None:
+def _load_schema_spec(directory: str) -> dict[str, Any] | None:
     """Read ``schema.json`` beside the migrations (the expectations validate checks), if there is one."""
     path = os.path.join(directory, "schema.json")
     if not os.path.exists(path):
@@ -4587,17 +4554,17 @@ class _Check:
     def lagging(self) -> bool:
         return self.read_only and self.max_lag > 0 and self.lag is not None and self.lag > self.max_lag
 
-    def problems(self, *, details: bool = True, label: str = "database") -> list[str]:
+    def problems(self, *, details: bool = True) -> list[str]:
         """Return why the service is not ready (empty when it is); without *details*, in generic words."""
         found: list[str] = []
         if self.error is not None:
-            found.append(f"{label}: {self.error if details else 'not reachable'}")
+            found.append(f"database: {self.error if details else 'not reachable'}")
         else:
             if self.in_recovery and not self.read_only:
-                found.append(f"{label}: the server is in recovery (read-only)")
+                found.append("database: the server is in recovery (read-only)")
             if self.lagging:
                 found.append(
-                    f"{label}: replication lag {self.lag:.1f} s is over max_replica_lag={self.max_lag:g} s"
+                    f"database: replication lag {self.lag:.1f} s is over max_replica_lag={self.max_lag:g} s"
                 )
             if self.migrations_error is not None:
                 found.append(f"migrations: {self.migrations_error if details else 'cannot be checked'}")
@@ -4691,7 +4658,7 @@ class HealthApp:
         return [] if method == "HEAD" else [body]
 
     def _ready(self, environ: dict[str, Any]) -> _Response:
-        check = self.check()
+        check = self._check()
         rendered = self._ready_response
         # Probes hit ready most: answer from the response rendered for this check, not a new one.
         if rendered is None or rendered[0] is not check:
@@ -4708,7 +4675,7 @@ class HealthApp:
         return status, list(headers), data
 
     def _detailed(self, environ: dict[str, Any]) -> _Response:
-        checks = self._checks(self.check())
+        checks = self._checks(self._check())
         body: dict[str, Any] = {"status": _worst(checks)}
         if self._authorized(environ):
             body.update(version=self.version, serviceId=self.service, checks=checks)
@@ -4730,7 +4697,7 @@ class HealthApp:
             challenge = [("WWW-Authenticate", 'Bearer realm="pgops"')]
             body = {"status": "fail", "error": "send Authorization: Bearer <token>"}
             return _respond(401, body, extra=challenge)
-        check = self.check()
+        check = self._check()
         status = _worst(self._checks(check))
         by_status = [("", {"status": s}, s == status) for s in _RANK]
         took, uptime = check.response_ms / 1000.0, self._clock() - self._started
@@ -4753,7 +4720,7 @@ class HealthApp:
         if self.migrator is not None and check.pending is not None:
             pending = len(check.pending)
             families.append(_family("pgops_migrations_pending", "Migrations not applied yet.", pending))
-        text = render_prometheus(families).encode()
+        text = _render_prometheus(families).encode()
         return _respond(200, text, content_type="text/plain; version=0.0.4; charset=utf-8")
 
     def _authorized(self, environ: dict[str, Any]) -> bool:
@@ -4773,14 +4740,13 @@ class HealthApp:
         for pool, result in ((self.pool, check), (self.pool.replica, check.replica)):
             if pool is None or result is None:
                 continue
-            entry = _server_entry(result)
-            if result is check.replica and entry["status"] == "fail":
-                entry["status"] = "warn"  # reads turn to the primary meanwhile
-            checks["postgres:responseTime"].append(entry)
-            pool_entry = _pool_entry(pool, now)
-            if result is check.replica and pool_entry["status"] == "fail":
-                pool_entry["status"] = "warn"
-            checks["postgres:connections"].append(pool_entry)
+            for key, entry in (
+                ("postgres:responseTime", _server_entry(result)),
+                ("postgres:connections", _pool_entry(pool, now)),
+            ):
+                if result is check.replica and entry["status"] == "fail":
+                    entry["status"] = "warn"  # reads turn to the primary meanwhile
+                checks[key].append(entry)
             if result.read_only and result.error is None:
                 lag: dict[str, Any] = {"componentId": result.name, "componentType": "datastore"}
                 lag.update(observedValue=result.lag or 0.0, observedUnit="s", status="pass", time=result.time)
@@ -4803,7 +4769,7 @@ class HealthApp:
         checks["uptime"][0].update(status="pass", time=now)
         return checks
 
-    def check(self) -> _Check:
+    def _check(self) -> _Check:
         """Return the cached database check, running one (single flight) once it is cache_ttl old."""
         last = self._last  # a fresh result needs no lock: reading one reference is atomic
         if last is not None and self._clock() - last.at < self.cache_ttl:
@@ -4994,65 +4960,65 @@ def _respond(
     return f"{code} {_REASONS[code]}", [*headers, *extra], data
 
 
-# pool.stats() key -> (metric name, help); a name ending in _total is a counter; ms become seconds.
-_POOL_METRICS = {
-    "pool_min": ("pgops_pool_min", "Minimum number of connections the pool keeps open."),
-    "pool_max": ("pgops_pool_max", "Maximum number of connections the pool may open."),
-    "pool_size": ("pgops_pool_size", "Connections open or being opened."),
-    "pool_available": ("pgops_pool_available", "Idle connections ready to be handed out."),
-    "pool_in_use": ("pgops_pool_in_use", "Connections lent to callers."),
-    # Checkouts, not "requests": a pool's requests_num counts callers asking it for a connection, and
-    # pgops_requests_total read like the HTTP requests a service counts under that name.
-    "requests_waiting": ("pgops_checkouts_waiting", "Callers waiting for a connection."),
-    "requests_num": ("pgops_checkouts_total", "Connection checkouts asked of the pool, served or not."),
-    "requests_queued": ("pgops_checkouts_queued_total", "Checkouts that had to wait for a connection."),
-    "requests_errors": ("pgops_checkouts_errors_total", "Checkouts that failed, timed out or were refused."),
-    "returns_bad": ("pgops_returns_bad_total", "Connections returned in a bad state."),
-    "returns_rolled_back": (
-        "pgops_returns_rolled_back_total",
-        "Connections returned inside a transaction, which the pool rolled back.",
-    ),
-    "connections_num": ("pgops_connections_total", "Connection attempts to the server."),
-    "connections_errors": ("pgops_connections_errors_total", "Failed connection attempts."),
-    "connections_lost": ("pgops_connections_lost_total", "Connections found broken and discarded."),
-    "connections_stalled": (
-        "pgops_connections_stalled_total",
-        "Connections cut off and discarded because they did not answer in time.",
-    ),
-    "connections_read_only": (
-        "pgops_connections_read_only_total",
-        "Connections discarded because their server stopped taking writes (25006).",
-    ),
-    "reads_waited": (
-        "pgops_reads_waited_total",
-        "Reads with a token that waited for the replica to replay it.",
-    ),
-    "reads_fallback": (
-        "pgops_reads_fallback_total",
-        "Reads with a token that the replica had not replayed in time, sent to the primary.",
-    ),
-    "queries_num": ("pgops_queries_total", "Statements executed on pooled connections."),
-    "queries_errors": ("pgops_queries_errors_total", "Statements that failed."),
-    "requests_wait_ms": ("pgops_checkouts_wait_seconds_total", "Time callers waited for a connection."),
-    "connections_ms": ("pgops_connections_seconds_total", "Time spent opening connections."),
-    "usage_ms": ("pgops_usage_seconds_total", "Time connections spent lent to callers."),
-    "queries_ms": ("pgops_queries_seconds_total", "Time spent executing statements."),
+# pool.stats() key -> the help text of its metric, which _pool_metric() names (README lists them all).
+_POOL_GAUGES = {
+    "pool_min": "Minimum number of connections the pool keeps open.",
+    "pool_max": "Maximum number of connections the pool may open.",
+    "pool_size": "Connections open or being opened.",
+    "pool_available": "Idle connections ready to be handed out.",
+    "pool_in_use": "Connections lent to callers.",
+    "requests_waiting": "Callers waiting for a connection.",
 }
+_POOL_COUNTERS = {
+    "requests_num": "Connection checkouts asked of the pool, served or not.",
+    "requests_queued": "Checkouts that had to wait for a connection.",
+    "requests_errors": "Checkouts that failed, timed out or were refused.",
+    "returns_bad": "Connections returned in a bad state.",
+    "returns_rolled_back": "Connections returned inside a transaction, which the pool rolled back.",
+    "connections_num": "Connection attempts to the server.",
+    "connections_errors": "Failed connection attempts.",
+    "connections_lost": "Connections found broken and discarded.",
+    "connections_stalled": "Connections cut off and discarded because they did not answer in time.",
+    "connections_read_only": "Connections discarded because their server stopped taking writes (25006).",
+    "reads_waited": "Reads with a token that waited for the replica to replay it.",
+    "reads_fallback": "Reads with a token that the replica had not replayed in time, sent to the primary.",
+    "queries_num": "Statements executed on pooled connections.",
+    "queries_errors": "Statements that failed.",
+    "requests_wait_ms": "Time callers waited for a connection.",
+    "connections_ms": "Time spent opening connections.",
+    "usage_ms": "Time connections spent lent to callers.",
+    "queries_ms": "Time spent executing statements.",
+}
+
+
+def _pool_metric(key: str, counter: bool) -> str:
+    """Name the metric of a pool.stats() key: requests_num -> pgops_checkouts_total, for one.
+
+    A counter ends in _total instead of stats()' _num, and its milliseconds are given as seconds
+    (usage_ms -> pgops_usage_seconds_total); a gauge is its key (pool_size -> pgops_pool_size).
+    Checkouts, not "requests": a pool's requests_num counts callers asking it for a connection, and
+    pgops_requests_total would read like the HTTP requests a service counts under that name.
+    """
+    name = "pgops_" + key.replace("requests_", "checkouts_")
+    if counter:
+        unit = "_seconds" if name.endswith("_ms") else ""
+        name = name.removesuffix("_num").removesuffix("_ms") + unit + "_total"
+    return name
 
 
 def _pool_families(pools: Sequence[Pool]) -> list[_Family]:
     """Return the metric families of the pools' stats() and wait_histogram(), labelled by pool name."""
     stats = [(pool.name, pool.stats()) for pool in pools]
     families: list[_Family] = []
-    for key, (name, text) in _POOL_METRICS.items():
-        kind = "counter" if name.endswith("_total") else "gauge"
-        samples: list[_Sample] = [
-            ("", {"pool": pool}, values[key] / 1000.0 if key.endswith("_ms") else values[key])
-            for pool, values in stats
-            if key in values
-        ]
-        if samples:
-            families.append((name, kind, text, samples))
+    for kind, table in (("gauge", _POOL_GAUGES), ("counter", _POOL_COUNTERS)):
+        for key, text in table.items():
+            samples: list[_Sample] = [
+                ("", {"pool": pool}, values[key] / 1000.0 if key.endswith("_ms") else values[key])
+                for pool, values in stats
+                if key in values
+            ]
+            if samples:
+                families.append((_pool_metric(key, kind == "counter"), kind, text, samples))
     samples = []
     for pool in pools:
         histogram = pool.wait_histogram()
@@ -5069,7 +5035,7 @@ def _family(name: str, text: str, value: float, **labels: str) -> _Family:
     return (name, "counter" if name.endswith("_total") else "gauge", text, [("", labels, value)])
 
 
-def render_prometheus(families: Iterable[_Family]) -> str:
+def _render_prometheus(families: Iterable[_Family]) -> str:
     """Render ``(name, type, help, [(suffix, labels, value), ...])`` families as Prometheus text 0.0.4."""
     lines: list[str] = []
     for name, kind, text, samples in families:
@@ -5421,16 +5387,6 @@ def make_server(
     later read or write has the same timeout.  At most *max_threads* requests run at once, 4 per
     thread more wait in line, and past that the server answers 503 with ``Retry-After`` at once.
     """
-    server, _ = _make_server(
-        app, host, port, backlog=backlog, read_timeout=read_timeout, max_threads=max_threads
-    )
-    return server
-
-
-def _make_server(
-    app: _WSGIApp, host: str, port: int, *, backlog: int, read_timeout: float, max_threads: int
-) -> tuple[WSGIServer, _Connections]:
-    """Return make_server()'s server and its connections, which serve() drains on SIGTERM."""
     _check_int("backlog", backlog, minimum=1)
     _check_seconds("read_timeout", read_timeout, positive=True)
     _check_int("max_threads", max_threads, minimum=1)
@@ -5483,7 +5439,7 @@ def _make_server(
 
     server = Server()
     server.set_app(app)
-    return server, server.connections
+    return server
 
 
 def serve(
@@ -5505,9 +5461,8 @@ def serve(
     ``create_app`` under gunicorn or waitress.  *ready* is called with the bound server before serving.
     """
     _check_seconds("stop_timeout", stop_timeout, positive=False)
-    server, connections = _make_server(
-        app, host, port, backlog=backlog, read_timeout=read_timeout, max_threads=max_threads
-    )
+    server = make_server(app, host, port, backlog=backlog, read_timeout=read_timeout, max_threads=max_threads)
+    connections: _Connections = server.connections  # type: ignore[attr-defined]  # make_server's Server
     previous: dict[signal.Signals, Any] = {}
 
     def stop(signum: int, frame: Any) -> None:
@@ -5694,7 +5649,7 @@ def _print_status(rows: list[MigrationStatus], problems: Sequence[str] = ()) -> 
 def _cmd_validate(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     migrator = _migrator(args, environ)
     problems = migrator.validate()
-    spec = load_schema_spec(args.dir)
+    spec = _load_schema_spec(args.dir)
     if spec is not None and not problems:
         pending = migrator.pending()
         if pending:

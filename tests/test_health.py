@@ -28,11 +28,11 @@ from pgops import (
     HealthApp,
     Migrator,
     Pool,
+    _render_prometheus,
     create_app,
     make_server,
     mount,
     redact_dsn,
-    render_prometheus,
     serve,
 )
 from pgtest import ROOT, pgops_env
@@ -437,7 +437,7 @@ def test_every_metric_is_in_the_readme_table(pool: Pool) -> None:
 def test_render_prometheus_escapes_label_values_and_help() -> None:
     """Label values and help texts with backslashes, quotes and newlines read back unchanged."""
     odd = 'a\\b "c"\nd'
-    text = render_prometheus(
+    text = _render_prometheus(
         [
             ("x_info", "gauge", "help \\ with\nnewline", [("", {"v": odd, "w": "plain"}, 1)]),
             ("x_total", "counter", "a counter", [("", {}, 2.5)]),

@@ -168,7 +168,7 @@ def test_a_caller_requeued_after_a_failed_check_is_never_turned_away(dsn: str) -
     with full_queue(dsn) as pool:
         start = time.monotonic()
         with pytest.raises(PoolTimeout):  # queued, then timed out: not TooManyRequests
-            pool._take(start, start + 0.2, first=False)
+            pool._take(start, 0.2, first=False)
 
 
 def test_connection_block_commits_and_rolls_back(pool: Pool, admin: psycopg2.extensions.connection) -> None:

@@ -19,11 +19,11 @@ from pgops import (
     PoolConfig,
     RetryPolicy,
     _parse_migration_name,
+    _render_prometheus,
     _scrub,
     _split_sql,
     migration_checksum,
     redact_dsn,
-    render_prometheus,
 )
 
 # Bounded and deterministic enough for CI: no example database written into the checkout.
@@ -326,7 +326,8 @@ def test_prometheus_text_parses_back_with_the_same_labels_help_and_values(
     name: str, help_text: str, samples: list[tuple[dict[str, str], float]]
 ) -> None:
     """Any label values and help text survive rendering and prometheus_client's parser unchanged."""
-    text = render_prometheus([(name, "gauge", help_text, [("", labels, value) for labels, value in samples])])
+    given = (name, "gauge", help_text, [("", labels, value) for labels, value in samples])
+    text = _render_prometheus([given])
     families = list(text_string_to_metric_families(text))
     assert [f.name for f in families] == [name]
     family = families[0]

@@ -246,6 +246,30 @@ def test_testing_switch_makes_delays_zero() -> None:
     assert slept == [0.0, 0.0]
 
 
+@pytest.mark.parametrize("before", [False, True])
+def test_testing_switch_as_a_context_manager_restores_what_was_set(before: bool) -> None:
+    """`with set_testing():` makes delays zero inside the block and restores the earlier setting after it."""
+    slept: list[float] = []
+    policy = RetryPolicy(max_attempts=2, initial_delay=0.5, jitter=False)
+    pgops.set_testing(before)
+    try:
+        with pgops.set_testing():
+            assert retry_call(failing(1), policy=policy, sleep=slept.append) == "ok"
+        assert retry_call(failing(1), policy=policy, sleep=slept.append) == "ok"
+    finally:
+        pgops.set_testing(False)
+    assert slept == [0.0, 0.0 if before else 0.5]
+
+
+def test_retry_call_passes_every_keyword_of_the_function_on() -> None:
+    """The wrapped function is positional-only, so a keyword named fn reaches it, like its other arguments."""
+
+    def fetch(table: str, *, fn: str) -> tuple[str, str]:
+        return table, fn
+
+    assert retry_call(fetch, "documents", fn="count") == ("documents", "count")
+
+
 # -- the pool under real faults ----------------------------------------------------------------
 
 

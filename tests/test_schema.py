@@ -23,7 +23,7 @@ def doc_server(dsn: str, pgvector: None) -> str:
 
 def spec() -> dict[str, object]:
     """Return the expectations shipped beside the migrations."""
-    loaded = pgops.load_schema_spec(str(MIGRATIONS))
+    loaded = pgops._load_schema_spec(str(MIGRATIONS))
     assert loaded is not None
     return loaded
 
