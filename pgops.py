@@ -320,11 +320,6 @@ def _scrub(text: str | BaseException, dsn: str = "", *, body: bool = False) -> s
     return f"{type(text).__name__}: {line}" if body else line or type(text).__name__
 
 
-def _one_line(exc: BaseException, dsn: str = "") -> str:
-    """Return an error as one scrubbed line, for log lines and error messages (see _scrub)."""
-    return _scrub(exc, dsn)
-
-
 def _check_dsn(dsn: str, what: str = "dsn") -> None:
     """Raise ConfigError unless libpq can parse *dsn* (called *what* in messages)."""
     if not isinstance(dsn, str) or not dsn.strip():
@@ -333,7 +328,7 @@ def _check_dsn(dsn: str, what: str = "dsn") -> None:
     try:
         params = psycopg2.extensions.parse_dsn(dsn)
     except psycopg2.ProgrammingError as exc:
-        problem = _one_line(exc, dsn)
+        problem = _scrub(exc, dsn)
     except UnicodeDecodeError:  # a %XX escape decoded to bytes psycopg2 cannot read back as text
         problem = "a percent-encoded value does not decode to UTF-8"
     # Raised here, not in the except block: a __context__ would carry libpq's text, which may quote
@@ -376,7 +371,7 @@ def _merge_dsn(dsn: str | None, kwargs: Mapping[str, Any], what: str) -> str:
     try:
         return str(psycopg2.extensions.make_dsn(dsn, **kwargs))
     except psycopg2.ProgrammingError as exc:
-        problem = _one_line(exc, psycopg2.extensions.make_dsn(password=kwargs.get("password", "")))
+        problem = _scrub(exc, psycopg2.extensions.make_dsn(password=kwargs.get("password", "")))
     raise ConfigError(f"{what}: {problem}")  # outside the except block: no __context__ with libpq's text
 
 
@@ -758,7 +753,7 @@ def retry_call(
                 attempt,
                 policy.max_attempts,
                 _sqlstate(exc) or getattr(exc, "sqlstate", None) or "none",
-                _one_line(exc)[:200],
+                _scrub(exc)[:200],
                 delay,
             )
             sleep(delay)
@@ -954,7 +949,7 @@ def _on_refused_write(conn: _Connection, exc: BaseException) -> None:
     if pool is not None and pool.config.read_only:
         raise ReadOnlyError(
             f"pool {pool.config.name!r} is a read pool (read_only=True, DATABASE_READ_URL): its "
-            f"transactions are READ ONLY; run writes on the primary pool ({_one_line(exc)})"
+            f"transactions are READ ONLY; run writes on the primary pool ({_scrub(exc)})"
         ) from exc
     conn._pgops_refused_write = True
 
@@ -1246,7 +1241,7 @@ def _commit_unknown(exc: psycopg2.Error) -> CommitUnknown | None:
     if code is None or code.startswith("08") or code.startswith("57P"):
         return CommitUnknown(
             f"the connection was lost during COMMIT, so the transaction may or may not have been "
-            f"committed ({_one_line(exc)}); re-run it only if it is idempotent"
+            f"committed ({_scrub(exc)}); re-run it only if it is idempotent"
         )
     return None
 
@@ -1509,7 +1504,7 @@ class Pool:
         except (PoolTimeout, CannotConnect) as exc:
             if not fallback:
                 raise
-            reads._count_fallback(_one_line(exc, reads.config._conninfo))
+            reads._count_fallback(_scrub(exc, reads.config._conninfo))
             return None
         if after is None:
             return conn
@@ -1523,7 +1518,7 @@ class Pool:
         reads._return(conn)  # a broken or cut-off connection is discarded there
         if not fallback:
             raise problem
-        reads._count_fallback(_one_line(problem, reads.config._conninfo))
+        reads._count_fallback(_scrub(problem, reads.config._conninfo))
         return None
 
     def _replay_problem(self, conn: _Connection, lsn: str, wait: float) -> BaseException | None:
@@ -1982,7 +1977,7 @@ class Pool:
             logging.WARNING if first else logging.DEBUG,
             "pool %r: reset(conn) failed, discarding the connection: %s",
             self.name,
-            _one_line(error, self.config._conninfo),
+            _scrub(error, self.config._conninfo),
         )
 
     def _fold_queries(self, conn: _Connection) -> None:
@@ -2169,7 +2164,7 @@ class Pool:
             if error is not None:  # the connection is not lent; the failure is counted and logged once
                 if is_retryable(error):  # the connection dropped meanwhile, say: the pool tries again
                     raise error
-                message = _one_line(error, self.config._conninfo)
+                message = _scrub(error, self.config._conninfo)
                 raise PoolError(f"configure(conn) failed: {message}") from error
             self._set_cursor_class(conn)
             conn._pgops_read_only_server = read_only
@@ -2243,7 +2238,7 @@ class Pool:
 
     def _connect_failed(self, exc: Exception, start: float) -> None:
         """Record a failed connection attempt; fail waiters at once if waiting cannot help."""
-        message = _one_line(exc, self.config._conninfo)
+        message = _scrub(exc, self.config._conninfo)
         fatal = not is_retryable(exc)
         with self._lock:
             self._size -= 1
@@ -3270,7 +3265,7 @@ def _failure(migration: Migration, exc: psycopg2.Error, offset: int, code: int) 
     offset = offset + position - 1 if position > 0 else code
     line, column = _position(text, min(offset, len(text)))
     sqlstate = exc.pgcode
-    message = diag.message_primary or _one_line(exc)
+    message = diag.message_primary or _scrub(exc)
     # No SQLSTATE: the connection broke (server gone), which the report should not dress up as SQL.
     report = f"{migration.path}:{line}:{column}: {sqlstate or 'connection lost:'} {message}"
     for label, extra in (("detail", diag.message_detail), ("hint", diag.message_hint)):
@@ -3512,7 +3507,7 @@ class Migrator:
             )
             return conn
         except psycopg2.OperationalError as exc:
-            return _one_line(exc, dsn)
+            return _scrub(exc, dsn)
 
     def _connect_kwargs(self, dsn: str) -> dict[str, Any]:
         """Return the libpq parameters pgops adds to *dsn*: _libpq_defaults and lock_timeout.
@@ -3709,7 +3704,7 @@ class Migrator:
             cur.execute(alter)
             return
         except psycopg2.Error as exc:
-            reason = _one_line(exc)
+            reason = _scrub(exc)
         raise MigrationError(
             f"{self.schema}.{self.table} needs two new columns and this user could not add them ({reason}); "
             f"have the table's owner run: {alter.as_string(cur)}; then migrate again"
@@ -4087,7 +4082,7 @@ class Migrator:
                     logging.ERROR if late else logging.WARNING,
                     "could not renew the claim on migration %d (%s)%s",
                     version,
-                    _one_line(exc),
+                    _scrub(exc),
                     "; other runners will soon take it for abandoned" if late else "",
                 )
                 _close_quietly(conn)
@@ -4503,7 +4498,7 @@ def _load_schema_spec(directory: str) -> dict[str, Any] | None:
         with open(path, encoding="utf-8") as fh:
             spec = json.load(fh)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"schema spec {path!r} is not readable JSON: {_one_line(exc)}") from None
+        raise ConfigError(f"schema spec {path!r} is not readable JSON: {_scrub(exc)}") from None
     allowed = {"extensions", "tables", "columns", "indexes", "ann", "comment"}
     if not isinstance(spec, dict) or set(spec) - allowed:
         raise ConfigError(f"schema spec {path!r} must be an object with keys among {sorted(allowed)}")
@@ -6121,7 +6116,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         code: int = args.func(args, environ)
         return code
     except (PgOpsError, psycopg2.Error, OSError) as exc:
-        message = _one_line(exc)
+        message = _scrub(exc)
         for dsn in (args.dsn, environ.get("PGOPS_MIGRATE_URL"), environ.get("DATABASE_URL")):
             message = _scrub(message, dsn or "")
         print(f"pgops: error: {message}", file=sys.stderr)
