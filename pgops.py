@@ -1101,6 +1101,9 @@ def _connection_class(
 _combined: dict[tuple[type[_Connection], type[psycopg2.extensions.connection]], type[_Connection]] = {}
 
 
+# What the pool sets back on every return, which configure() and reset() must leave alone.
+_SESSION_SETTINGS = ("autocommit", "readonly", "isolation_level", "deferrable", "cursor_factory")
+
 # Fork safety (see _after_fork_in_child): every pooled connection of this process, so that a forked
 # child finds all of them, including one lent or being handed over when the fork happened; the
 # pools and health apps to reset in a child; and the connections a child inherited, kept referenced
@@ -1938,6 +1941,9 @@ class Pool:
 
         The callback must leave the connection idle (outside a transaction), as psycopg_pool asks.
         """
+        # Compared with what the connection had before the callback, not with the pool's defaults:
+        # reset() runs before the pool puts back what the borrower changed.
+        before = [getattr(conn, name) for name in _SESSION_SETTINGS]
         try:
             getattr(self.config, hook)(conn)
         except Exception as exc:
@@ -1947,26 +1953,14 @@ class Pool:
                 f"{hook}() left the connection inside a transaction; end it with conn.commit() "
                 "(or conn.rollback()) before returning"
             )
-        changed = self._changed_default(conn)
+        changed = next(
+            (n for n, v in zip(_SESSION_SETTINGS, before, strict=True) if getattr(conn, n) != v), None
+        )
         if changed is not None:
             return PoolError(
                 f"{hook}() changed the connection's {changed}, which the pool sets back on every return; "
                 f"pass {changed}= to the pool instead"
             )
-        return None
-
-    def _changed_default(self, conn: _Connection) -> str | None:
-        """Return the first of autocommit, readonly, isolation_level, deferrable, cursor_factory that
-        differs from what the pool lends, or None."""
-        for name, expected in (
-            ("autocommit", self._autocommit),
-            ("readonly", self._readonly),
-            ("isolation_level", self._isolation_level),
-            ("deferrable", None),
-            ("cursor_factory", _Cursor),
-        ):
-            if getattr(conn, name) != expected:
-                return name
         return None
 
     def _reset_failed(self, error: BaseException) -> None:

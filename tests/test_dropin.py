@@ -649,6 +649,28 @@ def test_configure_must_not_change_what_the_pool_resets(dsn: str) -> None:
             pool.getconn()
 
 
+def test_reset_is_judged_by_what_it_changed_not_by_what_the_borrower_left(dsn: str) -> None:
+    """A pool with its own cursor_factory, and a borrower that left the session read-only: reset()
+    changed neither, so the connection is kept (the pool puts them back after the callback)."""
+    calls: list[int] = []
+
+    def reset(conn: psycopg2.extensions.connection) -> None:
+        calls.append(conn.info.backend_pid)
+
+    factory = psycopg2.extras.RealDictCursor
+    with Pool(dsn, min_size=1, max_size=1, reset=reset, cursor_factory=factory) as pool:
+        with pool.connection() as conn:
+            first = conn.info.backend_pid
+        with pool.connection() as conn:
+            conn.set_session(readonly=True, isolation_level="SERIALIZABLE", deferrable=True)
+        with pool.connection() as conn:
+            assert conn.info.backend_pid == first
+            assert (conn.readonly, conn.deferrable) == (None, None)
+            assert issubclass(conn.cursor_factory, factory)
+        assert calls == [first] * 3
+        assert (pool.stats()["returns_bad"], pool.stats()["connections_num"]) == (0, 1)
+
+
 def test_a_subclass_overriding_psycopg2s_connect_hook_works(dsn: str) -> None:
     """The psycopg2 recipe: override _connect(key=None), call super()._connect(key), set the connection up."""
 
