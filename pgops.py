@@ -2819,9 +2819,9 @@ class _Row:
     execution_ms: float | None = None
     applied_by: str | None = None
     error: str | None = None
-    # Read under the lock only: which runner wrote it, and whether its lease is live.
+    # Read under the lock only: which runner wrote it, and whether its lease is live (None: not read).
     runner: str | None = None
-    live: bool = False
+    live: bool | None = None
 
 
 def _normalize_sql(text: str) -> str:
@@ -3724,7 +3724,7 @@ class Migrator:
         columns = (
             "applied_at, execution_ms, applied_by, error"
             if not known
-            else "NULL, NULL, NULL, error, runner, lease_until > pg_catalog.clock_timestamp()"
+            else "NULL, NULL, NULL, error, runner, coalesce(lease_until > clock_timestamp(), false)"
         )
         cur.execute(
             self._sql(f"SELECT version, description, checksum, status, {columns} FROM {{}} ORDER BY version")
@@ -3758,11 +3758,13 @@ class Migrator:
                 continue
             if state == "running":
                 runner = f" by {row.runner}" if row.runner else ""
+                # Under the lock a live lease is waited for, never reported; read without it, unknown.
+                lease = "and its lease has run out" if row.live is False else "(its lease was not read)"
                 dirty.append(
                     f"migration {version} ({row.description}) is marked running{runner} in {where} "
-                    "and its lease has run out: it ran without a transaction and was cut off part-way (if "
-                    "that runner is still at work, it lost touch with the database: wait for it); check "
-                    "what it did, then run repair"
+                    f"{lease}: it ran without a transaction and was cut off part-way (if that runner is "
+                    "still at work, it lost touch with the database: wait for it); check what it did, "
+                    "then run repair"
                 )
             elif state == "failed":
                 dirty.append(

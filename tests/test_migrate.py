@@ -475,6 +475,20 @@ def test_failed_no_transaction_file_makes_the_database_dirty_until_repair(
     assert migrator.repair() == []
 
 
+def test_a_running_row_is_called_cut_off_only_when_its_lease_was_read(
+    dsn: str, admin: Conn, mdir: Path
+) -> None:
+    """validate() reads no lease (it takes no lock): it does not claim one ran out; migrate does."""
+    write(mdir, "0001_concurrent.sql", "-- pgops: no-transaction\nCREATE TABLE IF NOT EXISTS nt (id int);\n")
+    migrator = Migrator(dsn, str(mdir))
+    migrator.migrate()
+    admin.cursor().execute("UPDATE migration_history SET status = 'running', lease_until = NULL")
+    (problem,) = migrator.validate()
+    assert "marked running" in problem and "its lease was not read" in problem
+    with pytest.raises(DirtyDatabase, match=r"marked running .* and its lease has run out"):
+        migrator.migrate()
+
+
 def test_statement_lock_timeout_is_retried_until_the_table_is_free(
     dsn: str, admin: Conn, mdir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
