@@ -450,7 +450,7 @@ class PoolConfig:
             _check_dsn(self.read_dsn, name("read_dsn"))
             if self.read_only:
                 raise ConfigError(
-                    "read_dsn is for a primary pool, which opens its read pool from it; "
+                    f"{name('read_dsn')} is for a primary pool, which opens its read pool from it; "
                     "a read_only pool connects to its dsn"
                 )
         if not isinstance(self.name, str) or not self.name.strip() or not self.name.isprintable():
@@ -529,15 +529,15 @@ class PoolConfig:
         """Build a config from DATABASE_URL, DATABASE_READ_URL, POOL_* and APP_NAME (default os.environ)."""
         environ = os.environ if environ is None else environ
         overrides = {k: v for k, v in overrides.items() if k != "dsn" or v}  # a blank dsn: DATABASE_URL's
-        values = _env_values(cls, environ, overrides)
-        if not values.get("dsn"):
+        # What an operator must fix first is named first: the URL, the preset, then the numbers.
+        if not (overrides.get("dsn") or environ.get("DATABASE_URL", "").strip()):
             raise ConfigError(
                 "DATABASE_URL is not set; set it to a libpq URL such as postgresql://user@host/db"
             )
         preset = environ.get("POOL_PRESET", "production").strip() or "production"
         if preset not in _PRESETS:
             raise ConfigError(f"POOL_PRESET={preset!r} is not a preset; use one of {', '.join(_PRESETS)}")
-        return cls.preset(preset, **values)
+        return cls.preset(preset, **_env_values(cls, environ, overrides))
 
 
 def _env_values(cls: type[Any], environ: Mapping[str, str], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -3759,17 +3759,23 @@ class Migrator:
             if state == "running":
                 runner = f" by {row.runner}" if row.runner else ""
                 # Under the lock a live lease is waited for, never reported; read without it, unknown.
-                lease = "and its lease has run out" if row.live is False else "(its lease was not read)"
+                why = (
+                    " and its lease has run out: it ran without a transaction and was cut off part-way (if "
+                    "that runner is still at work, it lost touch with the database: wait for it); check "
+                    "what it did, then run repair"
+                    if row.live is False
+                    else ": a no-transaction file that a runner may still be applying (its lease was "
+                    "not read), or one cut off part-way; if no runner is at work, check what it did, then "
+                    "run repair"
+                )
                 dirty.append(
-                    f"migration {version} ({row.description}) is marked running{runner} in {where} "
-                    f"{lease}: it ran without a transaction and was cut off part-way (if that runner is "
-                    "still at work, it lost touch with the database: wait for it); check what it did, "
-                    "then run repair"
+                    f"migration {version} ({row.description}) is marked running{runner} in {where}{why}"
                 )
             elif state == "failed":
+                error = f": {_scrub(row.error)}" if row.error else ""  # one line, as every problem
                 dirty.append(
-                    f"migration {version} ({row.description}) is failed in {where}"
-                    f"{': ' + row.error if row.error else ''}; fix its SQL, undo what it did, then run repair"
+                    f"migration {version} ({row.description}) is failed in {where}{error}; fix its SQL, "
+                    "undo what it did, then run repair"
                 )
             elif state == "missing" and version < 0:
                 if version not in self._warned:

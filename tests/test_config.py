@@ -59,6 +59,23 @@ def test_from_env_defaults_to_production() -> None:
 
 
 @pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"POOL_MAX_CONNECTIONS": "abc"}, "DATABASE_URL is not set"),
+        ({"DATABASE_URL": DSN, "POOL_PRESET": "bogus", "POOL_MAX_CONNECTIONS": "x"}, "POOL_PRESET='bogus'"),
+        (
+            {"DATABASE_URL": DSN, "DATABASE_READ_URL": DSN, "POOL_MAX_CONNECTIONS": "2"},
+            "DATABASE_READ_URL is for a primary pool",
+        ),
+    ],
+)
+def test_from_env_names_what_to_fix_first(env: dict[str, str], message: str) -> None:
+    """The URL, then the preset, then the numbers; read_only with DATABASE_READ_URL names the variable."""
+    with pytest.raises(ConfigError, match=message):
+        PoolConfig.from_env(env, **({"read_only": True} if "DATABASE_READ_URL" in env else {}))
+
+
+@pytest.mark.parametrize(
     ("env", "names"),
     [
         ({"POOL_MAX_CONNECTIONS": "abc"}, ["POOL_MAX_CONNECTIONS", "'abc'", "not an integer"]),

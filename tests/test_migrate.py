@@ -485,8 +485,12 @@ def test_a_running_row_is_called_cut_off_only_when_its_lease_was_read(
     admin.cursor().execute("UPDATE migration_history SET status = 'running', lease_until = NULL")
     (problem,) = migrator.validate()
     assert "marked running" in problem and "its lease was not read" in problem
+    assert "lease has run out" not in problem
     with pytest.raises(DirtyDatabase, match=r"marked running .* and its lease has run out"):
         migrator.migrate()
+    admin.cursor().execute("UPDATE migration_history SET status = 'failed', error = E'first\\nsecond'")
+    (problem,) = migrator.validate()
+    assert "is failed in public.migration_history: first second;" in problem  # one line, as all problems
 
 
 def test_statement_lock_timeout_is_retried_until_the_table_is_free(
