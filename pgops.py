@@ -1238,17 +1238,6 @@ class PoolHealth:
     success_rate: float | None
 
 
-def _commit_unknown(exc: psycopg2.Error) -> CommitUnknown | None:
-    """Return CommitUnknown if a failed COMMIT lost its connection on the way (the outcome is unknown)."""
-    code = _sqlstate(exc)
-    if code is None or code.startswith("08") or code.startswith("57P"):
-        return CommitUnknown(
-            f"the connection was lost during COMMIT, so the transaction may or may not have been "
-            f"committed ({_scrub(exc)}); re-run it only if it is idempotent"
-        )
-    return None
-
-
 class _Checkout:
     """The context manager returned by Pool.connection(); with *conn*, for one already taken."""
 
@@ -1275,10 +1264,14 @@ class _Checkout:
                     try:
                         conn.commit()
                     except psycopg2.Error as error:
-                        unknown = _commit_unknown(error)
-                        if unknown is None:
+                        # Without a SQLSTATE, or with a lost connection's, the outcome is unknown.
+                        code = _sqlstate(error)
+                        if code is not None and not code.startswith(("08", "57P")):
                             raise  # a definite failure, such as a serialization failure at commit
-                        raise unknown from error
+                        raise CommitUnknown(
+                            "the connection was lost during COMMIT, so the transaction may or may not "
+                            f"have been committed ({_scrub(error)}); re-run it only if it is idempotent"
+                        ) from error
             elif not conn.closed:
                 # The original exception matters more; putconn discards a broken connection.
                 with contextlib.suppress(psycopg2.Error):
