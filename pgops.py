@@ -1010,10 +1010,12 @@ def _refuse_session_set(what: str) -> PoolError:
 
 
 def _guarded(name: str) -> Any:
-    """Return a property for psycopg2's session characteristic *name* whose setter _BehindPooler checks."""
+    """Return a property for psycopg2's session characteristic *name* that is refused in autocommit."""
 
     def set_value(conn: _BehindPooler, value: Any) -> None:
-        conn._set_characteristic(name, value)
+        if conn.autocommit:  # psycopg2 sends a SET for it, even for the default
+            raise _refuse_session_set(f"{name}={value!r} with autocommit=True")
+        _SESSION[name].__set__(conn, value)
 
     return property(_SESSION[name].__get__, set_value)
 
@@ -1038,11 +1040,6 @@ class _BehindPooler(_Connection):
         _SESSION["autocommit"].__set__(self, value)
 
     autocommit = property(_SESSION["autocommit"].__get__, _set_autocommit)
-
-    def _set_characteristic(self, name: str, value: Any) -> None:
-        if self.autocommit:  # psycopg2 sends a SET for it, even for the default
-            raise _refuse_session_set(f"{name}={value!r} with autocommit=True")
-        _SESSION[name].__set__(self, value)
 
     readonly = _guarded("readonly")
     isolation_level = _guarded("isolation_level")
