@@ -11,6 +11,7 @@ the CLI at the bottom.  Passwords are redacted from every repr, log line and err
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import dataclasses
@@ -1731,10 +1732,7 @@ class Pool:
 
     def _record_wait(self, seconds: float) -> None:
         """Add one acquire wait to the histogram (lock held)."""
-        index = 0
-        while index < len(_WAIT_BUCKETS) and seconds > _WAIT_BUCKETS[index]:
-            index += 1
-        self._wait_counts[index] += 1
+        self._wait_counts[bisect.bisect_left(_WAIT_BUCKETS, seconds)] += 1  # the first bound >= seconds
         self._wait_sum += seconds
         self._times["requests_wait_ms"] += seconds * 1000.0
 
