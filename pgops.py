@@ -18,6 +18,7 @@ import dataclasses
 import errno
 import functools
 import io
+import itertools
 import json
 import logging
 import math
@@ -2333,14 +2334,10 @@ class Pool:
     def wait_histogram(self) -> dict[str, Any]:
         """Return the acquire-wait histogram: cumulative (upper bound s, count) buckets, sum and count."""
         with self._lock:
-            counts = list(self._wait_counts)
+            cumulative = list(itertools.accumulate(self._wait_counts))
             total_seconds = self._wait_sum
-        buckets: list[tuple[float, int]] = []
-        running = 0
-        for bound, count in zip((*_WAIT_BUCKETS, math.inf), counts, strict=True):
-            running += count
-            buckets.append((bound, running))
-        return {"buckets": buckets, "sum": total_seconds, "count": running}
+        buckets = list(zip((*_WAIT_BUCKETS, math.inf), cumulative, strict=True))
+        return {"buckets": buckets, "sum": total_seconds, "count": cumulative[-1]}
 
     def health(self) -> PoolHealth:
         """Judge the pool: degraded above 80% use or under 95% query success, unhealthy past 95%/90%."""
