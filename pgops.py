@@ -2348,32 +2348,26 @@ class Pool:
             oldest = self._window[0]
             fatal, last_error = self._fatal, self._last_error
             read_only_reason = self._read_only_reason
-        reasons: list[str] = []
-        status = "healthy"
-
-        def worse(level: str, reason: str) -> None:
-            nonlocal status
-            reasons.append(reason)
-            if level == "unhealthy" or status == "healthy":
-                status = level
-
+        found: list[tuple[str, str]] = []  # (degraded or unhealthy, why), in the order judged
         if cannot_connect or fatal is not None:
-            worse("unhealthy", f"no connection possible: {last_error}")
+            found.append(("unhealthy", f"no connection possible: {last_error}"))
         elif read_only_reason is not None:
-            worse("degraded", read_only_reason)
+            found.append(("degraded", read_only_reason))
         if utilization > 0.95:
-            worse("unhealthy", f"utilization {utilization:.0%} is above 95%")
+            found.append(("unhealthy", f"utilization {utilization:.0%} is above 95%"))
         elif utilization > 0.80:
-            worse("degraded", f"utilization {utilization:.0%} is above 80%")
+            found.append(("degraded", f"utilization {utilization:.0%} is above 80%"))
         success_rate: float | None = None
         recent = queries - oldest[1]
         if recent >= _HEALTH_MIN_QUERIES:
             success_rate = 1.0 - (errors - oldest[2]) / recent
             if success_rate < 0.90:
-                worse("unhealthy", f"query success rate {success_rate:.1%} is under 90%")
+                found.append(("unhealthy", f"query success rate {success_rate:.1%} is under 90%"))
             elif success_rate < 0.95:
-                worse("degraded", f"query success rate {success_rate:.1%} is under 95%")
-        return PoolHealth(status, tuple(reasons), utilization, success_rate)
+                found.append(("degraded", f"query success rate {success_rate:.1%} is under 95%"))
+        levels = {level for level, _ in found}
+        status = "unhealthy" if "unhealthy" in levels else "degraded" if levels else "healthy"
+        return PoolHealth(status, tuple(reason for _, reason in found), utilization, success_rate)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
