@@ -1340,7 +1340,7 @@ class Pool:
             )
 
     def _start(self) -> None:
-        """Set up an empty pool with fresh locks and counters, and start its worker (unless closed)."""
+        """Set up an empty pool: fresh locks, counters and a worker not yet started (also after a fork)."""
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)  # the worker sleeps on it
         self._changed = threading.Condition(self._lock)  # wait() sleeps on it
@@ -1394,15 +1394,6 @@ class Pool:
         """Start the worker unless it runs or the pool is closed (lock held, or before sharing the pool)."""
         if not self._closed and self._worker.ident is None:
             self._worker.start()
-
-    def _after_fork(self) -> None:
-        """Start over in a forked child: no connections (the parent's stay the parent's).
-
-        The worker starts on the child's first request (or wait()), not here: a child that never
-        uses the pool (a multiprocessing worker, a preexec_fn before exec) opens no connections and
-        starts no thread inside the fork hook.
-        """
-        self._start()
 
     def __repr__(self) -> str:
         return (
@@ -2422,13 +2413,12 @@ class ThreadedConnectionPool(Pool, psycopg2.pool.ThreadedConnectionPool):  # typ
     """
 
     def __init__(self, minconn: int, maxconn: int, *args: Any, **kwargs: Any) -> None:
-        self._keyed: dict[Any, _Connection] = {}  # key -> connection lent under it
-        self._key_of: dict[int, Any] = {}  # id(connection) -> its key
         Pool.__init__(self, _dropin_config(minconn, maxconn, args, kwargs))
 
-    def _after_fork(self) -> None:
-        super()._after_fork()
-        self._keyed, self._key_of = {}, {}
+    def _start(self) -> None:
+        super()._start()
+        self._keyed: dict[Any, _Connection] = {}  # key -> connection lent under it
+        self._key_of: dict[int, Any] = {}  # id(connection) -> its key
 
     @property
     def minconn(self) -> int:  # type: ignore[override]
@@ -2683,7 +2673,10 @@ def _after_fork_in_child() -> None:
         os.close(devnull)
     _live_connections.clear()
     for pool in list(_pools):
-        pool._after_fork()
+        # The parent's connections stay the parent's.  The worker starts on the child's first request
+        # (or wait()), not here: a child that never uses the pool (a multiprocessing worker, a
+        # preexec_fn before exec) opens no connections and starts no thread inside the fork hook.
+        pool._start()
     for app in list(_health_apps):
         app._after_fork()
 
