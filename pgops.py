@@ -4942,8 +4942,6 @@ def _iso(timestamp: float) -> str:
 
 
 def _migration_name(migration: Any) -> str:
-    if getattr(migration, "repeatable", False):
-        return str(migration.name)
     version = getattr(migration, "version", None)
     return str(migration) if version is None else f"{version} {getattr(migration, 'description', '')}".strip()
 
