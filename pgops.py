@@ -3527,10 +3527,8 @@ class Migrator:
         conn = self._connect()
         try:
             conn.autocommit = True
-            cur = conn.cursor()
-            cur.execute("SELECT pg_catalog.pg_backend_pid()")
-            row = cur.fetchone()
-            self._pooled = row is None or int(row[0]) != conn.info.backend_pid
+            (pid,) = _fetch_one(conn, "SELECT pg_catalog.pg_backend_pid()")
+            self._pooled = pid != conn.info.backend_pid
             if self._pooled:
                 _logger.info("a connection pooler sits between pgops and PostgreSQL")
             self._history_ready = False
@@ -3538,7 +3536,7 @@ class Migrator:
             self._checked = {}  # the files may have changed since the last run
             self._runner = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(16):04x}"
             self._active = conn
-            yield cur
+            yield conn.cursor()
         finally:
             self._active = None
             _close_quietly(conn)
