@@ -4551,21 +4551,20 @@ class _Check:
 
     def problems(self, *, details: bool = True) -> list[str]:
         """Return why the service is not ready (empty when it is); without *details*, in generic words."""
-        found: list[str] = []
         if self.error is not None:
-            found.append(f"database: {self.error if details else 'not reachable'}")
-        else:
-            if self.in_recovery and not self.read_only:
-                found.append("database: the server is in recovery (read-only)")
-            if self.lagging:
-                found.append(
-                    f"database: replication lag {self.lag:.1f} s is over max_replica_lag={self.max_lag:g} s"
-                )
-            if self.migrations_error is not None:
-                found.append(f"migrations: {self.migrations_error if details else 'cannot be checked'}")
-            elif self.pending:
-                names = f": {', '.join(self.pending)}" if details else ""
-                found.append(f"migrations: {len(self.pending)} pending{names}")
+            return [f"database: {self.error if details else 'not reachable'}"]
+        found: list[str] = []
+        if self.in_recovery and not self.read_only:
+            found.append("database: the server is in recovery (read-only)")
+        if self.lagging:
+            found.append(
+                f"database: replication lag {self.lag:.1f} s is over max_replica_lag={self.max_lag:g} s"
+            )
+        if self.migrations_error is not None:
+            found.append(f"migrations: {self.migrations_error if details else 'cannot be checked'}")
+        elif self.pending:
+            names = f": {', '.join(self.pending)}" if details else ""
+            found.append(f"migrations: {len(self.pending)} pending{names}")
         return found  # a read pool's problems only warn: reads turn to the primary
 
 
