@@ -3499,10 +3499,8 @@ class Migrator:
         conn = self._connect()
         try:
             conn.autocommit = True
-            cur = conn.cursor()
-            cur.execute("SELECT pg_catalog.pg_backend_pid()")
-            row = cur.fetchone()
-            self._pooled = row is None or int(row[0]) != conn.info.backend_pid
+            (pid,) = _fetch_one(conn, "SELECT pg_catalog.pg_backend_pid()")
+            self._pooled = pid != conn.info.backend_pid
             if self._pooled:
                 _logger.info("a connection pooler sits between pgops and PostgreSQL")
             self._history_ready = False
@@ -3510,7 +3508,7 @@ class Migrator:
             self._checked = {}  # the files may have changed since the last run
             self._runner = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(16):04x}"
             self._active = conn
-            yield cur
+            yield conn.cursor()
         finally:
             self._active = None
             _close_quietly(conn)
@@ -4525,21 +4523,20 @@ class _Check:
 
     def problems(self, *, details: bool = True) -> list[str]:
         """Return why the service is not ready (empty when it is); without *details*, in generic words."""
-        found: list[str] = []
         if self.error is not None:
-            found.append(f"database: {self.error if details else 'not reachable'}")
-        else:
-            if self.in_recovery and not self.read_only:
-                found.append("database: the server is in recovery (read-only)")
-            if self.lagging:
-                found.append(
-                    f"database: replication lag {self.lag:.1f} s is over max_replica_lag={self.max_lag:g} s"
-                )
-            if self.migrations_error is not None:
-                found.append(f"migrations: {self.migrations_error if details else 'cannot be checked'}")
-            elif self.pending:
-                names = f": {', '.join(self.pending)}" if details else ""
-                found.append(f"migrations: {len(self.pending)} pending{names}")
+            return [f"database: {self.error if details else 'not reachable'}"]
+        found: list[str] = []
+        if self.in_recovery and not self.read_only:
+            found.append("database: the server is in recovery (read-only)")
+        if self.lagging:
+            found.append(
+                f"database: replication lag {self.lag:.1f} s is over max_replica_lag={self.max_lag:g} s"
+            )
+        if self.migrations_error is not None:
+            found.append(f"migrations: {self.migrations_error if details else 'cannot be checked'}")
+        elif self.pending:
+            names = f": {', '.join(self.pending)}" if details else ""
+            found.append(f"migrations: {len(self.pending)} pending{names}")
         return found  # a read pool's problems only warn: reads turn to the primary
 
 
@@ -4914,8 +4911,6 @@ def _iso(timestamp: float) -> str:
 
 
 def _migration_name(migration: Any) -> str:
-    if getattr(migration, "repeatable", False):
-        return str(migration.name)
     version = getattr(migration, "version", None)
     return str(migration) if version is None else f"{version} {getattr(migration, 'description', '')}".strip()
 
