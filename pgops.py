@@ -4756,7 +4756,7 @@ class HealthApp:
             message = f"a database check is still running after {patience:.1f} s"
             if flight.done.is_set():
                 message = "the database check failed unexpectedly; see the log"
-            return _Check(self._clock(), _iso(time.time()), message, patience * 1000.0)
+            return _Check(self._clock(), _iso(time.time()), message, patience * 1000.0, name=self.pool.name)
         try:
             flight.result = self._run_check()
             with self._lock:

@@ -544,6 +544,26 @@ def test_a_hung_check_fails_waiters_without_starting_another(pool: Pool) -> None
     assert app.checks_run == 1
 
 
+def test_a_waiter_that_outwaits_a_hung_check_still_names_the_pool(dsn: str) -> None:
+    """The answer made up for a waiter that gave up is about the same pool as the check it waited on."""
+    with Pool(dsn, name="orders", min_size=1, max_size=2) as pool:
+        with pool.connection():
+            pass
+        migrator = BlockingMigrator()
+        app = HealthApp(pool, migrator=migrator, ready_timeout=0.1, clock=frozen)
+        leader = threading.Thread(target=call, args=(app, "/health/detailed"))
+        leader.start()
+        try:
+            assert migrator.entered.wait(timeout=30)
+            reply = call(app, "/health/detailed")
+        finally:
+            migrator.release.set()
+            leader.join(timeout=30)
+    assert reply.status == 503
+    (check,) = reply.json()["checks"]["postgres:responseTime"]
+    assert check["componentId"] == "orders"
+
+
 def test_zero_ttl_still_shares_the_check_in_flight(pool: Pool) -> None:
     """With cache_ttl=0 every request may check, but never more checks than requests."""
     app = HealthApp(pool, cache_ttl=0.0)
