@@ -43,7 +43,7 @@ import psycopg2.extensions
 import psycopg2.pool
 import psycopg2.sql
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "BadMigration",
