@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -493,62 +493,60 @@ def test_a_running_row_is_called_cut_off_only_when_its_lease_was_read(
     assert "is failed in public.migration_history: first second;" in problem  # one line, as all problems
 
 
+def retried_behind(
+    run: Callable[[], list[pgops.Migration]],
+    blocker: Conn,
+    caplog: pytest.LogCaptureFixture,
+    while_blocked: Callable[[], None],
+) -> list[pgops.Migration]:
+    """Run *run* while *blocker* holds a lock it needs: once a 55P03 retry is logged, check
+    *while_blocked* (what the failed attempt left), release the lock and return what *run* returned."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(run)
+        wait_until(
+            lambda: future.done() or any("55P03" in r.getMessage() for r in caplog.records),
+            timeout=30,
+            message="no lock_timeout retry was logged",
+        )
+        assert not future.done()
+        while_blocked()
+        blocker.rollback()
+        result: list[pgops.Migration] = future.result(timeout=60)
+        return result
+
+
 def test_statement_lock_timeout_is_retried_until_the_table_is_free(
-    dsn: str, admin: Conn, mdir: Path, caplog: pytest.LogCaptureFixture
+    dsn: str, admin: Conn, mdir: Path, busy_table: Conn, caplog: pytest.LogCaptureFixture
 ) -> None:
     """DDL waiting behind a lock times out (55P03), rolls back, and is retried until the lock is gone."""
     caplog.set_level(logging.WARNING, logger="pgops")
-    admin.cursor().execute("CREATE TABLE busy (id int)")
     write(
         mdir, "0001_alter_busy.sql", "CREATE TABLE side (id int);\nALTER TABLE busy ADD COLUMN note text;\n"
     )
-    blocker = psycopg2.connect(dsn)
-    try:
-        blocker.cursor().execute("LOCK TABLE busy IN ACCESS SHARE MODE")  # held until rollback
-        migrator = Migrator(dsn, str(mdir), statement_lock_timeout=0.2)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            future = pool.submit(migrator.migrate)
-            wait_until(
-                lambda: future.done() or any("55P03" in r.getMessage() for r in caplog.records),
-                timeout=30,
-                message="no lock_timeout retry was logged",
-            )
-            assert not future.done()
-            assert not relation_exists(admin, "side")  # the failed attempt was rolled back
-            blocker.rollback()
-            assert [m.version for m in future.result(timeout=60)] == [1]
-    finally:
-        blocker.close()
+    migrator = Migrator(dsn, str(mdir), statement_lock_timeout=0.2)
+
+    def rolled_back() -> None:
+        assert not relation_exists(admin, "side")  # the failed attempt was rolled back
+
+    assert [m.version for m in retried_behind(migrator.migrate, busy_table, caplog, rolled_back)] == [1]
     assert scalar(admin, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'busy'") == 2
     assert history(admin) == applied(1)
 
 
 def test_rollback_retries_a_down_file_that_hit_the_statement_lock_timeout(
-    dsn: str, admin: Conn, mdir: Path, caplog: pytest.LogCaptureFixture
+    dsn: str, admin: Conn, mdir: Path, busy_table: Conn, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A down file waiting behind a lock times out (55P03), rolls back, and is retried as migrate's are."""
     caplog.set_level(logging.WARNING, logger="pgops")
-    admin.cursor().execute("CREATE TABLE busy (id int)")
     write(mdir, "0001_side.sql", "CREATE TABLE side (id int);\n")
     write(mdir, "0001_side.down.sql", "DROP TABLE side;\nALTER TABLE busy ADD COLUMN note text;\n")
     migrator = Migrator(dsn, str(mdir), statement_lock_timeout=0.2)
-    migrator.migrate()
-    blocker = psycopg2.connect(dsn)
-    try:
-        blocker.cursor().execute("LOCK TABLE busy IN ACCESS SHARE MODE")  # held until rollback
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            future = pool.submit(migrator.rollback)
-            wait_until(
-                lambda: future.done() or any("55P03" in r.getMessage() for r in caplog.records),
-                timeout=30,
-                message="no lock_timeout retry was logged",
-            )
-            assert not future.done()
-            assert relation_exists(admin, "side")  # the failed attempt was rolled back
-            blocker.rollback()
-            assert [m.version for m in future.result(timeout=60)] == [1]
-    finally:
-        blocker.close()
+    migrator.migrate()  # busy's lock does not stand in its way
+
+    def rolled_back() -> None:
+        assert relation_exists(admin, "side")  # the failed attempt was rolled back
+
+    assert [m.version for m in retried_behind(migrator.rollback, busy_table, caplog, rolled_back)] == [1]
     assert not relation_exists(admin, "side")
     assert scalar(admin, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'busy'") == 2
     assert history(admin) == []
@@ -571,18 +569,14 @@ def test_blocked_no_transaction_statement_is_retried_alone(
         "0001_alter_busy.sql",
         "-- pgops: no-transaction\nCREATE TABLE side (id int);\nALTER TABLE busy ADD COLUMN note text;\n",
     )
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        # statement_lock_timeout applies to no-transaction files too (a session SET around them).
-        future = pool.submit(Migrator(dsn, str(mdir), statement_lock_timeout=0.2).migrate)
-        wait_until(
-            lambda: future.done() or any("55P03" in r.getMessage() for r in caplog.records),
-            timeout=30,
-            message="no lock_timeout retry was logged",
-        )
-        assert not future.done()
+    # statement_lock_timeout applies to no-transaction files too (a session SET around them).
+    migrator = Migrator(dsn, str(mdir), statement_lock_timeout=0.2)
+
+    def running() -> None:
         assert history(admin) == [(1, "running")]
-        busy_table.rollback()
-        assert [m.version for m in future.result(timeout=60)] == [1]  # CREATE TABLE side ran once
+
+    applied_now = retried_behind(migrator.migrate, busy_table, caplog, running)
+    assert [m.version for m in applied_now] == [1]  # CREATE TABLE side ran once
     assert history(admin) == applied(1)
     assert relation_exists(admin, "side")
 
