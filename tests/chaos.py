@@ -57,7 +57,7 @@ import psycopg2
 import psycopg2.extensions
 
 import pgtest
-from pgops import HealthApp, Migrator, Pool, RetryPolicy
+from pgops import HealthApp, Migration, Migrator, Pool, RetryPolicy
 from pgtest import LocalServer
 
 APP_NAME = "pgops-soak"
@@ -109,7 +109,8 @@ class SoakResult:
     backends_terminated: int = 0
     migrations_written: int = 0
     migrate_runs: int = 0  # successful Migrator.migrate() calls
-    migrations_applied: int = 0  # migrations applied by those calls (each exactly once overall)
+    # Versions Migrator reported applied (on_done), by any run, also one that failed afterwards.
+    applied_versions: list[int] = dataclasses.field(default_factory=list)
     migrate_fault_errors: int = 0  # migrate attempts that failed because a fault overlapped them
     migrate_fault_samples: list[str] = dataclasses.field(default_factory=list)
     migrate_errors: list[str] = dataclasses.field(default_factory=list)
@@ -139,6 +140,13 @@ class SoakResult:
     def total_caller_errors(self) -> int:
         """Return the number of pool.run calls that raised to their caller."""
         return sum(self.caller_errors.values())
+
+    @property
+    def migrations_unreported(self) -> int:
+        """Return migrations applied (not pending) that no run reported: each committed just as a fault
+        cut its run off (the connection lost during COMMIT), so that the run raised instead."""
+        applied = self.migrations_written - len(self.pending_migrations)
+        return max(0, applied - len(set(self.applied_versions)))
 
     @property
     def leaked_connections(self) -> int:
@@ -175,8 +183,14 @@ class SoakResult:
             found.append(f"migrate failed without a fault: {self.migrate_errors[:3]}")
         if self.pending_migrations:
             found.append(f"migrations left pending: {self.pending_migrations}")
-        if self.migrations_applied != self.migrations_written:
-            found.append(f"{self.migrations_applied} migrations applied, {self.migrations_written} written")
+        twice = sorted({v for v in self.applied_versions if self.applied_versions.count(v) > 1})
+        if twice:
+            found.append(f"migrations applied more than once: {twice}")
+        if self.migrations_unreported > self.migrate_fault_errors:
+            found.append(
+                f"{self.migrations_unreported} migrations applied but never reported, "
+                f"with only {self.migrate_fault_errors} runs cut off by a fault"
+            )
         if self.unrecovered:
             found.append(f"no successful operation after: {self.unrecovered}")
         if self.threads_alive:
@@ -204,7 +218,8 @@ class SoakResult:
             ("backends terminated", str(self.backends_terminated)),
             (
                 "migrations",
-                f"{self.migrations_written} written, {self.migrations_applied} applied by "
+                f"{self.migrations_written} written, {len(self.applied_versions)} reported applied "
+                f"({self.migrations_unreported} committed as a fault cut their run off) by "
                 f"{self.migrate_runs} runs; {self.migrate_fault_errors} fault-induced migrate errors "
                 f"(retried), {len(self.migrate_errors)} other; {len(self.pending_migrations)} pending",
             ),
@@ -579,6 +594,11 @@ class _Soak:
             job.start()
             self.migrate_jobs.append(job)
 
+    def applied(self, migration: Migration, elapsed: float) -> None:
+        """Count a migration Migrator reports applied: its transaction committed."""
+        with self.lock:
+            self.result.applied_versions.append(migration.version)
+
     def migrate_job(self, version: int, replica: int) -> None:
         """Run migrate until it succeeds; retry failures that a fault overlapped, once the server is back."""
         assert self.pool is not None
@@ -592,7 +612,9 @@ class _Soak:
                     return
                 epoch = self.epoch
                 try:
-                    applied = Migrator(self.pool, str(self.migrations_dir), lock_timeout=30.0).migrate()
+                    Migrator(self.pool, str(self.migrations_dir), lock_timeout=30.0).migrate(
+                        on_done=self.applied
+                    )
                 except Exception as exc:
                     overlapped = self.epoch != epoch or not self.server_up.is_set()
                     with self.lock:
@@ -607,7 +629,6 @@ class _Soak:
                     continue
                 with self.lock:
                     self.result.migrate_runs += 1
-                    self.result.migrations_applied += len(applied)
                 return
         except BaseException as exc:
             self.harness_error(f"migrate job {version}/{replica}", exc)
